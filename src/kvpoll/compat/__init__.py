@@ -1,0 +1,1 @@
+"""Adapters between kvpoll's statuses and other systems' codes."""
