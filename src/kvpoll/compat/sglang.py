@@ -15,13 +15,15 @@ from kvpoll.statemachine.status import TransferStatus
 
 __all__ = ["SGLANG_CODES", "from_sglang", "to_sglang"]
 
-SGLANG_CODES = MappingProxyType({
-    TransferStatus.Failed: 0,
-    TransferStatus.Bootstrapping: 1,
-    TransferStatus.WaitingForInput: 2,
-    TransferStatus.Transferring: 3,
-    TransferStatus.Success: 4,
-})
+SGLANG_CODES = MappingProxyType(
+    {
+        TransferStatus.Failed: 0,
+        TransferStatus.Bootstrapping: 1,
+        TransferStatus.WaitingForInput: 2,
+        TransferStatus.Transferring: 3,
+        TransferStatus.Success: 4,
+    }
+)
 """kvpoll status -> SGLang's ``KVPoll`` code."""
 
 _FROM = {code: status for status, code in SGLANG_CODES.items()}

@@ -57,8 +57,12 @@ class RegistryStats:
 class _Room:
     __slots__ = ("dests", "history", "reason", "status")
 
-    def __init__(self, status: TransferStatus, dests: list[TransferStatus] | None,
-                 history: list[Transition] | None) -> None:
+    def __init__(
+        self,
+        status: TransferStatus,
+        dests: list[TransferStatus] | None,
+        history: list[Transition] | None,
+    ) -> None:
         self.status = status
         self.dests = dests
         self.reason: str | None = None
@@ -77,10 +81,10 @@ def _check_status(status: object) -> TransferStatus:
     if isinstance(status, str) and status in TransferStatus.__members__:
         return TransferStatus[status]
     if isinstance(status, int) and not isinstance(status, bool):
-        try:
-            return TransferStatus(status)
-        except ValueError:
-            pass
+        raise InvalidArgument(
+            f"a bare integer status ({status}) is ambiguous: kvpoll's and SGLang's codes "
+            "differ; pass TransferStatus(code) or kvpoll.compat.sglang.from_sglang(code)"
+        )
     raise InvalidArgument(f"not a TransferStatus: {status!r}")
 
 
@@ -102,7 +106,7 @@ class RoomRegistry:
     def __init__(
         self,
         *,
-        timeouts: Mapping[TransferStatus, float | None] | None = None,
+        timeouts: Mapping[TransferStatus | str, float | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         history: bool = False,
     ) -> None:
@@ -146,8 +150,11 @@ class RoomRegistry:
             InvalidArgument: a non-int id, or fewer than one destination.
         """
         _check_room_id(room)
-        if isinstance(required_destinations, bool) or not isinstance(required_destinations, int) \
-                or required_destinations < 1:
+        if (
+            isinstance(required_destinations, bool)
+            or not isinstance(required_destinations, int)
+            or required_destinations < 1
+        ):
             raise InvalidArgument(
                 f"room {room}: required_destinations must be an int >= 1, "
                 f"not {required_destinations!r}"
@@ -199,7 +206,7 @@ class RoomRegistry:
     def update_status(
         self,
         room: int,
-        status: TransferStatus,
+        status: TransferStatus | str,
         *,
         destination: int | None = None,
         reason: str | None = None,
@@ -214,7 +221,7 @@ class RoomRegistry:
 
         Args:
             room: the room id.
-            status: the status reached.
+            status: the status reached (a TransferStatus, or its name).
             destination: which destination reports (0-based). When omitted,
                 the report counts for the least advanced destination that can
                 take the step, so N calls advance a room of N destinations.
@@ -335,7 +342,9 @@ class RoomRegistry:
         """A snapshot of the registry's counters."""
         with self._lock:
             return RegistryStats(
-                len(self._rooms), self._unknown_updates, self._illegal_updates,
+                len(self._rooms),
+                self._unknown_updates,
+                self._illegal_updates,
                 self._timeouts_fired,
             )
 
@@ -357,13 +366,15 @@ class RoomRegistry:
             raise UnknownRoom(room)
         return rec
 
-    def _pick(self, room: int, rec: _Room, target: TransferStatus,
-              destination: int | None) -> int:
+    def _pick(self, room: int, rec: _Room, target: TransferStatus, destination: int | None) -> int:
         dests = rec.dests
         assert dests is not None
         if destination is not None:
-            if isinstance(destination, bool) or not isinstance(destination, int) \
-                    or not 0 <= destination < len(dests):
+            if (
+                isinstance(destination, bool)
+                or not isinstance(destination, int)
+                or not 0 <= destination < len(dests)
+            ):
                 raise InvalidArgument(
                     f"room {room}: destination must be an int in 0..{len(dests) - 1}, "
                     f"not {destination!r}"
@@ -376,8 +387,15 @@ class RoomRegistry:
             raise self._illegal(room, rec.status, target, rec.status)
         return min(candidates, key=lambda i: _RANK[dests[i]])
 
-    def _enter(self, room: int, rec: _Room, dest: TransferStatus, event: Event,
-               now: float, reason: str | None) -> None:
+    def _enter(
+        self,
+        room: int,
+        rec: _Room,
+        dest: TransferStatus,
+        event: Event,
+        now: float,
+        reason: str | None,
+    ) -> None:
         source = rec.status
         old_timer = self._timers.get(source)
         if old_timer is not None:
@@ -410,8 +428,14 @@ class RoomRegistry:
         if entered is not None and now - entered >= self._timeouts[rec.status]:
             self._time_out(room, rec, rec.status, now)
 
-    def _illegal(self, room: int, status: TransferStatus, target: TransferStatus,
-                 source: TransferStatus, destination: int | None = None) -> IllegalTransition:
+    def _illegal(
+        self,
+        room: int,
+        status: TransferStatus,
+        target: TransferStatus,
+        source: TransferStatus,
+        destination: int | None = None,
+    ) -> IllegalTransition:
         self._illegal_updates += 1
         who = "" if destination is None else f" of destination {destination}"
         if source in _TABLE.final:
@@ -419,6 +443,9 @@ class RoomRegistry:
         else:
             detail = f"no legal event moves{who} {source.name} to {target.name}"
         return IllegalTransition(
-            room, status, "update_status", detail,
+            room,
+            status,
+            "update_status",
+            detail,
             call=f"update_status({target.name})",
         )

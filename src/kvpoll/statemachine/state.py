@@ -10,17 +10,19 @@ from kvpoll.errors import IllegalTransition, InvalidArgument
 from kvpoll.statemachine.status import Event, TransferStatus
 from kvpoll.statemachine.table import default_table
 
-__all__ = ["Transition", "TransferState"]
+__all__ = ["TransferState", "Transition"]
 
 _TABLE = default_table()
-# A plain dict (not the read-only proxy) for the hot path; built from the table
-# and never changed.
-_NEXT: dict[tuple[TransferStatus, Event], TransferStatus] = dict(_TABLE.next)
 _CHUNK = Event.CHUNK_SENT
 _LAST = Event.LAST_CHUNK_SENT
 _RESUMED = Event.RESUMED
 _BOOTSTRAPPED = Event.BOOTSTRAPPED
 _FAILED = Event.FAILED
+# The table's rows for the hot path: destination by source status (None: illegal).
+_ROW = {event: _TABLE.row(event) for event in Event}
+_CHUNK_ROW = _ROW[_CHUNK]
+_LAST_ROW = _ROW[_LAST]
+_RESUMED_ROW = _ROW[_RESUMED]
 
 
 class Transition(NamedTuple):
@@ -127,23 +129,16 @@ class TransferState:
                 ``sent_tokens`` does not increase.
             InvalidArgument: ``sent_tokens`` is not an integer.
         """
-        if type(sent_tokens) is not int:
-            sent_tokens = _tokens(sent_tokens, self.room)
-        event = _LAST if is_last else _CHUNK
         source = self._status
-        dest = _NEXT.get((source, event))
-        if dest is None or sent_tokens <= self._sent_tokens:
-            raise self._illegal(
-                event,
-                f"chunk_sent(sent_tokens={sent_tokens}, is_last={bool(is_last)})",
-                None if dest is None else
-                f"sent_tokens must increase: {sent_tokens} after {self._sent_tokens} "
-                "already delivered",
-            )
+        dest = (_LAST_ROW if is_last else _CHUNK_ROW)[source]
+        if dest is None or type(sent_tokens) is not int or sent_tokens <= self._sent_tokens:
+            return self._chunk_slow_path(sent_tokens, is_last)
         self._status = dest
         self._sent_tokens = sent_tokens
         if self._history is not None:
-            self._history.append(Transition(time.time(), source, dest, event, sent_tokens))
+            self._history.append(
+                Transition(time.time(), source, dest, _LAST if is_last else _CHUNK, sent_tokens)
+            )
         return dest
 
     def resumed(self, *, sent_tokens: int) -> TransferStatus:
@@ -157,20 +152,27 @@ class TransferState:
             IllegalTransition: not in Transferring, or ``sent_tokens`` differs.
             InvalidArgument: ``sent_tokens`` is not an integer.
         """
-        if type(sent_tokens) is not int:
-            sent_tokens = _tokens(sent_tokens, self.room)
-        dest = _NEXT.get((self._status, _RESUMED))
-        detail = None
-        if dest is not None and sent_tokens != self._sent_tokens:
-            kind = "a reset" if sent_tokens == 0 else (
-                "a rewind" if sent_tokens < self._sent_tokens else "ahead of the data")
-            detail = (
-                f"a resume must carry sent_tokens={self._sent_tokens} (the tokens "
-                f"delivered); {sent_tokens} is {kind}"
-            )
-        if dest is None or detail is not None:
-            raise self._illegal(_RESUMED, f"resumed(sent_tokens={sent_tokens})", detail)
-        return self._apply(_RESUMED, sent_tokens, "resumed()")
+        source = self._status
+        dest = _RESUMED_ROW[source]
+        if dest is None or type(sent_tokens) is not int or sent_tokens != self._sent_tokens:
+            tokens = _tokens(sent_tokens, self.room)
+            if dest is not None and tokens == self._sent_tokens:
+                return self.resumed(sent_tokens=tokens)
+            detail = None
+            if dest is not None:
+                kind = (
+                    "a reset"
+                    if tokens == 0
+                    else ("a rewind" if tokens < self._sent_tokens else "ahead of the data")
+                )
+                detail = (
+                    f"a resume must carry sent_tokens={self._sent_tokens} (the tokens "
+                    f"delivered); {tokens} is {kind}"
+                )
+            raise self._illegal(_RESUMED, f"resumed(sent_tokens={tokens})", detail)
+        if self._history is not None:
+            self._history.append(Transition(time.time(), source, dest, _RESUMED, sent_tokens))
+        return dest
 
     def failed(self, reason: str = "") -> TransferStatus:
         """The transfer failed; ``reason`` says why (kept in :attr:`reason`).
@@ -184,12 +186,26 @@ class TransferState:
 
     def can(self, event: Event) -> bool:
         """True when the table allows ``event`` now (data guards aside)."""
-        return (self._status, event) in _NEXT
+        return _ROW[event][self._status] is not None
 
     # -- internals ---------------------------------------------------------
+    def _chunk_slow_path(self, sent_tokens: object, is_last: bool) -> TransferStatus:
+        tokens = _tokens(sent_tokens, self.room)
+        event = _LAST if is_last else _CHUNK
+        call = f"chunk_sent(sent_tokens={tokens}, is_last={bool(is_last)})"
+        if _ROW[event][self._status] is None:
+            raise self._illegal(event, call, None)
+        if tokens <= self._sent_tokens:
+            raise self._illegal(
+                event,
+                call,
+                f"sent_tokens must increase: {tokens} after {self._sent_tokens} already delivered",
+            )
+        return self.chunk_sent(sent_tokens=tokens, is_last=is_last)
+
     def _apply(self, event: Event, sent_tokens: int, call: str) -> TransferStatus:
         source = self._status
-        dest = _NEXT.get((source, event))
+        dest = _ROW[event][source]
         if dest is None:
             raise self._illegal(event, call, None)
         self._status = dest

@@ -21,7 +21,7 @@ from kvpoll.errors import SpecError
 from kvpoll.spec_files import spec_dir
 from kvpoll.statemachine.status import Event, TransferStatus
 
-__all__ = ["Table", "load_table", "default_table"]
+__all__ = ["Table", "default_table", "load_table"]
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,18 @@ class Table:
     guards: Mapping[Event, str]
     raw: Mapping[str, Any] = field(repr=False)
 
+    def row(self, event: Event) -> tuple[TransferStatus | None, ...]:
+        """``event``'s destinations indexed by the source status's value (None: illegal).
+
+        The same data as :attr:`next`, laid out for the hot path.
+        """
+        return tuple(self.next.get((s, event)) for s in TransferStatus)
+
     def step(self, status: TransferStatus, event: Event) -> TransferStatus | None:
         """The status ``event`` leads to from ``status``, or None if illegal."""
         return self.next.get((status, event))
 
-    def events_between(
-        self, source: TransferStatus, dest: TransferStatus
-    ) -> tuple[Event, ...]:
+    def events_between(self, source: TransferStatus, dest: TransferStatus) -> tuple[Event, ...]:
         """Every event that moves ``source`` to ``dest`` in one step."""
         return tuple(e for (s, e), d in self.next.items() if s is source and d is dest)
 
@@ -88,10 +93,9 @@ def _status(name: object, where: str) -> TransferStatus:
 
 
 def _event(name: object, where: str) -> Event:
-    try:
-        return Event(name)
-    except ValueError:
-        raise SpecError(f"{where}: unknown trigger {name!r}") from None
+    if not isinstance(name, str) or name not in Event._value2member_map_:
+        raise SpecError(f"{where}: unknown trigger {name!r}")
+    return Event(name)
 
 
 def compile_table(doc: Mapping[str, Any]) -> Table:

@@ -70,8 +70,9 @@ class TraceReport:
 class TraceChecker:
     """Feed it lines one by one; it remembers each room's last observation."""
 
-    def __init__(self, *, codes: Codes = "kvpoll", allow_skips: bool = False,
-                 table: Table | None = None) -> None:
+    def __init__(
+        self, *, codes: Codes = "kvpoll", allow_skips: bool = False, table: Table | None = None
+    ) -> None:
         if codes not in ("kvpoll", "sglang"):
             raise InvalidArgument(f"codes must be 'kvpoll' or 'sglang', not {codes!r}")
         self.codes = codes
@@ -93,8 +94,10 @@ class TraceChecker:
         except ValueError as exc:
             return [Finding(line_no, str(exc), malformed=True)]
         previous = self._last.get(room)
-        self._last[room] = (status, tokens if tokens is not None else
-                            (previous[1] if previous else None))
+        self._last[room] = (
+            status,
+            tokens if tokens is not None else (previous[1] if previous else None),
+        )
         if previous is None:
             return []
         return self._judge(line_no, room, previous, status, tokens)
@@ -121,13 +124,20 @@ class TraceChecker:
         else:
             raise ValueError(f"'status' must be a status name or code, not {raw!r}")
         tokens = obj.get("sent_tokens")
-        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int)
-                                   or tokens < 0):
+        if tokens is not None and (
+            isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0
+        ):
             raise ValueError(f"'sent_tokens' must be a non-negative integer, not {tokens!r}")
         return room, status, tokens
 
-    def _judge(self, line_no: int, room: int, previous: tuple[TransferStatus, int | None],
-               status: TransferStatus, tokens: int | None) -> list[Finding]:
+    def _judge(
+        self,
+        line_no: int,
+        room: int,
+        previous: tuple[TransferStatus, int | None],
+        status: TransferStatus,
+        tokens: int | None,
+    ) -> list[Finding]:
         source, old_tokens = previous
         found: list[Finding] = []
 
@@ -157,8 +167,9 @@ class TraceChecker:
         return found
 
 
-def check_trace(lines: Iterable[str], *, codes: Codes = "kvpoll",
-                allow_skips: bool = False) -> TraceReport:
+def check_trace(
+    lines: Iterable[str], *, codes: Codes = "kvpoll", allow_skips: bool = False
+) -> TraceReport:
     """Check a whole log; lines are numbered from 1."""
     checker = TraceChecker(codes=codes, allow_skips=allow_skips)
     report = TraceReport()

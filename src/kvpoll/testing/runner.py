@@ -106,7 +106,7 @@ class CaseResult:
 
 
 class _Mismatch(Exception):
-    pass
+    """An expectation of a case did not hold."""
 
 
 def _run_transfer(impl: Implementation, case: Case) -> None:
@@ -165,8 +165,9 @@ def _run_registry(impl: Implementation, case: Case) -> None:
 def run_case(impl: Implementation, case: Case) -> CaseResult:
     """Play one case; never raises for a mismatch (see :func:`check_case`)."""
     if case.target not in impl.targets:
-        return CaseResult(case.id, impl.name, "unsupported",
-                          f"{impl.name} has no {case.target} implementation")
+        return CaseResult(
+            case.id, impl.name, "unsupported", f"{impl.name} has no {case.target} implementation"
+        )
     try:
         if case.target == "transfer":
             _run_transfer(impl, case)
@@ -174,6 +175,13 @@ def run_case(impl: Implementation, case: Case) -> CaseResult:
             _run_registry(impl, case)
     except _Mismatch as exc:
         return CaseResult(case.id, impl.name, "failed", f"{case.id}: {exc} [rule: {case.rule}]")
+    except Exception as exc:
+        return CaseResult(
+            case.id,
+            impl.name,
+            "failed",
+            f"{case.id}: the implementation raised {exc!r} [rule: {case.rule}]",
+        )
     return CaseResult(case.id, impl.name, "passed")
 
 

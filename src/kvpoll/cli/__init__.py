@@ -1,0 +1,266 @@
+"""The ``kvpoll`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import kvpoll
+from kvpoll.errors import KvpollError
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
+
+DESCRIPTION = """\
+Move tensors between disaggregated LLM workers, with a transfer status that
+only moves forward: every step is checked against one declared table."""
+
+EPILOG = """\
+exit status: 0 success; 1 the command found a problem (a violation, a failed
+case, a mismatch); 2 bad usage or unreadable input.
+Run 'kvpoll COMMAND --help' for a command's options."""
+
+
+def _cmd_walkthrough(args: argparse.Namespace) -> int:
+    from kvpoll.cli.walkthrough import walkthrough
+
+    return walkthrough(sys.stdout, capacity=args.capacity)
+
+
+def _cmd_diagram(args: argparse.Namespace) -> int:
+    from kvpoll.statemachine.diagram import mermaid
+
+    text = mermaid()
+    if args.markdown:
+        text = f"```mermaid\n{text}```\n"
+    sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _open_input(name: str) -> TextIO:
+    if name == "-":
+        return sys.stdin
+    return Path(name).open(encoding="utf-8", errors="replace")
+
+
+def _cmd_check_trace(args: argparse.Namespace) -> int:
+    from kvpoll.statemachine.trace import TraceChecker
+
+    checker = TraceChecker(codes=args.codes, allow_skips=args.allow_skips)
+    try:
+        stream = _open_input(args.file)
+    except OSError as exc:
+        print(f"kvpoll check-trace: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    found = violations = lines = 0
+    with stream if stream is not sys.stdin else _nullcontext(stream):
+        for lines, text in enumerate(stream, start=1):
+            for finding in checker.feed(lines, text):
+                found += 1
+                violations += not finding.malformed
+                if args.json:
+                    print(json.dumps(finding.to_json()))
+                else:
+                    print(finding)
+    summary = (
+        f"{lines} lines, {checker.rooms} rooms: {violations} violations, "
+        f"{found - violations} malformed lines"
+    )
+    print(summary, file=sys.stderr)
+    return EXIT_FOUND if found else EXIT_OK
+
+
+class _nullcontext:  # noqa: N801 - a context manager that leaves stdin open
+    def __init__(self, value: TextIO) -> None:
+        self.value = value
+
+    def __enter__(self) -> TextIO:
+        return self.value
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _cmd_conformance(args: argparse.Namespace) -> int:
+    from kvpoll.testing import implementation_by_name, load_cases, run_cases
+
+    impl = implementation_by_name(args.implementation)
+    cases = load_cases(Path(args.cases) if args.cases else None)
+    results = run_cases(impl, cases)
+    counts = {"passed": 0, "failed": 0, "unsupported": 0}
+    for result in results:
+        counts[result.outcome] += 1
+        if result.outcome == "failed" or args.verbose:
+            print(f"{result.outcome.upper():<11} {result.case_id}  {result.message}")
+    print(
+        f"{impl.name}: {counts['passed']} passed, {counts['failed']} failed, "
+        f"{counts['unsupported']} unsupported of {len(results)} cases"
+    )
+    return EXIT_FOUND if counts["failed"] else EXIT_OK
+
+
+def _cmd_bench_statemachine(args: argparse.Namespace) -> int:
+    from kvpoll.bench.statemachine import run
+
+    def progress(msg: str) -> None:
+        if not args.json:
+            print(f"  ... {msg}", file=sys.stderr, flush=True)
+
+    result = run(
+        repeats=args.repeat,
+        rooms=args.rooms,
+        transitions_rooms=args.transitions_rooms,
+        progress=progress,
+    )
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(result.report())
+    return EXIT_OK
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvpoll",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kvpoll {kvpoll.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    p = sub.add_parser(
+        "demo",
+        help="run the main job (for now: the walkthrough)",
+        description="Run the main job: the seed's scenarios on the state machine.",
+    )
+    p.add_argument(
+        "--capacity", type=_positive, default=1024, help="tokens per receive buffer (default: 1024)"
+    )
+    p.set_defaults(func=_cmd_walkthrough)
+
+    p = sub.add_parser(
+        "walkthrough",
+        help="the seed's scenarios, step by step, on the table",
+        description="Walk the seed's scenarios through TransferState, printing "
+        "each transition, and show the old bugs being rejected.",
+    )
+    p.add_argument(
+        "--capacity", type=_positive, default=1024, help="tokens per receive buffer (default: 1024)"
+    )
+    p.set_defaults(func=_cmd_walkthrough)
+
+    p = sub.add_parser(
+        "diagram",
+        help="print the state diagram (Mermaid) generated from the table",
+        description="Print a Mermaid stateDiagram-v2 generated from spec/transitions.json.",
+    )
+    p.add_argument("--markdown", action="store_true", help="wrap it in a ```mermaid fence")
+    p.set_defaults(func=_cmd_diagram)
+
+    p = sub.add_parser(
+        "check-trace",
+        help="audit a JSON Lines log of observed statuses",
+        description="Check a log of observed statuses against the table. Each line is a JSON "
+        'object {"room": 7, "status": "Transferring", "sent_tokens": 1024}; status '
+        "is a name or an integer code, sent_tokens is optional. Prints each "
+        "violation (line, room, from -> to, the rule broken) and each unreadable "
+        "line; exits 1 if there is any, 0 otherwise.",
+    )
+    p.add_argument("file", metavar="FILE", help="the log, or - for standard input")
+    p.add_argument(
+        "--codes",
+        choices=("kvpoll", "sglang"),
+        default="kvpoll",
+        help="how to read integer statuses (default: kvpoll's, Failed=4; sglang: Failed=0)",
+    )
+    p.add_argument(
+        "--allow-skips",
+        action="store_true",
+        help="accept a step that legal events reach in several moves (for logs sampled by polling)",
+    )
+    p.add_argument("--json", action="store_true", help="print findings as JSON Lines")
+    p.set_defaults(func=_cmd_check_trace)
+
+    p = sub.add_parser(
+        "conformance",
+        help="run the conformance suite against an implementation",
+        description="Play spec/cases against an implementation.",
+    )
+    p.add_argument(
+        "--implementation",
+        default="kvpoll",
+        metavar="NAME",
+        help="kvpoll (default), transitions (the reference), or module:factory",
+    )
+    p.add_argument("--cases", metavar="DIR", help="a folder of case files (default: kvpoll's)")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every case")
+    p.set_defaults(func=_cmd_conformance)
+
+    p = sub.add_parser(
+        "bench",
+        help="measure speed and memory",
+        description="Benchmarks; figures are medians [min-max] and ratios "
+        "against baselines measured in the same run.",
+    )
+    bench = p.add_subparsers(dest="bench", metavar="WHAT", title="benchmarks")
+    b = bench.add_parser(
+        "statemachine",
+        help="cost of enforcing the table",
+        description="ns per validated transition against a bare dict lookup "
+        "and transitions.Machine; memory per room; adding and "
+        "removing rooms.",
+    )
+    b.add_argument("--repeat", type=_positive, default=5, help="repeats (default: 5)")
+    b.add_argument(
+        "--rooms", type=_positive, default=100_000, help="rooms in the registry (default: 100000)"
+    )
+    b.add_argument(
+        "--transitions-rooms",
+        type=_positive,
+        default=20_000,
+        help="models given to transitions.Machine.add_model (quadratic; default: 20000)",
+    )
+    b.add_argument("--json", action="store_true", help="print the results as JSON")
+    b.set_defaults(func=_cmd_bench_statemachine)
+    p.set_defaults(func=None, bench_parser=p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``kvpoll`` command; return its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    if args.func is None:
+        args.bench_parser.print_help()
+        return EXIT_USAGE
+    try:
+        code: int = args.func(args)
+    except KvpollError as exc:
+        print(f"kvpoll {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The kvpoll command, run as a real process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kvpoll.statemachine.diagram import mermaid
+
+
+def run(cmd: list[str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*cmd, *args], input=stdin, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_help_lists_the_commands(kvpoll_cmd: list[str]) -> None:
+    out = run(kvpoll_cmd, "--help")
+    assert out.returncode == 0
+    for command in ("demo", "diagram", "check-trace", "conformance", "bench"):
+        assert command in out.stdout
+    assert run(kvpoll_cmd).returncode == 2
+    assert "kvpoll 0.1.0" in run(kvpoll_cmd, "--version").stdout
+    bad = run(kvpoll_cmd, "no-such-command")
+    assert bad.returncode == 2
+    assert "invalid choice" in bad.stderr
+
+
+def test_walkthrough_prints_each_transition(kvpoll_cmd: list[str]) -> None:
+    out = run(kvpoll_cmd, "walkthrough")
+    assert out.returncode == 0, out.stderr
+    assert "WaitingForInput -> Success" in out.stdout
+    assert "Transferring -> Transferring" in out.stdout
+    assert "rejected: room 5: cannot handle event resumed(sent_tokens=0)" in out.stdout
+
+
+def test_diagram(kvpoll_cmd: list[str]) -> None:
+    out = run(kvpoll_cmd, "diagram")
+    assert out.returncode == 0
+    assert out.stdout == mermaid()
+    fenced = run(kvpoll_cmd, "diagram", "--markdown").stdout
+    assert fenced.startswith("```mermaid\n")
+    assert fenced.endswith("```\n")
+
+
+GOOD: list[dict[str, object]] = [
+    {"room": 1, "status": "Bootstrapping"},
+    {"room": 2, "status": "Bootstrapping"},
+    {"room": 1, "status": "WaitingForInput", "sent_tokens": 0},
+    {"room": 1, "status": "WaitingForInput"},
+    {"room": 1, "status": "Transferring", "sent_tokens": 1024},
+    {"room": 2, "status": 1},
+    {"room": 1, "status": "Transferring", "sent_tokens": 2048},
+    {"room": 1, "status": "Success", "sent_tokens": 2500},
+]
+
+
+def lines(records: list[dict[str, object]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def test_check_trace_accepts_a_good_log(kvpoll_cmd: list[str], tmp_path: Path) -> None:
+    log = tmp_path / "good.jsonl"
+    log.write_text(lines(GOOD))
+    out = run(kvpoll_cmd, "check-trace", str(log))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout == ""
+    assert "8 lines, 2 rooms: 0 violations" in out.stderr
+
+
+def test_check_trace_reports_each_violation(kvpoll_cmd: list[str]) -> None:
+    bad = [
+        *GOOD[:5],
+        {"room": 1, "status": "WaitingForInput"},  # line 6: reset on resume
+        {"room": 2, "status": "Success"},  # line 7: Bootstrapping -> Success
+        {"room": 1, "status": "Success", "sent_tokens": 10},  # line 8: rewind
+        {"room": 1, "status": "Failed"},
+    ]  # line 9: leaves a final state
+    out = run(kvpoll_cmd, "check-trace", "-", stdin=lines(bad))
+    assert out.returncode == 1
+    report = out.stdout.splitlines()
+    assert report[0].startswith("line 6: room 1: Transferring -> WaitingForInput: ")
+    assert "only moves forward" in report[0]
+    assert report[1] == (
+        "line 7: room 2: Bootstrapping -> Success: no legal event moves Bootstrapping to Success"
+    )
+    assert report[2].startswith("line 8: room 1: WaitingForInput -> Success: sent_tokens went back")
+    assert report[3] == "line 9: room 1: Success -> Failed: Success is final and nothing leaves it"
+    assert len(report) == 4
+
+
+def test_check_trace_allow_skips(kvpoll_cmd: list[str]) -> None:
+    sampled = [{"room": 1, "status": "Bootstrapping"}, {"room": 1, "status": "Success"}]
+    assert run(kvpoll_cmd, "check-trace", "-", stdin=lines(sampled)).returncode == 1
+    assert (
+        run(kvpoll_cmd, "check-trace", "--allow-skips", "-", stdin=lines(sampled)).returncode == 0
+    )
+
+
+def test_check_trace_sglang_codes(kvpoll_cmd: list[str]) -> None:
+    # SGLang: Failed=0, Bootstrapping=1, WaitingForInput=2, Transferring=3, Success=4
+    log = lines(
+        [
+            {"room": 9, "status": 1},
+            {"room": 9, "status": 2},
+            {"room": 9, "status": 3},
+            {"room": 9, "status": 0},
+        ]
+    )
+    assert run(kvpoll_cmd, "check-trace", "--codes", "sglang", "-", stdin=log).returncode == 0
+    # the same numbers read as kvpoll's codes: 3 (Success) -> 0 (Bootstrapping)
+    out = run(kvpoll_cmd, "check-trace", "-", stdin=log)
+    assert out.returncode == 1
+    assert "Success -> Bootstrapping" in out.stdout
+
+
+def test_check_trace_bad_lines_never_traceback(kvpoll_cmd: list[str]) -> None:
+    log = (
+        "\n".join(
+            [
+                '{"room": 1, "status": "Bootstrapping"}',
+                "not json",
+                "[1, 2]",
+                '{"room": "x", "status": 1}',
+                '{"room": 1, "status": "Nope"}',
+                '{"room": 1, "status": 17}',
+                '{"room": 1, "status": 1, "sent_tokens": -4}',
+                '{"room": 1, "status": "WaitingForInput"}',
+            ]
+        )
+        + "\n"
+    )
+    out = run(kvpoll_cmd, "check-trace", "-", stdin=log)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stdout + out.stderr
+    malformed = [line for line in out.stdout.splitlines() if "malformed" in line]
+    assert [m.split(":")[0] for m in malformed] == [f"line {n}" for n in range(2, 8)]
+    assert "1 violations" not in out.stderr  # line 8 is a legal step
+
+
+def test_check_trace_json_output(kvpoll_cmd: list[str]) -> None:
+    log = lines([{"room": 3, "status": "Transferring"}, {"room": 3, "status": "WaitingForInput"}])
+    out = run(kvpoll_cmd, "check-trace", "--json", "-", stdin=log)
+    finding = json.loads(out.stdout)
+    assert finding["line"] == 2
+    assert (finding["room"], finding["from"], finding["to"]) == (
+        3,
+        "Transferring",
+        "WaitingForInput",
+    )
+
+
+def test_check_trace_missing_file(kvpoll_cmd: list[str], tmp_path: Path) -> None:
+    out = run(kvpoll_cmd, "check-trace", str(tmp_path / "absent.jsonl"))
+    assert out.returncode == 2
+    assert "cannot read" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_conformance_command(kvpoll_cmd: list[str]) -> None:
+    out = run(kvpoll_cmd, "conformance")
+    assert out.returncode == 0, out.stdout
+    assert "kvpoll: 52 passed, 0 failed, 0 unsupported" in out.stdout
+    ref = run(kvpoll_cmd, "conformance", "--implementation", "transitions")
+    assert ref.returncode == 0
+    assert "0 failed" in ref.stdout
+    bad = run(kvpoll_cmd, "conformance", "--implementation", "nope")
+    assert bad.returncode == 2
+    assert "unknown implementation" in bad.stderr
+
+
+@pytest.mark.slow
+def test_bench_statemachine_json(kvpoll_cmd: list[str]) -> None:
+    out = run(
+        kvpoll_cmd,
+        "bench",
+        "statemachine",
+        "--repeat",
+        "1",
+        "--rooms",
+        "2000",
+        "--transitions-rooms",
+        "500",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    figures = result["figures"]
+    for key in (
+        "dict_ns",
+        "kvpoll_ns",
+        "transitions_ns",
+        "bytes_per_room",
+        "kvpoll_vs_dict_step",
+        "transitions_vs_kvpoll_add",
+    ):
+        assert figures[key]["median"] > 0
+        assert figures[key]["min"] <= figures[key]["median"] <= figures[key]["max"]
+    assert set(result["met"]) == set(result["targets"])
