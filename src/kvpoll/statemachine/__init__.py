@@ -1,12 +1,14 @@
 """The transition table and its enforcement. Knows nothing of transports."""
 
-from kvpoll.statemachine.registry import DEFAULT_TIMEOUTS, RegistryStats, RoomRegistry
+from kvpoll.statemachine.deadlines import DEFAULT_TIMEOUTS, Deadlines
+from kvpoll.statemachine.registry import RegistryStats, RoomRegistry
 from kvpoll.statemachine.state import TransferState, Transition
 from kvpoll.statemachine.status import Event, TransferStatus
 from kvpoll.statemachine.table import Table, default_table, load_table
 
 __all__ = [
     "DEFAULT_TIMEOUTS",
+    "Deadlines",
     "Event",
     "RegistryStats",
     "RoomRegistry",

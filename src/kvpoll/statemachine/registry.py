@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from kvpoll.errors import DuplicateRoom, IllegalTransition, InvalidArgument, UnknownRoom
+from kvpoll.statemachine.deadlines import DEFAULT_TIMEOUTS, Deadlines, check_timeouts
 from kvpoll.statemachine.state import Transition
 from kvpoll.statemachine.status import Event, TransferStatus
 from kvpoll.statemachine.table import default_table
@@ -31,13 +31,6 @@ _RANK = {s: i for i, s in enumerate(_TABLE.order)}
 _PAIR: dict[tuple[TransferStatus, TransferStatus], Event] = {}
 for (_src, _ev), _dst in _TABLE.next.items():
     _PAIR.setdefault((_src, _dst), _ev)
-
-DEFAULT_TIMEOUTS: Mapping[TransferStatus, float | None] = {
-    TransferStatus.Bootstrapping: 300.0,
-    TransferStatus.WaitingForInput: 300.0,
-    TransferStatus.Transferring: 300.0,
-}
-"""Seconds a room may stay in each non-final status without a step."""
 
 
 @dataclass(frozen=True)
@@ -110,24 +103,7 @@ class RoomRegistry:
         clock: Callable[[], float] = time.monotonic,
         history: bool = False,
     ) -> None:
-        merged = dict(DEFAULT_TIMEOUTS)
-        for key, value in (timeouts or {}).items():
-            status = _check_status(key)
-            if status in _TABLE.final:
-                raise InvalidArgument(f"{status.name} is final: it takes no time-out")
-            if value is not None and (isinstance(value, bool) or not value > 0):
-                raise InvalidArgument(
-                    f"time-out for {status.name} must be a positive number, not {value!r}"
-                )
-            merged[status] = None if value is None else float(value)
-        self._timeouts: dict[TransferStatus, float] = {
-            s: v for s, v in merged.items() if v is not None
-        }
-        # One FIFO per timed status: room -> time it entered that status. Rooms
-        # enter in time order, so the oldest (first) entry expires first.
-        self._timers: dict[TransferStatus, OrderedDict[int, float]] = {
-            s: OrderedDict() for s in self._timeouts
-        }
+        self._deadlines: Deadlines[int] = Deadlines(check_timeouts(timeouts))
         self._clock = clock
         self._history = history
         self._rooms: dict[int, _Room] = {}
@@ -165,9 +141,7 @@ class RoomRegistry:
             if room in self._rooms:
                 raise DuplicateRoom(room)
             self._rooms[room] = _Room(initial, dests, [] if self._history else None)
-            timer = self._timers.get(initial)
-            if timer is not None:
-                timer[room] = self._clock()
+            self._deadlines.enter(room, None, initial, self._clock())
 
     def remove(self, room: int) -> None:
         """Forget a room entirely; later updates for it are dropped.
@@ -184,9 +158,7 @@ class RoomRegistry:
             rec = self._rooms.pop(room, None)
             if rec is None:
                 return False
-            timer = self._timers.get(rec.status)
-            if timer is not None:
-                timer.pop(room, None)
+            self._deadlines.leave(room, rec.status)
             return True
 
     # -- status ------------------------------------------------------------
@@ -292,14 +264,9 @@ class RoomRegistry:
         failed: list[int] = []
         with self._lock:
             now = self._clock() if now is None else now
-            for status, timer in self._timers.items():
-                limit = self._timeouts[status]
-                while timer:
-                    room, entered = next(iter(timer.items()))
-                    if now - entered < limit:
-                        break
-                    self._time_out(room, self._rooms[room], status, now)
-                    failed.append(room)
+            for room, status, limit in list(self._deadlines.expired(now)):
+                self._time_out(room, self._rooms[room], status, limit, now)
+                failed.append(room)
         return failed
 
     # -- inspection ----------------------------------------------------------
@@ -335,7 +302,7 @@ class RoomRegistry:
     @property
     def timeouts(self) -> Mapping[TransferStatus, float]:
         """The time-out of each timed status, in seconds."""
-        return dict(self._timeouts)
+        return dict(self._deadlines.timeouts)
 
     @property
     def stats(self) -> RegistryStats:
@@ -397,13 +364,8 @@ class RoomRegistry:
         reason: str | None,
     ) -> None:
         source = rec.status
-        old_timer = self._timers.get(source)
-        if old_timer is not None:
-            old_timer.pop(room, None)
         rec.status = dest
-        new_timer = self._timers.get(dest)
-        if new_timer is not None:
-            new_timer[room] = now
+        self._deadlines.enter(room, source, dest, now)
         if dest is _FAILED:
             rec.reason = reason if reason is not None else "failed"
             if rec.dests is not None:
@@ -414,19 +376,16 @@ class RoomRegistry:
     def _fail_room(self, room: int, rec: _Room, reason: str, now: float) -> None:
         self._enter(room, rec, _FAILED, Event.FAILED, now, reason)
 
-    def _time_out(self, room: int, rec: _Room, status: TransferStatus, now: float) -> None:
+    def _time_out(
+        self, room: int, rec: _Room, status: TransferStatus, limit: float, now: float
+    ) -> None:
         self._timeouts_fired += 1
-        limit = self._timeouts[status]
         log.info("room %s timed out in %s after %g s", room, status.name, limit)
         self._fail_room(room, rec, f"timed out in {status.name} after {limit:g} s", now)
 
     def _expire_room(self, room: int, rec: _Room, now: float) -> None:
-        timer = self._timers.get(rec.status)
-        if timer is None:
-            return
-        entered = timer.get(room)
-        if entered is not None and now - entered >= self._timeouts[rec.status]:
-            self._time_out(room, rec, rec.status, now)
+        if self._deadlines.overdue(room, rec.status, now):
+            self._time_out(room, rec, rec.status, self._deadlines.timeouts[rec.status], now)
 
     def _illegal(
         self,
