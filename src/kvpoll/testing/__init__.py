@@ -31,6 +31,7 @@ from kvpoll.testing.runner import (
     run_case,
     run_cases,
 )
+from kvpoll.testing.transport_kit import check_transport, pump, wait_for_write
 
 __all__ = [
     "Case",
@@ -45,8 +46,11 @@ __all__ = [
     "TransferDriver",
     "TransitionsReference",
     "check_case",
+    "check_transport",
     "implementation_by_name",
     "load_cases",
+    "pump",
     "run_case",
     "run_cases",
+    "wait_for_write",
 ]

@@ -1,0 +1,259 @@
+"""``check_transport``: the behaviour every transport must show.
+
+Call it from a transport's own tests with a factory of connected pairs::
+
+    def test_my_transport():
+        check_transport(lambda: (MyTransport(), MyTransport()))
+
+Each check gets a fresh pair and closes it. A failed check raises
+AssertionError naming the check and what was seen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from kvpoll.transports.base import (
+    MessageReceived,
+    PeerClosed,
+    RegionBoundsError,
+    Transport,
+    TransportClosed,
+    TransportError,
+    TransportEvent,
+    WriteDone,
+)
+
+__all__ = ["check_transport", "pump", "wait_for_write"]
+
+MakePair = Callable[[], tuple[Transport, Transport]]
+
+
+def _expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
+
+
+def pump(
+    transports: Sequence[Transport],
+    until: Callable[[list[TransportEvent]], bool],
+    timeout: float = 15.0,
+) -> list[TransportEvent]:
+    """Drive every transport until ``until(events of the first)`` holds.
+
+    Returns the first transport's events. Raises AssertionError on time-out.
+    """
+    seen: list[TransportEvent] = []
+    deadline = time.monotonic() + timeout
+    while not until(seen):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s; events so far: {seen[-5:]}")
+        seen.extend(transports[0].progress(0.002))
+        for other in transports[1:]:
+            other.progress(0)
+    return seen
+
+
+def wait_for_write(a: Transport, b: Transport, write_id: int, timeout: float = 15.0) -> WriteDone:
+    """Pump ``a`` (the writer) and ``b`` until write ``write_id`` is done."""
+    events = pump(
+        [a, b],
+        lambda ev: any(isinstance(e, WriteDone) and e.write_id == write_id for e in ev),
+        timeout,
+    )
+    done = [e for e in events if isinstance(e, WriteDone) and e.write_id == write_id]
+    _expect(len(done) == 1, f"write {write_id} completed {len(done)} times")
+    return done[0]
+
+
+def _random_bytes(n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+
+
+def _control_order(a: Transport, b: Transport) -> None:
+    payloads = [b"", b"x", *(f"message {i}".encode() for i in range(200)), bytes(100_000)]
+    for payload in payloads:
+        a.send(b.address, payload)
+    got = pump([b, a], lambda ev: sum(isinstance(e, MessageReceived) for e in ev) >= len(payloads))
+    messages = [e for e in got if isinstance(e, MessageReceived)]
+    _expect(
+        [m.payload for m in messages] == payloads,
+        "control messages arrived out of order, duplicated or changed",
+    )
+    _expect(
+        {m.peer for m in messages} == {a.address},
+        f"messages name their sender {a.address}, not { ({m.peer for m in messages}) }",
+    )
+    b.send(a.address, b"reply")
+    back = pump([a, b], lambda ev: any(isinstance(e, MessageReceived) for e in ev))
+    _expect(
+        [e.payload for e in back if isinstance(e, MessageReceived)] == [b"reply"],
+        "a reply did not come back",
+    )
+
+
+def _roundtrip(a: Transport, b: Transport) -> None:
+    src = a.register(_random_bytes(1 << 20, 1))
+    dst = b.allocate(1 << 20)
+    done = wait_for_write(a, b, a.write(src, 0, dst.descriptor, 0, 1 << 20))
+    _expect(done.ok, f"a write failed: {done.error}")
+    _expect(torch.equal(dst.data, src.data), "the destination does not hold the written bytes")
+
+
+def _offsets(a: Transport, b: Transport) -> None:
+    src = a.register(_random_bytes(4096, 2))
+    dst = b.allocate(8192)
+    dst.data.fill_(7)
+    done = wait_for_write(a, b, a.write(src, 100, dst.descriptor, 1000, 200))
+    _expect(done.ok, f"an offset write failed: {done.error}")
+    _expect(torch.equal(dst.data[1000:1200], src.data[100:300]), "wrong bytes at the offset")
+    _expect(
+        bool((dst.data[:1000] == 7).all()) and bool((dst.data[1200:] == 7).all()),
+        "a write touched bytes outside its range",
+    )
+
+
+def _tiny_and_empty(a: Transport, b: Transport) -> None:
+    src = a.register(torch.tensor([42], dtype=torch.uint8))
+    dst = b.allocate(1)
+    _expect(wait_for_write(a, b, a.write(src, 0, dst.descriptor, 0, 1)).ok, "a 1-byte write failed")
+    _expect(int(dst.data[0]) == 42, "a 1-byte write did not arrive")
+    _expect(
+        wait_for_write(a, b, a.write(src, 0, dst.descriptor, 0, 0)).ok,
+        "a zero-byte write did not complete successfully",
+    )
+
+
+def _large(a: Transport, b: Transport, nbytes: int) -> None:
+    src = a.register(_random_bytes(nbytes, 3))
+    dst = b.allocate(nbytes)
+    done = wait_for_write(a, b, a.write(src, 0, dst.descriptor, 0, nbytes), timeout=60)
+    _expect(done.ok, f"a {nbytes}-byte write failed: {done.error}")
+    _expect(torch.equal(dst.data, src.data), f"a {nbytes}-byte write arrived corrupted")
+
+
+def _many_in_flight(a: Transport, b: Transport) -> None:
+    n, size = 200, 1000
+    src = a.register(_random_bytes(n * size, 4))
+    dst = b.allocate(n * size)
+    ids = {a.write(src, i * size, dst.descriptor, i * size, size) for i in range(n)}
+    _expect(len(ids) == n, "write ids are not unique")
+    events = pump([a, b], lambda ev: sum(isinstance(e, WriteDone) for e in ev) >= n)
+    done = [e for e in events if isinstance(e, WriteDone)]
+    _expect(sorted(e.write_id for e in done) == sorted(ids), "each write completes exactly once")
+    _expect(all(e.ok for e in done), "a concurrent write failed")
+    _expect(torch.equal(dst.data, src.data), "concurrent writes mixed up their bytes")
+
+
+def _bounds(a: Transport, b: Transport) -> None:
+    src = a.register(_random_bytes(1000, 5))
+    dst = b.allocate(500)
+    dst.data.fill_(9)
+    for args in ((0, 0, 501), (0, 100, 401), (900, 0, 101), (-1, 0, 10)):
+        try:
+            a.write(src, args[0], dst.descriptor, args[1], args[2])
+        except RegionBoundsError:
+            continue
+        raise AssertionError(f"a write outside a region was accepted: {args}")
+    forged = dst.descriptor.model_copy(update={"nbytes": 1000})
+    done = wait_for_write(a, b, a.write(src, 0, forged, 0, 1000))
+    _expect(not done.ok, "the destination accepted a write beyond its region (forged size)")
+    _expect(bool((dst.data == 9).all()), "a rejected write changed the destination")
+
+
+def _unknown_and_released(a: Transport, b: Transport) -> None:
+    src = a.register(_random_bytes(100, 6))
+    dst = b.allocate(100)
+    forged = dst.descriptor.model_copy(update={"region_id": dst.descriptor.region_id ^ 1})
+    _expect(
+        not wait_for_write(a, b, a.write(src, 0, forged, 0, 100)).ok,
+        "a write to an unknown region succeeded",
+    )
+    descriptor = dst.descriptor
+    b.release(dst)
+    _expect(
+        not wait_for_write(a, b, a.write(src, 0, descriptor, 0, 100)).ok,
+        "a write to a released region succeeded",
+    )
+
+
+def _dtypes(a: Transport, b: Transport) -> None:
+    gen = torch.Generator().manual_seed(7)
+    tensor = torch.randn(33, 64, generator=gen).to(torch.bfloat16)
+    src = a.register(tensor)
+    dst = b.allocate(tensor.numel() * tensor.element_size())
+    _expect(
+        wait_for_write(a, b, a.write(src, 0, dst.descriptor, 0, src.nbytes)).ok,
+        "a bf16 write failed",
+    )
+    got = dst.data.view(torch.bfloat16).reshape(33, 64)
+    _expect(torch.equal(got, tensor), "bf16 data did not survive the trip bit for bit")
+    try:
+        a.register(torch.zeros(8, 8)[:, ::2])
+    except TransportError:
+        pass
+    else:
+        raise AssertionError("a non-contiguous tensor was registered")
+
+
+def _closed_peer(a: Transport, b: Transport) -> None:
+    src = a.register(_random_bytes(100, 8))
+    dst = b.allocate(100)
+    a.send(b.address, b"hello")
+    pump([b, a], lambda ev: any(isinstance(e, MessageReceived) for e in ev))
+    b.send(a.address, b"hello")
+    pump([a, b], lambda ev: any(isinstance(e, MessageReceived) for e in ev))
+    b.close()
+    b.close()  # idempotent
+    events: list[TransportEvent] = []
+    deadline = time.monotonic() + 30
+    write_id = a.write(src, 0, dst.descriptor, 0, 100)
+    while not any(isinstance(e, WriteDone) and e.write_id == write_id for e in events):
+        _expect(time.monotonic() < deadline, "a write to a closed peer never completed")
+        events.extend(a.progress(0.01))
+    done = next(e for e in events if isinstance(e, WriteDone) and e.write_id == write_id)
+    _expect(not done.ok, "a write to a closed peer succeeded")
+    for call in (lambda: b.allocate(10), lambda: b.send(a.address, b"x"), lambda: b.progress(0)):
+        try:
+            call()
+        except TransportClosed:
+            continue
+        raise AssertionError("a closed transport still worked")
+    _ = [e for e in events if isinstance(e, PeerClosed)]  # allowed, not required
+
+
+CHECKS: dict[str, Callable[[Transport, Transport], None]] = {
+    "control messages arrive in order": _control_order,
+    "a write arrives": _roundtrip,
+    "writes honour offsets": _offsets,
+    "tiny and empty writes": _tiny_and_empty,
+    "many writes in flight": _many_in_flight,
+    "writes outside a region fail": _bounds,
+    "writes to unknown or released regions fail": _unknown_and_released,
+    "any dtype, bit for bit": _dtypes,
+    "a closed peer fails writes": _closed_peer,
+}
+
+
+def check_transport(make_pair: MakePair, *, large_bytes: int = 64 << 20) -> list[str]:
+    """Run every check on fresh pairs from ``make_pair``; return the checks' names.
+
+    Raises:
+        AssertionError: a check failed (the message names it).
+    """
+    checks = dict(CHECKS)
+    checks[f"a large write ({large_bytes} bytes)"] = lambda a, b: _large(a, b, large_bytes)
+    for name, check in checks.items():
+        a, b = make_pair()
+        try:
+            check(a, b)
+        except AssertionError as exc:
+            raise AssertionError(f"{type(a).__name__}: {name}: {exc}") from exc
+        finally:
+            a.close()
+            b.close()
+    return list(checks)

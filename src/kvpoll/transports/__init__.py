@@ -1,0 +1,113 @@
+"""Transports: adapters behind one small interface (:class:`Transport`).
+
+Find one by name with :func:`create`; names are resolved lazily, so an
+optional dependency is imported only when its transport is used. Built in:
+
+* ``loopback``: in-process reference transport (tests, examples).
+* ``zmq``: ZMQ control channel; shared memory on one host, ZMQ TCP across hosts.
+
+Third parties add transports through the entry-point group
+``kvpoll.transports``: the entry point's name is the transport's name and its
+object a :class:`Transport` subclass (or a factory taking keyword options).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+from kvpoll.transports.base import (
+    Capabilities,
+    MessageReceived,
+    PeerClosed,
+    Region,
+    RegionBoundsError,
+    RegionDescriptor,
+    Transport,
+    TransportClosed,
+    TransportError,
+    TransportEvent,
+    TransportUnavailable,
+    WriteDone,
+)
+
+__all__ = [
+    "Capabilities",
+    "MessageReceived",
+    "PeerClosed",
+    "Region",
+    "RegionBoundsError",
+    "RegionDescriptor",
+    "Transport",
+    "TransportClosed",
+    "TransportError",
+    "TransportEvent",
+    "TransportUnavailable",
+    "WriteDone",
+    "available",
+    "create",
+    "resolve",
+]
+
+ENTRY_POINT_GROUP = "kvpoll.transports"
+
+# name -> (module, attribute, the extra that installs its dependencies)
+_BUILTIN: dict[str, tuple[str, str, str | None]] = {
+    "loopback": ("kvpoll.transports.loopback", "LoopbackTransport", None),
+    "zmq": ("kvpoll.transports.zmq_transport", "ZmqTransport", None),
+}
+
+
+def _entry_points() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available() -> list[str]:
+    """Names of every known transport (built in and registered), installed or not."""
+    return sorted(set(_BUILTIN) | set(_entry_points()))
+
+
+def resolve(name: str) -> Callable[..., Transport]:
+    """The class (or factory) of the transport called ``name``.
+
+    Raises:
+        TransportUnavailable: no such transport, or its dependency is missing
+            (the message names the extra to install).
+    """
+    if name in _BUILTIN:
+        module_name, attr, extra = _BUILTIN[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            hint = f": pip install 'kvpoll[{extra}]'" if extra else ""
+            raise TransportUnavailable(
+                f"the {name!r} transport needs a package that is not installed ({exc.name}){hint}"
+            ) from exc
+        factory: Callable[..., Transport] = getattr(module, attr)
+        return factory
+    ep = _entry_points().get(name)
+    if ep is None:
+        raise TransportUnavailable(f"unknown transport {name!r}; known: {', '.join(available())}")
+    try:
+        loaded: Callable[..., Transport] = ep.load()
+    except ImportError as exc:
+        raise TransportUnavailable(
+            f"the {name!r} transport ({ep.value}) cannot be imported: {exc}"
+        ) from exc
+    return loaded
+
+
+def create(name: str, **options: Any) -> Transport:
+    """Open a transport by name, passing ``options`` to it.
+
+    Raises:
+        TransportUnavailable: see :func:`resolve`.
+        TransportError: the transport could not start (a bad option, a busy port).
+    """
+    factory = resolve(name)
+    try:
+        return factory(**options)
+    except TypeError as exc:
+        raise TransportError(f"bad options for the {name!r} transport: {exc}") from exc

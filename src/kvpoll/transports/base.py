@@ -1,0 +1,248 @@
+"""The transport interface: every adapter (loopback, zmq, ucx, ...) implements it.
+
+A transport moves bytes between registered memory regions of endpoints and
+carries small control messages. It knows nothing of rooms, statuses or the
+transition table: the protocol layer (:mod:`kvpoll.protocol`) builds those on
+top.
+
+Threading contract: a transport is driven by one owner thread. Every method
+except :meth:`Transport.wakeup` (and :meth:`Transport.close` once that thread
+has stopped) must be called from it. Nothing happens in the background that the
+owner cannot see: completions and messages are returned by
+:meth:`Transport.progress`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvpoll.errors import KvpollError
+
+__all__ = [
+    "Capabilities",
+    "MessageReceived",
+    "PeerClosed",
+    "Region",
+    "RegionBoundsError",
+    "RegionDescriptor",
+    "Transport",
+    "TransportClosed",
+    "TransportError",
+    "TransportEvent",
+    "TransportUnavailable",
+    "WriteDone",
+    "as_bytes",
+    "new_region_id",
+]
+
+
+class TransportError(KvpollError):
+    """A transport could not do what was asked."""
+
+
+class TransportUnavailable(TransportError):
+    """The named transport does not exist or its optional dependency is missing."""
+
+
+class TransportClosed(TransportError):
+    """The transport was used after :meth:`Transport.close`."""
+
+
+class RegionBoundsError(TransportError):
+    """A write reaches outside a registered region."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a transport can do, declared rather than guessed."""
+
+    zero_copy: bool
+    """Data lands in the destination region without an intermediate copy in kvpoll."""
+    same_host_only: bool
+    """Both endpoints must be on one host."""
+    device_memory: bool
+    """Regions may live in accelerator memory."""
+
+
+class RegionDescriptor(BaseModel):
+    """A serialisable description of a registered region, sent to peers.
+
+    ``extra`` carries what a transport needs to reach the region (a shared
+    memory segment's name, a remote key); other transports ignore it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    transport: str
+    endpoint: str = Field(description="address of the endpoint that owns the region")
+    region_id: int = Field(ge=0, lt=2**63)
+    nbytes: int = Field(ge=0)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class Region:
+    """A registered region: a contiguous 1-D uint8 view of the memory.
+
+    Attributes:
+        descriptor: what a peer needs to write into it.
+        data: the bytes, as a uint8 tensor (a view, never a copy).
+    """
+
+    __slots__ = ("data", "descriptor", "pooled")
+
+    def __init__(
+        self, descriptor: RegionDescriptor, data: torch.Tensor, *, pooled: bool = False
+    ) -> None:
+        self.descriptor = descriptor
+        self.data = data
+        self.pooled = pooled
+
+    @property
+    def nbytes(self) -> int:
+        return self.descriptor.nbytes
+
+    def __repr__(self) -> str:
+        d = self.descriptor
+        return f"Region({d.transport}, id={d.region_id}, {d.nbytes} bytes)"
+
+
+@dataclass(frozen=True)
+class WriteDone:
+    """A write finished: ``error`` is None on success, else why it failed."""
+
+    write_id: int
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class MessageReceived:
+    """A control message arrived from ``peer`` (its address)."""
+
+    peer: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class PeerClosed:
+    """``peer`` closed its transport; its pending writes have failed."""
+
+    peer: str
+
+
+TransportEvent = WriteDone | MessageReceived | PeerClosed
+
+
+def new_region_id() -> int:
+    """A fresh random region id (never reused, so stale writes are caught)."""
+    return secrets.randbits(63)
+
+
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1-D uint8 view of a contiguous tensor's memory (no copy).
+
+    Raises:
+        TransportError: the tensor is not contiguous.
+    """
+    if not tensor.is_contiguous():
+        raise TransportError("a region must be a contiguous tensor; call .contiguous() first")
+    if tensor.dtype == torch.uint8 and tensor.dim() == 1:
+        return tensor
+    if tensor.dim() == 0:
+        tensor = tensor.reshape(1)
+    return tensor.view(torch.uint8).reshape(-1)
+
+
+class Transport(ABC):
+    """Moves bytes into peers' registered regions and carries control messages.
+
+    Contract for every implementation (checked by
+    :func:`kvpoll.testing.check_transport`):
+
+    * Control messages from one endpoint to another arrive in the order sent,
+      each once, or not at all if the receiver closed.
+    * Each :meth:`write` ends in exactly one :class:`WriteDone`, success or
+      failure, within the transport's write time-out: a write never hangs.
+      A write to a closed peer, an unknown region or outside a region fails
+      and changes nothing in the destination.
+    * The source region must not change or be released until its write is done.
+    * :meth:`close` always closes: it releases every region and resource, and
+      tells connected peers, whose pending writes to it then fail.
+    """
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    @property
+    @abstractmethod
+    def address(self) -> str:
+        """Where peers reach this endpoint (a string to hand them)."""
+
+    @abstractmethod
+    def register(self, tensor: torch.Tensor) -> Region:
+        """Register an existing contiguous tensor's memory as a region.
+
+        Raises:
+            TransportError: not contiguous, or memory this transport cannot reach.
+        """
+
+    @abstractmethod
+    def allocate(self, nbytes: int) -> Region:
+        """A region of ``nbytes`` from the transport's pool: reused, pre-touched
+        memory the fastest path reaches (on one host, a shared segment)."""
+
+    @abstractmethod
+    def release(self, region: Region, *, reuse: bool = True) -> None:
+        """Deregister ``region``; later writes to its descriptor fail.
+
+        A pooled region goes back to the pool when ``reuse`` is true; pass
+        False when a peer may still write into it (after a failure), so the
+        memory is discarded instead of handed to someone else.
+        """
+
+    @abstractmethod
+    def write(
+        self, src: Region, src_offset: int, dst: RegionDescriptor, dst_offset: int, nbytes: int
+    ) -> int:
+        """Start copying ``nbytes`` from ``src`` into the peer's ``dst``.
+
+        Returns a write id; its :class:`WriteDone` comes from :meth:`progress`.
+
+        Raises:
+            RegionBoundsError: the range is outside ``src`` or ``dst``.
+            TransportClosed: this transport is closed.
+        """
+
+    @abstractmethod
+    def send(self, peer: str, payload: bytes) -> None:
+        """Queue a small control message to ``peer`` (an address)."""
+
+    @abstractmethod
+    def progress(self, timeout: float) -> list[TransportEvent]:
+        """Do pending work; wait up to ``timeout`` seconds for something to happen.
+
+        Returns completions and messages, possibly none. Returns early when
+        :meth:`wakeup` is called.
+        """
+
+    @abstractmethod
+    def wakeup(self) -> None:
+        """Make a :meth:`progress` in another thread return soon. Thread-safe."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release everything and tell peers. Idempotent; never raises."""
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

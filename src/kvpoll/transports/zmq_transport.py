@@ -1,0 +1,440 @@
+"""``zmq``: ZMQ for control messages; shared memory or ZMQ TCP for data.
+
+Each endpoint binds one ROUTER socket (its address) and connects one DEALER to
+each peer, with the DEALER's identity set to its own address, so every frame
+that arrives names its sender.
+
+Data path, chosen per write:
+
+* **same host** (the destination region lives in a shared segment of this
+  kernel): the writer maps the segment once and copies straight into it. One
+  copy end to end; the receiver's application gets a view.
+* **otherwise**: the write is cut into pieces of ``max_frame`` bytes, each sent
+  zero-copy (``copy=False``) and received with ``recv_into`` straight into the
+  registered region, after its bounds were checked. The receiver acknowledges
+  the last piece.
+
+Frames on the wire (after the identity): ``C payload`` (control message),
+``W header data`` (write piece), ``A header error`` (write acknowledgement),
+``B`` (the sender is closing). Anything else is counted and dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import zmq
+
+from kvpoll.transports.base import (
+    Capabilities,
+    MessageReceived,
+    PeerClosed,
+    Region,
+    RegionDescriptor,
+    Transport,
+    TransportClosed,
+    TransportError,
+    TransportEvent,
+    WriteDone,
+    as_bytes,
+    new_region_id,
+)
+from kvpoll.transports.loopback import check_range
+from kvpoll.transports.shm import HEADER, Attachments, Segment, SegmentPool, boot_id
+
+__all__ = ["ZmqTransport"]
+
+log = logging.getLogger("kvpoll.transports.zmq")
+
+_PIECE = struct.Struct("<QQQQB")  # write id, region id, offset, length, last
+_ACK = struct.Struct("<QB")  # write id, ok
+_CONTROL, _WRITE, _ACKNOWLEDGE, _BYE = b"C", b"W", b"A", b"B"
+_BATCH = 512
+
+
+@dataclass
+class _Pending:
+    peer: str
+    deadline: float
+
+
+class ZmqTransport(Transport):
+    """ZMQ control channel with a shared-memory or TCP data path.
+
+    Args:
+        host: interface to bind (default loopback).
+        port: TCP port (0: any free one).
+        advertise: the host name peers should use, when it differs from ``host``.
+        shm: use shared memory for peers on this host (off: always TCP).
+        max_frame: largest piece of a TCP write, in bytes.
+        write_timeout: seconds before an unacknowledged write fails.
+        max_idle_pool_bytes: idle pooled segments kept for reuse.
+    """
+
+    name: ClassVar[str] = "zmq"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        zero_copy=True, same_host_only=False, device_memory=False
+    )
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise: str | None = None,
+        shm: bool = True,
+        max_frame: int = 4 << 20,
+        write_timeout: float = 30.0,
+        max_idle_pool_bytes: int = 4 << 30,
+    ) -> None:
+        if max_frame < 4096:
+            raise TransportError(f"max_frame must be at least 4096 bytes, not {max_frame}")
+        self._ctx = zmq.Context(io_threads=1)
+        self._router = self._ctx.socket(zmq.ROUTER)
+        for opt, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 0), (zmq.ROUTER_HANDOVER, 1)):
+            self._router.setsockopt(opt, value)
+        try:
+            if port == 0:
+                port = self._router.bind_to_random_port(f"tcp://{host}")
+            else:
+                self._router.bind(f"tcp://{host}:{port}")
+        except zmq.ZMQError as exc:
+            self._router.close(0)
+            self._ctx.term()
+            raise TransportError(f"cannot bind tcp://{host}:{port}: {exc}") from exc
+        self._address = f"tcp://{advertise or host}:{port}"
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller = zmq.Poller()
+        self._poller.register(self._router, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._dealers: dict[str, zmq.Socket[bytes]] = {}
+        self._shm = shm
+        self._boot = boot_id()
+        self._pool = SegmentPool(max_idle_bytes=max_idle_pool_bytes) if shm else None
+        self._attachments = Attachments()
+        self._regions: dict[int, Region] = {}
+        self._segments: dict[int, Segment] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._incoming_errors: dict[tuple[str, int], str] = {}
+        self._closed_peers: set[str] = set()
+        self._events: list[TransportEvent] = []
+        self._write_ids = itertools.count(1)
+        self._max_frame = max_frame
+        self._write_timeout = write_timeout
+        self._closed = False
+        self.stats = {"malformed": 0, "rejected_writes": 0, "shm_writes": 0, "tcp_writes": 0}
+
+    # -- regions -------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        return self._address
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportClosed(f"{self._address} is closed")
+
+    def register(self, tensor: torch.Tensor) -> Region:
+        self._check_open()
+        if tensor.device.type != "cpu":
+            raise TransportError(
+                f"the zmq transport registers CPU memory only, not {tensor.device.type}: "
+                "use a transport with device memory (kvpoll[ucx])"
+            )
+        data = as_bytes(tensor)
+        return self._add_region(data, {})
+
+    def allocate(self, nbytes: int) -> Region:
+        self._check_open()
+        if nbytes < 0:
+            raise TransportError(f"cannot allocate {nbytes} bytes")
+        if self._pool is None:
+            region = self._add_region(torch.zeros(max(nbytes, 1), dtype=torch.uint8)[:nbytes], {})
+            region.pooled = True
+            return region
+        segment = self._pool.acquire(nbytes)
+        extra = {
+            "shm": segment.name,
+            "shm_size": segment.size,
+            "shm_inode": segment.inode,
+            "boot_id": self._boot,
+        }
+        region = self._add_region(segment.data[HEADER : HEADER + nbytes], extra)
+        region.pooled = True
+        self._segments[region.descriptor.region_id] = segment
+        segment.stamp(region.descriptor.region_id, nbytes)
+        return region
+
+    def _add_region(self, data: torch.Tensor, extra: dict[str, Any]) -> Region:
+        descriptor = RegionDescriptor(
+            transport=self.name,
+            endpoint=self._address,
+            region_id=new_region_id(),
+            nbytes=data.numel(),
+            extra=extra,
+        )
+        region = Region(descriptor, data)
+        self._regions[descriptor.region_id] = region
+        return region
+
+    def release(self, region: Region, *, reuse: bool = True) -> None:
+        rid = region.descriptor.region_id
+        self._regions.pop(rid, None)
+        segment = self._segments.pop(rid, None)
+        if segment is not None and self._pool is not None:
+            self._pool.release(segment, reuse=reuse)
+
+    # -- writes ---------------------------------------------------------------
+    def write(
+        self, src: Region, src_offset: int, dst: RegionDescriptor, dst_offset: int, nbytes: int
+    ) -> int:
+        self._check_open()
+        check_range("write source", src_offset, nbytes, src.nbytes)
+        check_range("write destination", dst_offset, nbytes, dst.nbytes)
+        write_id = next(self._write_ids)
+        peer = dst.endpoint
+        if peer in self._closed_peers:
+            self._events.append(WriteDone(write_id, f"peer {peer} is closed"))
+        elif nbytes == 0:
+            self._events.append(WriteDone(write_id))
+        elif not self._write_shm(write_id, src, src_offset, dst, dst_offset, nbytes):
+            self._write_tcp(write_id, src, src_offset, dst, dst_offset, nbytes)
+        return write_id
+
+    def _write_shm(
+        self,
+        write_id: int,
+        src: Region,
+        src_offset: int,
+        dst: RegionDescriptor,
+        dst_offset: int,
+        nbytes: int,
+    ) -> bool:
+        extra = dst.extra
+        if not self._shm or "shm" not in extra or extra.get("boot_id") != self._boot:
+            return False
+        try:
+            segment = self._attachments.get(
+                str(extra["shm"]), int(extra["shm_size"]), int(extra["shm_inode"])
+            )
+        except (TransportError, KeyError, ValueError, TypeError):
+            return False  # not reachable from here after all: use the network
+        start = HEADER + dst_offset
+        error = segment.check_stamp(dst.region_id, dst_offset + nbytes)
+        if error is None and start + nbytes > segment.size:
+            error = "destination is outside its segment"
+        if error is not None:
+            self.stats["rejected_writes"] += 1
+            self._events.append(WriteDone(write_id, error))
+            return True
+        segment.data[start : start + nbytes].copy_(src.data[src_offset : src_offset + nbytes])
+        self.stats["shm_writes"] += 1
+        self._events.append(WriteDone(write_id))
+        return True
+
+    def _write_tcp(
+        self,
+        write_id: int,
+        src: Region,
+        src_offset: int,
+        dst: RegionDescriptor,
+        dst_offset: int,
+        nbytes: int,
+    ) -> None:
+        dealer = self._dealer(dst.endpoint)
+        view = src.data.numpy().data  # a memoryview of the tensor's memory
+        sent = 0
+        while sent < nbytes:
+            n = min(self._max_frame, nbytes - sent)
+            last = sent + n >= nbytes
+            header = _PIECE.pack(write_id, dst.region_id, dst_offset + sent, n, last)
+            dealer.send_multipart(
+                [_WRITE, header, view[src_offset + sent : src_offset + sent + n]], copy=False
+            )
+            sent += n
+        self.stats["tcp_writes"] += 1
+        self._pending[write_id] = _Pending(dst.endpoint, time.monotonic() + self._write_timeout)
+
+    # -- control ------------------------------------------------------------------
+    def send(self, peer: str, payload: bytes) -> None:
+        self._check_open()
+        if peer in self._closed_peers:
+            return
+        self._dealer(peer).send_multipart([_CONTROL, payload])
+
+    def _dealer(self, peer: str) -> zmq.Socket[bytes]:
+        dealer = self._dealers.get(peer)
+        if dealer is None:
+            if not peer.startswith("tcp://"):
+                raise TransportError(f"not a zmq address: {peer!r}")
+            dealer = self._ctx.socket(zmq.DEALER)
+            for opt, value in ((zmq.LINGER, 200), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
+                dealer.setsockopt(opt, value)
+            dealer.setsockopt(zmq.IDENTITY, self._address.encode())
+            try:
+                dealer.connect(peer)
+            except zmq.ZMQError as exc:
+                dealer.close(0)
+                raise TransportError(f"cannot connect to {peer}: {exc}") from exc
+            self._dealers[peer] = dealer
+        return dealer
+
+    # -- progress ------------------------------------------------------------------
+    def progress(self, timeout: float) -> list[TransportEvent]:
+        self._check_open()
+        self._expire_writes()
+        wait_ms = 0 if self._events else max(0, int(timeout * 1000))
+        for sock, _ in self._poller.poll(wait_ms):
+            if sock == self._wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+            else:
+                for _ in range(_BATCH):
+                    try:
+                        ident = self._router.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle(ident.decode("utf-8", "replace"))
+        events, self._events = self._events, []
+        return events
+
+    def _drain(self) -> None:
+        while self._router.getsockopt(zmq.RCVMORE):
+            self._router.recv_into(bytearray())
+
+    def _malformed(self, peer: str, why: str) -> None:
+        self.stats["malformed"] += 1
+        log.warning("dropped a malformed frame from %s: %s", peer, why)
+        self._drain()
+
+    def _handle(self, peer: str) -> None:
+        if not self._router.getsockopt(zmq.RCVMORE):
+            self.stats["malformed"] += 1
+            return
+        kind = self._router.recv()
+        more = self._router.getsockopt(zmq.RCVMORE)
+        if kind != _BYE:
+            self._closed_peers.discard(peer)  # it is back (a restart on the same address)
+        if kind == _CONTROL and more:
+            payload = self._router.recv()
+            if self._router.getsockopt(zmq.RCVMORE):
+                self._malformed(peer, "extra frames after a control message")
+            else:
+                self._events.append(MessageReceived(peer, payload))
+        elif kind == _WRITE and more:
+            self._handle_piece(peer)
+        elif kind == _ACKNOWLEDGE and more:
+            header = self._router.recv()
+            error = self._router.recv() if self._router.getsockopt(zmq.RCVMORE) else b""
+            self._drain()
+            if len(header) != _ACK.size:
+                self.stats["malformed"] += 1
+                return
+            write_id, ok = _ACK.unpack(header)
+            pending = self._pending.get(write_id)
+            if pending is None or pending.peer != peer:
+                return  # a late acknowledgement of a write that already timed out
+            del self._pending[write_id]
+            self._events.append(
+                WriteDone(write_id, None if ok else error.decode("utf-8", "replace") or "rejected")
+            )
+        elif kind == _BYE:
+            self._drain()
+            self._peer_closed(peer)
+        else:
+            self._malformed(peer, f"unknown frame kind {kind[:8]!r}")
+
+    def _handle_piece(self, peer: str) -> None:
+        header = self._router.recv()
+        if len(header) != _PIECE.size or not self._router.getsockopt(zmq.RCVMORE):
+            self._malformed(peer, "bad write header")
+            return
+        write_id, region_id, offset, length, last = _PIECE.unpack(header)
+        key = (peer, write_id)
+        region = self._regions.get(region_id)
+        error = None
+        if region is None:
+            error = f"region {region_id} is not registered at {self._address}"
+        elif offset + length > region.nbytes:
+            error = (
+                f"bytes {offset}..{offset + length} are outside region {region_id} "
+                f"of {region.nbytes} bytes"
+            )
+        if error is None and key not in self._incoming_errors:
+            assert region is not None
+            got = self._router.recv_into(region.data.numpy()[offset : offset + length])
+            if got != length:
+                error = f"a piece of {got} bytes arrived where {length} were announced"
+        else:
+            self._router.recv_into(bytearray())
+        self._drain()
+        if error is not None:
+            self.stats["rejected_writes"] += 1
+            log.warning("rejected a write from %s: %s", peer, error)
+            self._incoming_errors.setdefault(key, error)
+        if last:
+            error = self._incoming_errors.pop(key, None)
+            with contextlib.suppress(TransportError, zmq.ZMQError):
+                self._dealer(peer).send_multipart(
+                    [_ACKNOWLEDGE, _ACK.pack(write_id, error is None), (error or "").encode()]
+                )
+
+    def _expire_writes(self) -> None:
+        if not self._pending:
+            return
+        now = time.monotonic()
+        for write_id, pending in list(self._pending.items()):
+            if now >= pending.deadline:
+                del self._pending[write_id]
+                self._events.append(
+                    WriteDone(
+                        write_id,
+                        f"no acknowledgement from {pending.peer} within {self._write_timeout:g} s",
+                    )
+                )
+
+    def _peer_closed(self, peer: str) -> None:
+        self._closed_peers.add(peer)
+        for write_id, pending in list(self._pending.items()):
+            if pending.peer == peer:
+                del self._pending[write_id]
+                self._events.append(WriteDone(write_id, f"peer {peer} closed"))
+        dealer = self._dealers.pop(peer, None)
+        if dealer is not None:
+            dealer.close(0)
+        self._events.append(PeerClosed(peer))
+
+    def wakeup(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"!")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for dealer in self._dealers.values():
+            with contextlib.suppress(zmq.ZMQError):
+                dealer.send(_BYE, zmq.NOBLOCK)
+            dealer.close(200)
+        self._dealers.clear()
+        self._router.close(0)
+        self._ctx.term()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._regions.clear()
+        self._segments.clear()
+        if self._pool is not None:
+            self._pool.close()
+        self._attachments.close()
+        self._pending.clear()
+        self._events.clear()

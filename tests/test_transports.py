@@ -1,0 +1,141 @@
+"""Each transport passes the transport test kit; plus what is particular to each."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kvpoll.testing import check_transport, pump, wait_for_write
+from kvpoll.transports import (
+    MessageReceived,
+    TransportError,
+    TransportUnavailable,
+    available,
+    create,
+    resolve,
+)
+from kvpoll.transports.loopback import LoopbackTransport
+from kvpoll.transports.zmq_transport import ZmqTransport
+
+
+def test_loopback_passes_the_kit() -> None:
+    check_transport(lambda: (LoopbackTransport(), LoopbackTransport()))
+
+
+def test_zmq_shared_memory_passes_the_kit() -> None:
+    check_transport(lambda: (ZmqTransport(write_timeout=5), ZmqTransport(write_timeout=5)))
+
+
+def test_zmq_tcp_passes_the_kit() -> None:
+    check_transport(
+        lambda: (
+            ZmqTransport(shm=False, write_timeout=5, max_frame=1 << 20),
+            ZmqTransport(shm=False, write_timeout=5, max_frame=1 << 20),
+        )
+    )
+
+
+def shm_files() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith(f"kvpoll-{os.getpid()}-")}
+
+
+def test_zmq_uses_shared_memory_on_one_host_and_tcp_when_told() -> None:
+    for shm, path in ((True, "shm_writes"), (False, "tcp_writes")):
+        a, b = ZmqTransport(shm=shm), ZmqTransport(shm=shm)
+        try:
+            src = a.register(torch.arange(64, dtype=torch.uint8))
+            dst = b.allocate(64)
+            assert wait_for_write(a, b, a.write(src, 0, dst.descriptor, 0, 64)).ok
+            assert a.stats[path] == 1
+            assert sum(a.stats[k] for k in ("shm_writes", "tcp_writes")) == 1
+        finally:
+            a.close()
+            b.close()
+
+
+def test_segments_are_owner_only_pooled_and_unlinked() -> None:
+    before = shm_files()
+    t = ZmqTransport()
+    try:
+        region = t.allocate(100_000)
+        (name,) = shm_files() - before
+        assert os.stat(f"/dev/shm/{name}").st_mode & 0o777 == 0o600
+        t.release(region)
+        again = t.allocate(90_000)
+        assert shm_files() - before == {name}  # reused, not a new segment
+        t.release(again, reuse=False)
+        assert shm_files() - before == set()  # discarded at once
+        t.allocate(10)
+    finally:
+        t.close()
+    assert shm_files() == before
+
+
+def test_zmq_tcp_write_goes_straight_into_the_region_in_pieces() -> None:
+    a = ZmqTransport(shm=False, max_frame=4096)
+    b = ZmqTransport(shm=False)
+    try:
+        data = torch.randint(0, 256, (100_000,), dtype=torch.uint8)
+        src = a.register(data)
+        dst = b.register(torch.zeros(100_000, dtype=torch.uint8))
+        assert wait_for_write(a, b, a.write(src, 0, dst.descriptor, 0, 100_000)).ok
+        assert torch.equal(dst.data, data)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_malformed_frames_are_counted_and_never_break_the_endpoint() -> None:
+    import zmq
+
+    t = ZmqTransport()
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.setsockopt(zmq.IDENTITY, b"tcp://127.0.0.1:1")
+    rogue.connect(t.address)
+    try:
+        dst = t.allocate(16)
+        for frames in (
+            [b"Z", b"junk"],
+            [b"W", b"short"],
+            [b"W", b"\0" * 33, b"x"],
+            [b"A", b"?"],
+            [b"C"],
+            [b"C", b"a", b"b"],
+            [b"W"],
+        ):
+            rogue.send_multipart(frames)
+        rogue.send_multipart([b"C", b"still alive"])
+        events = pump([t], lambda ev: any(isinstance(e, MessageReceived) for e in ev))
+        assert [e.payload for e in events if isinstance(e, MessageReceived)] == [b"still alive"]
+        assert t.stats["malformed"] >= 5
+        assert bool((dst.data == 0).all())
+    finally:
+        rogue.close()
+        ctx.term()
+        t.close()
+
+
+def test_transports_are_found_by_name() -> None:
+    assert {"loopback", "zmq"} <= set(available())
+    assert resolve("zmq") is ZmqTransport
+    t = create("loopback")
+    assert isinstance(t, LoopbackTransport)
+    t.close()
+    with pytest.raises(TransportUnavailable, match="unknown transport 'carrier-pigeon'"):
+        create("carrier-pigeon")
+    with pytest.raises(TransportError, match="bad options"):
+        create("zmq", colour="blue")
+
+
+def test_device_memory_is_refused_with_a_reason() -> None:
+    t = ZmqTransport()
+    try:
+        meta = torch.empty(4, device="meta")
+        with pytest.raises(TransportError, match="CPU memory only"):
+            t.register(meta)
+    finally:
+        t.close()
