@@ -371,7 +371,7 @@ class ZmqTransport(Transport):
             )
         if error is None and key not in self._incoming_errors:
             assert region is not None
-            got = self._router.recv_into(region.data.numpy()[offset : offset + length])
+            got = self._router.recv_into(region.data.numpy()[offset : offset + length].data)
             if got != length:
                 error = f"a piece of {got} bytes arrived where {length} were announced"
         else:
