@@ -6,7 +6,9 @@ The public API:
   declared transition table and its enforcement (:mod:`kvpoll.statemachine`).
 * :class:`KvpollError` and its subclasses: every error kvpoll raises on purpose.
 * :mod:`kvpoll.compat.sglang`: SGLang's status codes.
-* :mod:`kvpoll.testing`: the conformance suite runner.
+* :class:`Sender`, :class:`Receiver`: real transfers over a transport
+  (:mod:`kvpoll.protocol`, :mod:`kvpoll.transports`).
+* :mod:`kvpoll.testing`: the conformance suite runner and the transport test kit.
 """
 
 from kvpoll.errors import (
@@ -27,7 +29,27 @@ from kvpoll.statemachine import (
 
 __version__ = "0.1.0"
 
-__all__ = [
+# The transfer API pulls in torch, pyzmq and pydantic: imported on first use.
+_LAZY = {
+    "Sender": "kvpoll.protocol",
+    "Receiver": "kvpoll.protocol",
+    "Received": "kvpoll.protocol",
+    "StatusChange": "kvpoll.protocol",
+    "TransferIncomplete": "kvpoll.protocol",
+    "EndpointClosed": "kvpoll.protocol",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvpoll' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = [  # noqa: RUF022 - grouped: the state machine, then the transfer API
     "DuplicateRoom",
     "Event",
     "IllegalTransition",
@@ -40,4 +62,10 @@ __all__ = [
     "Transition",
     "UnknownRoom",
     "__version__",
+    "EndpointClosed",
+    "Received",
+    "Receiver",
+    "Sender",
+    "StatusChange",
+    "TransferIncomplete",
 ]

@@ -1,0 +1,583 @@
+"""What a sender and a receiver share: one I/O thread, rooms, heartbeats, time-outs.
+
+An endpoint owns a transport and one I/O thread, whatever the number of rooms.
+That thread is the only one that touches the transport and changes a room.
+Application calls either read (``poll`` never waits for the thread) or hand
+the thread a command and wait for it, with a time-out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+from kvpoll.errors import IllegalTransition, InvalidArgument, KvpollError, UnknownRoom
+from kvpoll.protocol.messages import (
+    Abort,
+    AbortAck,
+    Heartbeat,
+    HeartbeatAck,
+    Message,
+    MessageError,
+    decode,
+    encode,
+)
+from kvpoll.statemachine.deadlines import Deadlines, check_timeouts
+from kvpoll.statemachine.state import TransferState, Transition
+from kvpoll.statemachine.status import TransferStatus
+from kvpoll.transports import create
+from kvpoll.transports.base import (
+    MessageReceived,
+    PeerClosed,
+    Transport,
+    TransportError,
+    WriteDone,
+)
+
+__all__ = ["EndpointClosed", "RoomInfo", "StatusChange", "TransferIncomplete"]
+
+log = logging.getLogger("kvpoll.protocol")
+_FAILED = TransferStatus.Failed
+_TOMBSTONES = 65536
+
+
+class EndpointClosed(KvpollError):
+    """The endpoint is closed (or its I/O thread stopped)."""
+
+
+class TransferIncomplete(KvpollError):
+    """The room has not reached Success, so there is no result yet.
+
+    Attributes:
+        room: the room.
+        status: its status now.
+    """
+
+    def __init__(self, room: int, status: TransferStatus, reason: str | None = None) -> None:
+        self.room = room
+        self.status = status
+        why = f": {reason}" if reason else ""
+        super().__init__(f"room {room} is {status.name}, not Success{why}")
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    """One applied step of a room, as handed to ``on_status`` callbacks."""
+
+    side: str
+    room: int
+    source: TransferStatus
+    dest: TransferStatus
+    event: str
+    sent_tokens: int
+    at: float
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class RoomInfo:
+    """A snapshot of one room."""
+
+    room: int
+    status: TransferStatus
+    sent_tokens: int
+    total_tokens: int | None
+    reason: str | None
+    history: tuple[Transition, ...]
+    peers: tuple[str, ...]
+
+
+class RoomBase:
+    """The part of a room record every side has."""
+
+    __slots__ = ("peers", "state")
+
+    def __init__(self, room: int, history: bool) -> None:
+        self.state = TransferState(room, history=history)
+        self.peers: set[str] = set()
+
+    @property
+    def total_tokens(self) -> int | None:
+        return None
+
+
+R = TypeVar("R", bound=RoomBase)
+
+
+@dataclass
+class _Peer:
+    last_heard: float
+    rooms: set[int] = field(default_factory=set)
+
+
+class Endpoint(Generic[R]):
+    """Base of :class:`~kvpoll.Sender` and :class:`~kvpoll.Receiver`.
+
+    Args:
+        transport: a transport name (``"zmq"``, ...) or an open
+            :class:`~kvpoll.transports.Transport` (the endpoint then owns it).
+        transport_options: keyword options for a transport made by name.
+        timeouts: seconds a room may stay in each non-final status without a
+            step (default 300 s each, Transferring included).
+        heartbeat_interval: seconds between heartbeats to each peer that shares
+            an unfinished room.
+        heartbeat_misses: a peer silent for this many intervals is dead: every
+            unfinished room it shares fails.
+        history: keep each room's steps with timestamps.
+        on_status: called on the I/O thread after every step of every room;
+            keep it quick (it delays I/O); exceptions are logged and ignored.
+        command_timeout: seconds an application call waits for the I/O thread.
+    """
+
+    side: ClassVar[str] = "endpoint"
+
+    def __init__(
+        self,
+        transport: str | Transport = "zmq",
+        *,
+        transport_options: Mapping[str, Any] | None = None,
+        timeouts: Mapping[TransferStatus | str, float | None] | None = None,
+        heartbeat_interval: float = 1.0,
+        heartbeat_misses: int = 3,
+        history: bool = True,
+        on_status: Callable[[StatusChange], None] | None = None,
+        command_timeout: float = 30.0,
+    ) -> None:
+        if not heartbeat_interval > 0 or heartbeat_misses < 1:
+            raise InvalidArgument("heartbeat_interval must be > 0 and heartbeat_misses >= 1")
+        self._deadlines: Deadlines[int] = Deadlines(check_timeouts(timeouts))
+        if isinstance(transport, Transport):
+            self._transport = transport
+        else:
+            self._transport = create(transport, **dict(transport_options or {}))
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._rooms: dict[int, R] = {}
+        self._status: dict[int, TransferStatus] = {}  # read without the lock by poll()
+        self._tombstones: OrderedDict[int, None] = OrderedDict()
+        self._peers: dict[str, _Peer] = {}
+        self._writes: dict[int, tuple[int, int]] = {}  # write id -> (room, rank)
+        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
+            queue.SimpleQueue()
+        )
+        self._history = history
+        self._on_status = on_status
+        self._interval = heartbeat_interval
+        self._misses = heartbeat_misses
+        self._command_timeout = command_timeout
+        self._seq = itertools.count(1)
+        self._next_beat = time.monotonic() + heartbeat_interval
+        self._stop = threading.Event()
+        self._closed = False
+        self._stats: dict[str, int] = dict.fromkeys(
+            (
+                "messages_in",
+                "messages_out",
+                "malformed",
+                "rejected",
+                "late",
+                "unknown",
+                "illegal",
+                "timeouts",
+                "peers_lost",
+                "internal_errors",
+            ),
+            0,
+        )
+        self._thread = threading.Thread(
+            target=self._run, name=f"kvpoll-{self.side}-io", daemon=True
+        )
+        self._thread.start()
+
+    # -- public --------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        """Where peers reach this endpoint."""
+        return self._transport.address
+
+    @property
+    def transport(self) -> Transport:
+        """The transport (driven by the I/O thread: do not call it from elsewhere)."""
+        return self._transport
+
+    def poll(self, room: int) -> TransferStatus:
+        """The room's status now, without waiting for anything.
+
+        Raises:
+            UnknownRoom: the room is not open here (never, or removed).
+        """
+        status = self._status.get(room)
+        if status is None:
+            raise UnknownRoom(room)
+        return status
+
+    def wait(self, room: int, timeout: float) -> TransferStatus:
+        """Wait until the room is Success or Failed, or ``timeout`` seconds pass.
+
+        Returns:
+            The status at that moment (final unless the time ran out).
+
+        Raises:
+            UnknownRoom: the room is not open here.
+        """
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                status = self.poll(room)
+                remaining = deadline - time.monotonic()
+                if status.is_final or remaining <= 0:
+                    return status
+                self._changed.wait(remaining)
+
+    def info(self, room: int) -> RoomInfo:
+        """A snapshot of the room: status, tokens, history, failure reason.
+
+        Raises:
+            UnknownRoom: the room is not open here.
+        """
+        with self._lock:
+            rec = self._rooms.get(room)
+            if rec is None:
+                raise UnknownRoom(room)
+            state = rec.state
+            return RoomInfo(
+                room,
+                state.status,
+                state.sent_tokens,
+                rec.total_tokens,
+                state.reason,
+                state.history,
+                tuple(sorted(rec.peers)),
+            )
+
+    def rooms(self) -> list[int]:
+        """Ids of the rooms open here."""
+        return list(self._status)
+
+    def abort(self, room: int, reason: str = "aborted by the application") -> None:
+        """Fail the room here and at every peer (which acknowledge it).
+
+        Aborting a room already final changes nothing.
+
+        Raises:
+            UnknownRoom: the room is not open here.
+        """
+        self._call(lambda: self._abort(room, reason))
+
+    def remove(self, room: int) -> None:
+        """Forget the room and release its buffers; later messages for it are dropped.
+
+        An unfinished room is aborted first. Views of received data must not
+        be used after this.
+
+        Raises:
+            UnknownRoom: the room is not open here.
+        """
+        self._call(lambda: self._remove(room))
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: messages in and out, malformed, rejected, late, timeouts, ..."""
+        with self._lock:
+            return dict(self._stats)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Fail unfinished rooms (telling peers), stop the I/O thread, close the transport.
+
+        Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._transport.wakeup()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("the %s I/O thread did not stop within %g s", self.side, timeout)
+        self._transport.close()
+
+    def __enter__(self: Any) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- commands --------------------------------------------------------------------
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        if threading.current_thread() is self._thread:
+            with self._lock:
+                return fn()
+        if self._closed or not self._thread.is_alive():
+            raise EndpointClosed(f"the {self.side} at {self.address} is closed")
+        future: Future[Any] = Future()
+        self._commands.put((fn, future))
+        self._transport.wakeup()
+        try:
+            return future.result(self._command_timeout)
+        except FutureTimeout:
+            raise EndpointClosed(
+                f"the {self.side}'s I/O thread did not answer within {self._command_timeout:g} s"
+            ) from None
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                with self._lock:
+                    result = fn()
+            except BaseException as exc:  # handed to the caller
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    # -- the I/O loop ----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._run_commands()
+                wait = self._tick()
+                for event in self._transport.progress(wait):
+                    self._dispatch(event)
+            self._shutdown()
+        except Exception:
+            log.exception("the %s I/O thread stopped on an error", self.side)
+        finally:
+            while True:
+                try:
+                    _, future = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                future.set_exception(EndpointClosed(f"the {self.side} is closed"))
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            for room, rec in list(self._rooms.items()):
+                if not rec.state.is_final:
+                    self._fail(room, rec, f"the {self.side} at {self.address} closed")
+        self._run_commands()
+        self._transport.progress(0)
+
+    def _dispatch(self, event: object) -> None:
+        try:
+            with self._lock:
+                if isinstance(event, MessageReceived):
+                    self._on_payload(event.peer, event.payload)
+                elif isinstance(event, WriteDone):
+                    target = self._writes.pop(event.write_id, None)
+                    if target is not None:
+                        self._on_write_done(target[0], target[1], event)
+                elif isinstance(event, PeerClosed):
+                    self._peer_lost(event.peer, "closed its endpoint")
+        except Exception:
+            self._stats["internal_errors"] += 1
+            log.exception("the %s could not handle %r", self.side, event)
+
+    def _on_payload(self, peer: str, payload: bytes) -> None:
+        self._stats["messages_in"] += 1
+        known = self._peers.get(peer)
+        if known is not None:
+            known.last_heard = time.monotonic()
+        try:
+            message = decode(payload)
+        except MessageError as exc:
+            self._stats["malformed"] += 1
+            log.warning("dropped a malformed message from %s: %s", peer, exc)
+            return
+        if isinstance(message, Heartbeat):
+            self._send(peer, HeartbeatAck(seq=message.seq))
+        elif not isinstance(message, HeartbeatAck):
+            self._on_message(peer, message)
+
+    def _tick(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            for room, status, limit in list(self._deadlines.expired(now)):
+                rec = self._rooms.get(room)
+                if rec is not None and rec.state.status is status:
+                    self._stats["timeouts"] += 1
+                    self._fail(room, rec, f"timed out in {status.name} after {limit:g} s")
+            if now >= self._next_beat:
+                self._next_beat = now + self._interval
+                self._heartbeat(now)
+            self._on_tick(now)
+        return max(0.0, min(0.05, self._next_beat - now))
+
+    def _heartbeat(self, now: float) -> None:
+        window = self._interval * self._misses
+        for address, peer in list(self._peers.items()):
+            live = [r for r in peer.rooms if r in self._rooms and not self._rooms[r].state.is_final]
+            peer.rooms = set(live)
+            if not live:
+                del self._peers[address]
+                continue
+            if now - peer.last_heard > window:
+                self._peer_lost(
+                    address,
+                    f"was silent for {now - peer.last_heard:.1f} s "
+                    f"({self._misses} heartbeats of {self._interval:g} s)",
+                )
+            else:
+                self._send(address, Heartbeat(seq=next(self._seq)))
+
+    def _peer_lost(self, address: str, why: str) -> None:
+        peer = self._peers.pop(address, None)
+        if peer is None:
+            return
+        affected = [
+            r for r in sorted(peer.rooms) if r in self._rooms and not self._rooms[r].state.is_final
+        ]
+        if not affected:
+            log.debug("peer %s %s", address, why)
+            return
+        self._stats["peers_lost"] += 1
+        log.warning("peer %s %s: failing %d unfinished rooms", address, why, len(affected))
+        for room in affected:
+            self._fail(room, self._rooms[room], f"peer {address} {why}", tell=False)
+
+    # -- room helpers (the lock is held, on the I/O thread) ----------------------------
+    def _send(self, peer: str, message: Any) -> None:
+        try:
+            self._transport.send(peer, encode(message))
+            self._stats["messages_out"] += 1
+        except TransportError as exc:
+            log.warning("could not send %s to %s: %s", type(message).__name__, peer, exc)
+
+    def _watch(self, room: int, rec: R, peer: str) -> None:
+        rec.peers.add(peer)
+        known = self._peers.get(peer)
+        if known is None:
+            known = self._peers[peer] = _Peer(time.monotonic())
+        known.rooms.add(room)
+
+    def _register(self, room: int, rec: R) -> None:
+        self._rooms[room] = rec
+        self._status[room] = rec.state.status
+        self._tombstones.pop(room, None)
+        self._deadlines.enter(room, None, rec.state.status, time.monotonic())
+
+    def _step(
+        self, room: int, rec: R, event: str, step: Callable[[], object], reason: str | None = None
+    ) -> bool:
+        """Apply one step of the table; a rejected step fails the room loudly."""
+        source = rec.state.status
+        try:
+            step()
+        except IllegalTransition as exc:
+            self._stats["illegal"] += 1
+            log.error("%s: %s", self.side, exc)
+            self._fail(room, rec, f"protocol violation: {exc}")
+            return False
+        self._moved(room, rec, source, event, reason)
+        return True
+
+    def _moved(
+        self, room: int, rec: R, source: TransferStatus, event: str, reason: str | None = None
+    ) -> None:
+        state = rec.state
+        self._status[room] = state.status
+        self._deadlines.enter(room, source, state.status, time.monotonic())
+        self._changed.notify_all()
+        if self._on_status is not None:
+            change = StatusChange(
+                self.side, room, source, state.status, event, state.sent_tokens, time.time(), reason
+            )
+            try:
+                self._on_status(change)
+            except Exception:
+                log.exception("an on_status callback failed")
+        if state.is_final:
+            self._finished(room, rec)
+
+    def _fail(
+        self, room: int, rec: R, reason: str, *, tell: bool = True, exclude: str | None = None
+    ) -> None:
+        if rec.state.is_final:
+            return
+        source = rec.state.status
+        rec.state.failed(reason)
+        log.info("%s room %s failed: %s", self.side, room, reason)
+        if tell:
+            for peer, message in self._abort_messages(room, rec, reason):
+                if peer != exclude:
+                    self._send(peer, message)
+        self._moved(room, rec, source, "failed", reason)
+
+    def _abort(self, room: int, reason: str) -> None:
+        rec = self._rooms.get(room)
+        if rec is None:
+            raise UnknownRoom(room)
+        self._fail(room, rec, reason)
+
+    def _on_abort(self, peer: str, message: Abort) -> None:
+        rec = self._rooms.get(message.room)
+        if rec is not None and peer in rec.peers and self._session_ok(rec, peer, message):
+            self._fail(message.room, rec, f"aborted by {peer}: {message.reason}", exclude=peer)
+        else:
+            self._stats["late" if message.room in self._tombstones else "unknown"] += 1
+        self._send(peer, AbortAck(room=message.room, session=message.session, rank=message.rank))
+
+    def _remove(self, room: int) -> None:
+        rec = self._rooms.get(room)
+        if rec is None:
+            raise UnknownRoom(room)
+        if not rec.state.is_final:
+            self._fail(room, rec, "removed by the application")
+        self._deadlines.leave(room, rec.state.status)
+        del self._rooms[room]
+        del self._status[room]
+        for address in rec.peers:
+            peer = self._peers.get(address)
+            if peer is not None:
+                peer.rooms.discard(room)
+        self._tombstones[room] = None
+        while len(self._tombstones) > _TOMBSTONES:
+            self._tombstones.popitem(last=False)
+        self._released(room, rec)
+
+    def _drop(self, peer: str, message: Message, why: str) -> None:
+        """Count and log a message that is refused without touching any room."""
+        room = getattr(message, "room", None)
+        if room is not None and room in self._tombstones:
+            self._stats["late"] += 1
+            log.debug("dropped a late %s for removed room %s from %s", message.type, room, peer)
+        else:
+            self._stats["rejected"] += 1
+            log.warning("rejected %s from %s: %s", message.type, peer, why)
+
+    # -- hooks -------------------------------------------------------------------------
+    def _on_message(self, peer: str, message: Message) -> None:
+        raise NotImplementedError
+
+    def _on_write_done(self, room: int, rank: int, done: WriteDone) -> None:
+        return None
+
+    def _on_tick(self, now: float) -> None:
+        return None
+
+    def _finished(self, room: int, rec: R) -> None:
+        """The room reached Success or Failed."""
+
+    def _released(self, room: int, rec: R) -> None:
+        """The room was removed."""
+
+    def _abort_messages(self, room: int, rec: R, reason: str) -> list[tuple[str, Abort]]:
+        """The abort to send to each peer of the room."""
+        raise NotImplementedError
+
+    def _session_ok(self, rec: R, peer: str, message: Abort) -> bool:
+        """Whether an abort from ``peer`` belongs to this use of the room."""
+        raise NotImplementedError
