@@ -26,6 +26,46 @@ case, a mismatch); 2 bad usage or unreadable input.
 Run 'kvpoll COMMAND --help' for a command's options."""
 
 
+def _options(pairs: list[str]) -> dict[str, object]:
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise KvpollError(f"--option takes KEY=VALUE, not {pair!r}")
+        try:
+            options[key] = json.loads(raw)
+        except ValueError:
+            options[key] = raw
+    return options
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kvpoll.demo import DemoError, run_demo
+
+    if not args.heartbeat > 0:
+        raise KvpollError("--heartbeat must be positive")
+    try:
+        return run_demo(
+            tokens=args.tokens,
+            capacity=args.capacity,
+            hidden=args.hidden,
+            dtype=args.dtype,
+            transport=args.transport,
+            options=_options(args.option),
+            destinations=args.destinations,
+            heartbeat=args.heartbeat,
+            misses=3,
+            failure=not args.no_failure,
+            seed=args.seed,
+            json_out=args.json,
+            out=sys.stdout,
+            log=sys.stderr,
+        )
+    except DemoError as exc:
+        print(f"kvpoll demo: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def _cmd_walkthrough(args: argparse.Namespace) -> int:
     from kvpoll.cli.walkthrough import walkthrough
 
@@ -146,13 +186,68 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="run the main job (for now: the walkthrough)",
-        description="Run the main job: the seed's scenarios on the state machine.",
+        help="the main job: transfers between a sender and receiver processes",
+        description="Start a receiver process per destination (the language model) and a "
+        "sender process (the encoder), run the seed's scenarios (one chunk, a "
+        "resume, several resumes, and the encoder dying mid-transfer) over the "
+        "chosen transport, print every status step of both sides as it happens, "
+        "verify the data bit for bit, and exit non-zero on any mismatch or "
+        "illegal step.",
+    )
+    p.add_argument(
+        "--tokens",
+        type=_positive,
+        nargs="+",
+        default=[500, 2000, 5000],
+        metavar="N",
+        help="tokens of each successful scenario (default: 500 2000 5000)",
     )
     p.add_argument(
         "--capacity", type=_positive, default=1024, help="tokens per receive buffer (default: 1024)"
     )
-    p.set_defaults(func=_cmd_walkthrough)
+    p.add_argument(
+        "--hidden",
+        type=_positive,
+        default=4096,
+        help="hidden size: elements per token (default: 4096)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float16", "float32"),
+        help="element type (default: bfloat16)",
+    )
+    p.add_argument("--transport", default="zmq", help="transport name (default: zmq)")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a transport option, e.g. --option shm=false (repeatable; values "
+        "are read as JSON when they parse)",
+    )
+    p.add_argument(
+        "--destinations",
+        type=_positive,
+        default=1,
+        help="receiver processes (tensor-parallel ranks), each getting all the data (default: 1)",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=0.5,
+        help="seconds between heartbeats; 3 missed ones mean a dead peer (default: 0.5)",
+    )
+    p.add_argument(
+        "--no-failure", action="store_true", help="skip the scenario where the encoder dies"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random data")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print a machine-readable summary on stdout (live steps go to stderr)",
+    )
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(
         "walkthrough",

@@ -309,6 +309,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
             self._on_abort(peer, message)
             return
         if isinstance(message, AbortAck):
+            self._stats["abort_acks"] += 1
             return
         rec = self._rooms.get(message.room) if hasattr(message, "room") else None
         if (

@@ -187,7 +187,7 @@ class Sender(Endpoint[_SenderRoom]):
         elif isinstance(message, Abort):
             self._on_abort(peer, message)
         elif isinstance(message, AbortAck):
-            pass
+            self._stats["abort_acks"] += 1
         else:
             self._drop(peer, message, f"a sender does not take {message.type}")
 
@@ -323,27 +323,30 @@ class Sender(Endpoint[_SenderRoom]):
         if not done.ok:
             self._fail(room, rec, f"the write to rank {rank} failed: {done.error}")
             return
+        if rec.in_flight:
+            return  # other destinations have not confirmed this chunk yet
+        # Every destination has the chunk: the sender steps first, then tells them all,
+        # so no receiver can resume before the sender is Transferring.
         data = rec.data
         assert data is not None
-        dest = rec.dests[rank]
-        first = rec.state.sent_tokens == 0
-        self._send(
-            dest.peer,
-            Chunk(
-                room=room,
-                session=dest.session,
-                rank=rank,
-                sent_tokens=rec.chunk_end,
-                chunk_tokens=rec.chunk_end - rec.state.sent_tokens,
-                is_last=rec.chunk_last,
-                total_tokens=data.total_tokens,
-                aux=data.aux if first else None,
-            ),
-        )
-        if not rec.in_flight:
-            end, last = rec.chunk_end, rec.chunk_last
-            self._step(
-                room, rec, "chunk_sent", lambda: rec.state.chunk_sent(sent_tokens=end, is_last=last)
+        start, end, last = rec.state.sent_tokens, rec.chunk_end, rec.chunk_last
+        if not self._step(
+            room, rec, "chunk_sent", lambda: rec.state.chunk_sent(sent_tokens=end, is_last=last)
+        ):
+            return
+        for dest_rank, dest in sorted(rec.dests.items()):
+            self._send(
+                dest.peer,
+                Chunk(
+                    room=room,
+                    session=dest.session,
+                    rank=dest_rank,
+                    sent_tokens=end,
+                    chunk_tokens=end - start,
+                    is_last=last,
+                    total_tokens=data.total_tokens,
+                    aux=data.aux if start == 0 else None,
+                ),
             )
 
     # -- hooks ---------------------------------------------------------------------------

@@ -68,6 +68,8 @@ class Capabilities:
     """Both endpoints must be on one host."""
     device_memory: bool
     """Regions may live in accelerator memory."""
+    cross_process: bool = True
+    """Endpoints may live in different processes (false for in-process transports)."""
 
 
 class RegionDescriptor(BaseModel):

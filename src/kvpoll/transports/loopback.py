@@ -51,7 +51,7 @@ class LoopbackTransport(Transport):
 
     name: ClassVar[str] = "loopback"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        zero_copy=True, same_host_only=True, device_memory=False
+        zero_copy=True, same_host_only=True, device_memory=False, cross_process=False
     )
 
     def __init__(self) -> None:
