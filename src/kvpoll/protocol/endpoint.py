@@ -189,6 +189,7 @@ class Endpoint(Generic[R]):
                 "illegal",
                 "timeouts",
                 "peers_lost",
+                "abort_acks",
                 "internal_errors",
             ),
             0,
