@@ -11,6 +11,8 @@ The public API:
 * :mod:`kvpoll.testing`: the conformance suite runner and the transport test kit.
 """
 
+from typing import TYPE_CHECKING
+
 from kvpoll.errors import (
     DuplicateRoom,
     IllegalTransition,
@@ -26,6 +28,16 @@ from kvpoll.statemachine import (
     TransferStatus,
     Transition,
 )
+
+if TYPE_CHECKING:  # type checkers see the transfer API; at run time it loads lazily
+    from kvpoll.protocol import (
+        EndpointClosed,
+        Received,
+        Receiver,
+        Sender,
+        StatusChange,
+        TransferIncomplete,
+    )
 
 __version__ = "0.1.0"
 

@@ -31,7 +31,7 @@ from kvpoll.protocol.messages import (
     decode,
     encode,
 )
-from kvpoll.statemachine.deadlines import Deadlines, check_timeouts
+from kvpoll.statemachine.deadlines import Deadlines, Timeouts, check_timeouts
 from kvpoll.statemachine.state import TransferState, Transition
 from kvpoll.statemachine.status import TransferStatus
 from kvpoll.transports import create
@@ -145,7 +145,7 @@ class Endpoint(Generic[R]):
         transport: str | Transport = "zmq",
         *,
         transport_options: Mapping[str, Any] | None = None,
-        timeouts: Mapping[TransferStatus | str, float | None] | None = None,
+        timeouts: Timeouts | None = None,
         heartbeat_interval: float = 1.0,
         heartbeat_misses: int = 3,
         history: bool = True,
@@ -194,6 +194,7 @@ class Endpoint(Generic[R]):
             ),
             0,
         )
+        self._setup()
         self._thread = threading.Thread(
             target=self._run, name=f"kvpoll-{self.side}-io", daemon=True
         )
@@ -560,6 +561,9 @@ class Endpoint(Generic[R]):
             log.warning("rejected %s from %s: %s", message.type, peer, why)
 
     # -- hooks -------------------------------------------------------------------------
+    def _setup(self) -> None:
+        """Prepare a subclass's own state, before the I/O thread starts."""
+
     def _on_message(self, peer: str, message: Message) -> None:
         raise NotImplementedError
 

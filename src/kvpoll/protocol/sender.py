@@ -40,6 +40,7 @@ class _Dest:
     dtype: str
     row_shape: tuple[int, ...]
     ready: bool = True  # holds an empty buffer for the next chunk
+    resumed_at: int = -1  # sent_tokens of its last accepted resume (duplicates repeat it)
 
 
 @dataclass
@@ -94,9 +95,8 @@ class Sender(Endpoint[_SenderRoom]):
 
     side = "sender"
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def _setup(self) -> None:
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     # -- public ------------------------------------------------------------------
     def add(self, room: int, *, required_destinations: int = 1) -> None:
@@ -249,16 +249,13 @@ class Sender(Endpoint[_SenderRoom]):
         if rec.state.is_final:
             self._drop(peer, message, f"the room is {rec.state.status.name}")
             return
-        if (
-            message.sent_tokens == rec.state.sent_tokens
-            and dest.ready
-            and dest.region.region_id == message.region.region_id
-        ):
-            self._stats["late"] += 1  # a duplicate resume: harmless
+        if message.sent_tokens == dest.resumed_at:
+            self._stats["late"] += 1  # a duplicate resume: harmless, never a second chunk
             return
         if (
             message.sent_tokens != rec.state.sent_tokens
             or dest.ready
+            or rec.in_flight
             or rec.state.status is not TransferStatus.Transferring
         ):
             self._fail(
@@ -269,6 +266,7 @@ class Sender(Endpoint[_SenderRoom]):
                 f"{rec.state.sent_tokens} tokens were delivered",
             )
             return
+        dest.resumed_at = message.sent_tokens
         dest.region, dest.allocated_tokens, dest.ready = (
             message.region,
             message.allocated_tokens,

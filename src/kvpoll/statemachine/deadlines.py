@@ -15,9 +15,12 @@ from kvpoll.errors import InvalidArgument
 from kvpoll.statemachine.status import TransferStatus
 from kvpoll.statemachine.table import default_table
 
-__all__ = ["DEFAULT_TIMEOUTS", "Deadlines", "check_timeouts"]
+__all__ = ["DEFAULT_TIMEOUTS", "Deadlines", "Timeouts", "check_timeouts"]
 
 K = TypeVar("K", bound=Hashable)
+
+Timeouts = Mapping[TransferStatus, float | None] | Mapping[str, float | None]
+"""Seconds per non-final status, keyed by TransferStatus or by its name; None: no limit."""
 
 DEFAULT_TIMEOUTS: Mapping[TransferStatus, float | None] = {
     TransferStatus.Bootstrapping: 300.0,
@@ -27,16 +30,15 @@ DEFAULT_TIMEOUTS: Mapping[TransferStatus, float | None] = {
 """Seconds a room may stay in each non-final status without a step."""
 
 
-def check_timeouts(
-    timeouts: Mapping[TransferStatus | str, float | None] | None,
-) -> dict[TransferStatus, float]:
+def check_timeouts(timeouts: Timeouts | None) -> dict[TransferStatus, float]:
     """Merge ``timeouts`` over :data:`DEFAULT_TIMEOUTS`; drop the ones set to None.
 
     Raises:
         InvalidArgument: a final status, an unknown status, or a non-positive value.
     """
     merged = dict(DEFAULT_TIMEOUTS)
-    for key, value in (timeouts or {}).items():
+    items: list[tuple[object, float | None]] = list((timeouts or {}).items())
+    for key, value in items:
         if isinstance(key, str) and key in TransferStatus.__members__:
             key = TransferStatus[key]
         if not isinstance(key, TransferStatus):

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from kvpoll.errors import DuplicateRoom, IllegalTransition, InvalidArgument, UnknownRoom
-from kvpoll.statemachine.deadlines import DEFAULT_TIMEOUTS, Deadlines, check_timeouts
+from kvpoll.statemachine.deadlines import DEFAULT_TIMEOUTS, Deadlines, Timeouts, check_timeouts
 from kvpoll.statemachine.state import Transition
 from kvpoll.statemachine.status import Event, TransferStatus
 from kvpoll.statemachine.table import default_table
@@ -99,7 +99,7 @@ class RoomRegistry:
     def __init__(
         self,
         *,
-        timeouts: Mapping[TransferStatus | str, float | None] | None = None,
+        timeouts: Timeouts | None = None,
         clock: Callable[[], float] = time.monotonic,
         history: bool = False,
     ) -> None:

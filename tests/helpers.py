@@ -1,0 +1,60 @@
+"""Test helpers: a scripted peer that speaks the wire protocol by hand."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, TypeVar
+
+from kvpoll.protocol.messages import Message, decode, encode
+from kvpoll.transports.base import MessageReceived
+from kvpoll.transports.zmq_transport import ZmqTransport
+
+M = TypeVar("M")
+
+
+class ScriptedPeer:
+    """A real zmq endpoint whose messages the test writes and reads one by one."""
+
+    def __init__(self, **options: Any) -> None:
+        self.transport = ZmqTransport(**options)
+        self.inbox: list[tuple[str, Message]] = []
+
+    @property
+    def address(self) -> str:
+        return self.transport.address
+
+    def send(self, peer: str, message: Any) -> None:
+        self.transport.send(peer, encode(message))
+
+    def send_raw(self, peer: str, payload: bytes) -> None:
+        self.transport.send(peer, payload)
+
+    def receive(self, kind: type[M], timeout: float = 10.0) -> M:
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, (_, message) in enumerate(self.inbox):
+                if isinstance(message, kind):
+                    del self.inbox[i]
+                    return message
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {kind.__name__} within {timeout} s; got {self.inbox}")
+            for event in self.transport.progress(0.01):
+                if isinstance(event, MessageReceived):
+                    self.inbox.append((event.peer, decode(event.payload)))
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def wait_until(condition: Any, timeout: float = 10.0, what: str = "a condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def own_segments() -> set[str]:
+    """This process's shared-memory segments."""
+    return {n for n in os.listdir("/dev/shm") if n.startswith(f"kvpoll-{os.getpid()}-")}
