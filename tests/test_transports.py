@@ -131,6 +131,16 @@ def test_transports_are_found_by_name() -> None:
         create("zmq", colour="blue")
 
 
+def test_a_wildcard_bind_needs_an_address_to_advertise() -> None:
+    with pytest.raises(TransportError, match="advertise"):
+        ZmqTransport(host="0.0.0.0")
+    t = ZmqTransport(host="0.0.0.0", advertise="127.0.0.1")
+    try:
+        assert t.address.startswith("tcp://127.0.0.1:")
+    finally:
+        t.close()
+
+
 def test_device_memory_is_refused_with_a_reason() -> None:
     t = ZmqTransport()
     try:

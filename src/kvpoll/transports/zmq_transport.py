@@ -97,6 +97,11 @@ class ZmqTransport(Transport):
     ) -> None:
         if max_frame < 4096:
             raise TransportError(f"max_frame must be at least 4096 bytes, not {max_frame}")
+        if host in ("0.0.0.0", "*", "::", "") and not advertise:
+            raise TransportError(
+                f"binding {host!r} listens on every interface, but peers need one address "
+                "to reach this endpoint: pass advertise='<an address peers can reach>'"
+            )
         self._ctx = zmq.Context(io_threads=1)
         self._router = self._ctx.socket(zmq.ROUTER)
         for opt, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 0), (zmq.ROUTER_HANDOVER, 1)):

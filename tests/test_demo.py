@@ -1,0 +1,82 @@
+"""``kvpoll demo``: the README's main job, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+
+def demo(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvpoll", "demo", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_the_demo_with_no_arguments_passes() -> None:
+    out = demo()
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "demo passed" in out.stdout
+    for line in (
+        "WaitingForInput -> Success",
+        "Transferring -> Transferring",
+        "Transferring -> Failed",
+        "killed the encoder",
+    ):
+        assert line in out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def check_summary(summary: dict[str, Any], destinations: int) -> None:
+    assert summary["ok"], summary["problems"]
+    rooms = summary["rooms"]
+    assert [r["expected"] for r in rooms] == ["Success", "Success", "Success", "Failed"]
+    for room in rooms[:3]:
+        ranks = [w for w in room["sides"] if w.startswith("lm rank")]
+        assert len(ranks) == destinations
+        for who in ranks:
+            side = room["sides"][who]
+            assert side["data_matched"] is True
+            assert side["final"] == "Success"
+            assert side["bytes"] == room["tokens"] * 512 * 2
+            assert side["seconds"] > 0
+        assert room["sides"]["encoder"]["final"] == "Success"
+    assert [r["sides"]["lm rank 0"]["chunks"] for r in rooms[:3]] == [1, 2, 5]
+    seq = rooms[1]["sides"]["lm rank 0"]["statuses"]
+    assert seq == ["Bootstrapping", "WaitingForInput", "Transferring", "Transferring", "Success"]
+    failed = rooms[3]
+    assert failed["sides"]["encoder"]["final"] == "killed"
+    assert all(failed["sides"][w]["final"] == "Failed" for w in failed["sides"] if w != "encoder")
+    assert summary["failure_detected_after_s"] < 0.5 * 3 + 2
+
+
+@pytest.mark.parametrize(
+    ("destinations", "options"),
+    [(1, []), (2, ["--option", "shm=false"])],
+    ids=["shm-1-rank", "tcp-2-ranks"],
+)
+def test_the_demo_json_summary(destinations: int, options: list[str]) -> None:
+    out = demo("--json", "--hidden", "512", "--destinations", str(destinations), *options)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    check_summary(summary, destinations)
+    assert "lm rank 0" in out.stderr  # the live steps went to stderr
+
+
+def test_the_demo_refuses_an_in_process_transport() -> None:
+    out = demo("--transport", "loopback")
+    assert out.returncode == 2
+    assert "works within one process" in out.stderr
+
+
+def test_the_demo_names_an_unknown_transport() -> None:
+    out = demo("--transport", "smoke-signals")
+    assert out.returncode == 2
+    assert "unknown transport 'smoke-signals'" in out.stderr
