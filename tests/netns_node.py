@@ -39,7 +39,7 @@ def receiver(address: str, sizes: list[int], host: str) -> None:
 
     rx = Receiver("zmq", transport_options={"host": "0.0.0.0", "advertise": host, "shm": False})
     result = []
-    for room, n in enumerate(sizes, start=1):
+    for room in range(1, len(sizes) + 1):
         rx.open(room, address, row_shape=(HIDDEN,), dtype=torch.bfloat16, allocated_tokens=256)
     for room, n in enumerate(sizes, start=1):
         status = rx.wait(room, 60)

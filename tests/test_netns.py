@@ -68,6 +68,7 @@ def test_transfer_between_two_namespaces_over_tcp(namespaces: None) -> None:
     )
     try:
         assert sender.stdout is not None
+        assert sender.stderr is not None
         address = sender.stdout.readline().strip()
         assert address.startswith(f"tcp://{ADDR_A}:"), address or sender.stderr.read()
         receiver = subprocess.run(
