@@ -200,3 +200,19 @@ def test_bench_statemachine_json(kvpoll_cmd: list[str]) -> None:
         assert figures[key]["median"] > 0
         assert figures[key]["min"] <= figures[key]["median"] <= figures[key]["max"]
     assert set(result["met"]) == set(result["targets"])
+
+
+@pytest.mark.slow
+def test_bench_transfer_json(kvpoll_cmd: list[str]) -> None:
+    out = run(
+        kvpoll_cmd, "bench", "transfer", "--sizes", "1", "--repeat", "2", "--rooms", "50", "--json"
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    for path in ("copy", "pyzmq", "zmq-shm", "zmq-tcp"):
+        fig = result["gib_per_s"][path]["1 MiB"]
+        assert fig["min"] <= fig["median"] <= fig["max"]
+        assert fig["median"] > 0
+    assert set(result["ratios"]) == {"zmq-shm/copy", "zmq-tcp/pyzmq", "zmq-shm/pyzmq"}
+    for path in ("zmq-shm", "zmq-tcp"):
+        assert result["concurrent_rooms"][path]["succeeded"] == 50

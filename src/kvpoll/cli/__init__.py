@@ -164,6 +164,36 @@ def _cmd_bench_statemachine(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_bench_transfer(args: argparse.Namespace) -> int:
+    from kvpoll.bench.transfer import run
+
+    bar = None
+    if not args.json and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(args.sizes) * (args.repeat + 1) + 2, unit="step", leave=False)
+
+    def progress(msg: str) -> None:
+        if bar is not None:
+            bar.set_description(msg)
+            bar.update(1)
+        elif not args.json:
+            print(f"  ... {msg}", file=sys.stderr, flush=True)
+
+    try:
+        result = run(
+            sizes=[s << 20 for s in args.sizes],
+            repeats=args.repeat,
+            concurrent_rooms=args.rooms,
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.report())
+    return EXIT_OK
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -333,6 +363,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.set_defaults(func=_cmd_bench_statemachine)
+    b = bench.add_parser(
+        "transfer",
+        help="GiB/s of each transport path between two processes",
+        description="Move tensors between two processes through kvpoll's "
+        "zmq shared-memory and TCP paths, beside a single-core "
+        "copy and raw pyzmq measured in the same run.",
+    )
+    b.add_argument(
+        "--sizes",
+        type=_positive,
+        nargs="+",
+        default=[1, 16, 256],
+        metavar="MIB",
+        help="tensor sizes in MiB (default: 1 16 256)",
+    )
+    b.add_argument("--repeat", type=_positive, default=5, help="repeats (default: 5)")
+    b.add_argument(
+        "--rooms",
+        type=int,
+        default=1000,
+        help="concurrent one-chunk rooms to push through one endpoint pair "
+        "(default: 1000; 0 skips)",
+    )
+    b.add_argument("--json", action="store_true", help="print the results as JSON")
+    b.set_defaults(func=_cmd_bench_transfer)
     p.set_defaults(func=None, bench_parser=p)
     return parser
 

@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,6 +39,7 @@ __all__ = [
     "TransportUnavailable",
     "WriteDone",
     "as_bytes",
+    "copy_bytes",
     "new_region_id",
 ]
 
@@ -161,6 +163,15 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dim() == 0:
         tensor = tensor.reshape(1)
     return tensor.view(torch.uint8).reshape(-1)
+
+
+def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy between two uint8 tensors of one size with a plain memcpy.
+
+    Not ``Tensor.copy_``: that may wake torch's OpenMP pool, whose threads then
+    spin and starve the other side's threads on a machine with few cores.
+    """
+    np.copyto(dst.numpy(), src.numpy())
 
 
 class Transport(ABC):

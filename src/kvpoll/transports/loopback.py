@@ -28,6 +28,7 @@ from kvpoll.transports.base import (
     TransportEvent,
     WriteDone,
     as_bytes,
+    copy_bytes,
     new_region_id,
 )
 
@@ -129,7 +130,7 @@ class LoopbackTransport(Transport):
                     f"bytes {offset}..{offset + data.numel()} are outside region "
                     f"{dst.region_id} of {region.nbytes} bytes"
                 )
-            region.data[offset : offset + data.numel()].copy_(data)
+            copy_bytes(region.data[offset : offset + data.numel()], data)
             return None
 
     def send(self, peer: str, payload: bytes) -> None:

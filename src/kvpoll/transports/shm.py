@@ -99,7 +99,7 @@ class Segment:
         self.owner = create
         self.data = torch.frombuffer(self._map, dtype=torch.uint8)
         if create:
-            self.data[::PAGE] = 0  # touch every page now, not on the data path
+            self.data.numpy()[::PAGE] = 0  # touch every page now, not on the data path
 
     def stamp(self, region_id: int, nbytes: int) -> None:
         """Record that region ``region_id`` of ``nbytes`` now lives after the header."""

@@ -45,6 +45,7 @@ from kvpoll.transports.base import (
     TransportEvent,
     WriteDone,
     as_bytes,
+    copy_bytes,
     new_region_id,
 )
 from kvpoll.transports.loopback import check_range
@@ -91,7 +92,7 @@ class ZmqTransport(Transport):
         port: int = 0,
         advertise: str | None = None,
         shm: bool = True,
-        max_frame: int = 4 << 20,
+        max_frame: int = 16 << 20,
         write_timeout: float = 30.0,
         max_idle_pool_bytes: int = 4 << 30,
     ) -> None:
@@ -125,7 +126,9 @@ class ZmqTransport(Transport):
         self._dealers: dict[str, zmq.Socket[bytes]] = {}
         self._shm = shm
         self._boot = boot_id()
-        self._pool = SegmentPool(max_idle_bytes=max_idle_pool_bytes) if shm else None
+        # Receive buffers come from this pool on both paths: reused, pre-touched memory.
+        # Only with shm on are they advertised for peers on this host to map.
+        self._pool = SegmentPool(max_idle_bytes=max_idle_pool_bytes)
         self._attachments = Attachments()
         self._regions: dict[int, Region] = {}
         self._segments: dict[int, Segment] = {}
@@ -162,17 +165,15 @@ class ZmqTransport(Transport):
         self._check_open()
         if nbytes < 0:
             raise TransportError(f"cannot allocate {nbytes} bytes")
-        if self._pool is None:
-            region = self._add_region(torch.zeros(max(nbytes, 1), dtype=torch.uint8)[:nbytes], {})
-            region.pooled = True
-            return region
         segment = self._pool.acquire(nbytes)
-        extra = {
-            "shm": segment.name,
-            "shm_size": segment.size,
-            "shm_inode": segment.inode,
-            "boot_id": self._boot,
-        }
+        extra: dict[str, Any] = {}
+        if self._shm:
+            extra = {
+                "shm": segment.name,
+                "shm_size": segment.size,
+                "shm_inode": segment.inode,
+                "boot_id": self._boot,
+            }
         region = self._add_region(segment.data[HEADER : HEADER + nbytes], extra)
         region.pooled = True
         self._segments[region.descriptor.region_id] = segment
@@ -195,7 +196,7 @@ class ZmqTransport(Transport):
         rid = region.descriptor.region_id
         self._regions.pop(rid, None)
         segment = self._segments.pop(rid, None)
-        if segment is not None and self._pool is not None:
+        if segment is not None:
             self._pool.release(segment, reuse=reuse)
 
     # -- writes ---------------------------------------------------------------
@@ -241,7 +242,7 @@ class ZmqTransport(Transport):
             self.stats["rejected_writes"] += 1
             self._events.append(WriteDone(write_id, error))
             return True
-        segment.data[start : start + nbytes].copy_(src.data[src_offset : src_offset + nbytes])
+        copy_bytes(segment.data[start : start + nbytes], src.data[src_offset : src_offset + nbytes])
         self.stats["shm_writes"] += 1
         self._events.append(WriteDone(write_id))
         return True
@@ -438,8 +439,7 @@ class ZmqTransport(Transport):
                 os.close(fd)
         self._regions.clear()
         self._segments.clear()
-        if self._pool is not None:
-            self._pool.close()
+        self._pool.close()
         self._attachments.close()
         self._pending.clear()
         self._events.clear()

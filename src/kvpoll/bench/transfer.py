@@ -1,0 +1,332 @@
+"""``kvpoll bench transfer``: GiB/s of each path, against baselines in the same run.
+
+Two processes: this one receives (a :class:`~kvpoll.Receiver`), a child sends
+(a :class:`~kvpoll.Sender`). Per size, each repeat measures back to back:
+
+* ``copy``: a single-core copy into a pre-touched buffer (the limit);
+* ``pyzmq``: raw pyzmq over TCP, ``send(copy=False)`` / ``recv(copy=False)``;
+* ``zmq-shm`` and ``zmq-tcp``: one room of one chunk through kvpoll, from
+  ``open()`` to Success (bootstrap round trip included).
+
+Then 1,000 concurrent one-chunk rooms through one endpoint pair.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import platform
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zmq
+
+from kvpoll.bench.stats import Figure, figure, ratio
+
+__all__ = ["PATHS", "TransferBench", "run"]
+
+ROW = 4096  # bytes per token row
+PATHS = ("zmq-shm", "zmq-tcp")
+TARGETS = {"shm_vs_copy": 0.7, "tcp_vs_pyzmq": 1.0}
+MiB = 1 << 20
+
+
+def _source(nbytes: int) -> torch.Tensor:
+    return torch.randint(0, 256, (nbytes // ROW, ROW), dtype=torch.uint8)
+
+
+def _ask(conn: Any, command: object, timeout: float = 300.0) -> Any:
+    """Send a command to the child and wait (bounded) for its answer."""
+    conn.send(command)
+    if not conn.poll(timeout):
+        raise RuntimeError(f"the sending process did not answer {command!r} within {timeout:g} s")
+    return conn.recv()
+
+
+def _child(conn: Any) -> None:
+    """The sending process: obeys commands from the pipe until "exit"."""
+    from kvpoll.protocol import Sender
+
+    senders: dict[str, Sender] = {}
+    sources: dict[int, torch.Tensor] = {}
+    ctx = zmq.Context()
+    push: zmq.Socket[bytes] | None = None
+    raw_buf: memoryview | None = None
+    try:
+        while True:
+            command = conn.recv()
+            kind = command[0]
+            if kind == "exit":
+                break
+            if kind == "start":
+                path = command[1]
+                senders[path] = Sender(
+                    "zmq", transport_options={"shm": path == "zmq-shm"}, history=False
+                )
+                conn.send(senders[path].address)
+            elif kind == "rooms":
+                _, path, nbytes, ids = command
+                src = sources.setdefault(nbytes, _source(nbytes))
+                for room in ids:
+                    senders[path].add(room)
+                    senders[path].send(room, src)
+                conn.send("ok")
+            elif kind == "forget":
+                _, path, ids = command
+                for room in ids:
+                    senders[path].remove(room)
+                conn.send("ok")
+            elif kind == "raw":
+                _, address, nbytes = command
+                if push is not None:
+                    push.close()
+                push = ctx.socket(zmq.PUSH)
+                push.setsockopt(zmq.LINGER, 0)
+                push.connect(address)
+                raw_buf = _source(nbytes).numpy().data
+                conn.send("ok")
+            elif kind == "go":
+                assert push is not None and raw_buf is not None
+                push.send(raw_buf, copy=False)
+    finally:
+        for sender in senders.values():
+            sender.close()
+        if push is not None:
+            push.close()
+        ctx.term()
+
+
+@dataclass
+class TransferBench:
+    """Results: per path and size, GiB/s and seconds per room."""
+
+    repeats: int
+    sizes: list[int]
+    figures: dict[str, dict[str, Figure]] = field(default_factory=dict)
+    ratios: dict[str, dict[str, Figure]] = field(default_factory=dict)
+    concurrent: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def verdicts(self) -> dict[str, bool]:
+        met = {}
+        for size in self.sizes:
+            if size >= 16 * MiB:
+                key = _label(size)
+                met[f"zmq-shm >= {TARGETS['shm_vs_copy']}x copy at {key}"] = (
+                    self.ratios["zmq-shm/copy"][key].median >= TARGETS["shm_vs_copy"]
+                )
+                met[f"zmq-tcp >= {TARGETS['tcp_vs_pyzmq']}x pyzmq at {key}"] = (
+                    self.ratios["zmq-tcp/pyzmq"][key].median >= TARGETS["tcp_vs_pyzmq"]
+                )
+        for path, result in self.concurrent.items():
+            met[f"1,000 concurrent rooms complete over {path}"] = (
+                result["succeeded"] == result["rooms"]
+            )
+        return met
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "benchmark": "transfer",
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "pyzmq": zmq.__version__,
+            "repeats": self.repeats,
+            "row_bytes": ROW,
+            "gib_per_s": {
+                p: {s: f.to_json() for s, f in by.items()} for p, by in self.figures.items()
+            },
+            "ratios": {p: {s: f.to_json() for s, f in by.items()} for p, by in self.ratios.items()},
+            "concurrent_rooms": self.concurrent,
+            "targets": TARGETS,
+            "met": self.verdicts(),
+        }
+
+    def report(self) -> str:
+        names = ["copy", "pyzmq", *PATHS]
+        lines = [
+            f"kvpoll bench transfer: python {platform.python_version()}, "
+            f"{self.repeats} repeats; GiB/s median [min-max]",
+            "",
+        ]
+        lines.append(f"{'size':<8}" + "".join(f"{n:>24}" for n in names))
+        for size in self.sizes:
+            key = _label(size)
+            lines.append(
+                f"{key:<8}" + "".join(f"{self.figures[n][key].show('', 2):>24}" for n in names)
+            )
+        lines.append("")
+        lines.append(
+            "seconds per room (median): "
+            + ", ".join(
+                f"{_label(s)} {self.figures['zmq-shm-seconds'][_label(s)].median * 1e3:.1f} ms shm"
+                f" / {self.figures['zmq-tcp-seconds'][_label(s)].median * 1e3:.1f} ms tcp"
+                for s in self.sizes
+            )
+        )
+        lines.append("")
+        lines.append("ratios (per repeat, median [min-max]):")
+        for name, by in self.ratios.items():
+            lines.append(
+                f"  {name:<16}" + "  ".join(f"{size}: {f.show('x', 2)}" for size, f in by.items())
+            )
+        for path, result in self.concurrent.items():
+            lines.append(
+                f"  {int(result['rooms']):,} concurrent one-chunk rooms over {path}: "
+                f"{int(result['succeeded']):,} succeeded in {result['seconds']:.2f} s "
+                f"({result['rooms_per_s']:,.0f} rooms/s)"
+            )
+        lines.append("")
+        for target, ok in self.verdicts().items():
+            lines.append(f"  target {target}: {'met' if ok else 'MISSED'}")
+        return "\n".join(lines)
+
+
+def _label(size: int) -> str:
+    return f"{size // MiB} MiB" if size >= MiB else f"{size // 1024} KiB"
+
+
+def _gib(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / (1 << 30)
+
+
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run(
+    *,
+    sizes: list[int],
+    repeats: int = 5,
+    concurrent_rooms: int = 1000,
+    progress: Callable[[str], None] | None = None,
+) -> TransferBench:
+    """Measure every path at every size; ``progress`` is told of each step."""
+    from kvpoll.protocol import Receiver
+
+    say = progress or (lambda _msg: None)
+    ctx = mp.get_context("spawn")
+    conn, child_conn = ctx.Pipe()
+    child = ctx.Process(target=_child, args=(child_conn,), name="kvpoll-bench-sender", daemon=True)
+    child.start()
+    result = TransferBench(repeats, sizes)
+    receivers: dict[str, Receiver] = {}
+    zctx = zmq.Context()
+    pull = zctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    raw_port = pull.bind_to_random_port("tcp://127.0.0.1")
+    next_room = iter(range(1, 1 << 40))
+    try:
+        addresses = {}
+        for path in PATHS:
+            addresses[path] = _ask(conn, ("start", path), 120)
+            receivers[path] = Receiver(
+                "zmq", transport_options={"shm": path == "zmq-shm"}, history=False
+            )
+
+        def one_room(path: str, nbytes: int, check: torch.Tensor | None = None) -> float:
+            room = next(next_room)
+            _ask(conn, ("rooms", path, nbytes, [room]))
+            rx = receivers[path]
+            tokens = nbytes // ROW
+            start = time.perf_counter()
+            rx.open(
+                room, addresses[path], row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=tokens
+            )
+            status = rx.wait(room, 120)
+            took = time.perf_counter() - start
+            if status.name != "Success":
+                raise RuntimeError(
+                    f"{path}: room {room} ended {status.name}: {rx.info(room).reason}"
+                )
+            if check is not None and not torch.equal(rx.result(room).tensor(), check):
+                raise RuntimeError(f"{path}: the data arrived corrupted")
+            rx.remove(room)
+            _ask(conn, ("forget", path, [room]))
+            return took
+
+        for size in sizes:
+            key = _label(size)
+            src = _source(size)
+            dst = torch.zeros_like(src)
+            _ask(conn, ("raw", f"tcp://127.0.0.1:{raw_port}", size))
+
+            def raw() -> float:
+                start = time.perf_counter()
+                conn.send(("go",))
+                if not pull.poll(120_000):
+                    raise RuntimeError("raw pyzmq: nothing arrived within 120 s")
+                frame = pull.recv(copy=False)
+                took = time.perf_counter() - start
+                if len(frame) != size:
+                    raise RuntimeError("raw pyzmq lost bytes")
+                return took
+
+            say(f"{key}: warm-up")
+            raw()
+            for path in PATHS:
+                one_room(path, size)
+            samples: dict[str, list[float]] = {n: [] for n in ("copy", "pyzmq", *PATHS)}
+            for i in range(repeats):
+                say(f"{key}: repeat {i + 1}/{repeats}")
+                with _single_thread():
+                    start = time.perf_counter()
+                    dst.copy_(src)
+                    samples["copy"].append(time.perf_counter() - start)
+                samples["pyzmq"].append(raw())
+                for path in PATHS:
+                    samples[path].append(one_room(path, size))
+            for name, secs in samples.items():
+                result.figures.setdefault(name, {})[key] = figure([_gib(size, s) for s in secs])
+                if name in PATHS:
+                    result.figures.setdefault(f"{name}-seconds", {})[key] = figure(secs)
+            gib = {n: [_gib(size, s) for s in secs] for n, secs in samples.items()}
+            for name, num, den in (
+                ("zmq-shm/copy", "zmq-shm", "copy"),
+                ("zmq-tcp/pyzmq", "zmq-tcp", "pyzmq"),
+                ("zmq-shm/pyzmq", "zmq-shm", "pyzmq"),
+            ):
+                result.ratios.setdefault(name, {})[key] = ratio(gib[num], gib[den])
+        if concurrent_rooms:
+            for path in PATHS:
+                say(f"{concurrent_rooms} concurrent rooms over {path}")
+                result.concurrent[path] = _concurrent(
+                    conn, receivers[path], addresses[path], path, concurrent_rooms, next_room
+                )
+    finally:
+        for rx in receivers.values():
+            rx.close()
+        pull.close()
+        zctx.term()
+        if child.is_alive():
+            conn.send(("exit",))
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+            child.join(5)
+    return result
+
+
+def _concurrent(
+    conn: Any, rx: Any, address: str, path: str, count: int, ids: Iterator[int]
+) -> dict[str, float]:
+    rooms = [next(ids) for _ in range(count)]
+    nbytes = 4 * ROW
+    _ask(conn, ("rooms", path, nbytes, rooms))
+    start = time.perf_counter()
+    for room in rooms:
+        rx.open(room, address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=4)
+    finals = [rx.wait(room, 120).name for room in rooms]
+    took = time.perf_counter() - start
+    for room in rooms:
+        rx.remove(room)
+    _ask(conn, ("forget", path, rooms))
+    ok = finals.count("Success")
+    return {"rooms": count, "succeeded": ok, "seconds": took, "rooms_per_s": count / took}
