@@ -89,7 +89,8 @@ def _child(conn: Any) -> None:
                 raw_buf = _source(nbytes).numpy().data
                 conn.send("ok")
             elif kind == "go":
-                assert push is not None and raw_buf is not None
+                if push is None or raw_buf is None:
+                    raise RuntimeError("'go' before 'raw'")
                 push.send(raw_buf, copy=False)
     finally:
         for sender in senders.values():
@@ -258,7 +259,7 @@ def run(
             dst = torch.zeros_like(src)
             _ask(conn, ("raw", f"tcp://127.0.0.1:{raw_port}", size))
 
-            def raw() -> float:
+            def raw(size: int = size) -> float:
                 start = time.perf_counter()
                 conn.send(("go",))
                 if not pull.poll(120_000):
