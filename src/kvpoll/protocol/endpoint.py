@@ -247,9 +247,7 @@ class Endpoint(Generic[R]):
             UnknownRoom: the room is not open here.
         """
         with self._lock:
-            rec = self._rooms.get(room)
-            if rec is None:
-                raise UnknownRoom(room)
+            rec = self._room(room)
             state = rec.state
             return RoomInfo(
                 room,
@@ -304,7 +302,13 @@ class Endpoint(Generic[R]):
         self._transport.wakeup()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            log.error("the %s I/O thread did not stop within %g s", self.side, timeout)
+            # Only the owner thread may touch the transport: leave it rather than race it.
+            log.error(
+                "the %s I/O thread did not stop within %g s; its transport is left open",
+                self.side,
+                timeout,
+            )
+            return
         self._transport.close()
 
     def __enter__(self: Any) -> Any:
@@ -519,9 +523,7 @@ class Endpoint(Generic[R]):
         self._moved(room, rec, source, "failed", reason)
 
     def _abort(self, room: int, reason: str) -> None:
-        rec = self._rooms.get(room)
-        if rec is None:
-            raise UnknownRoom(room)
+        rec = self._room(room)
         self._fail(room, rec, reason)
 
     def _on_abort(self, peer: str, message: Abort) -> None:
@@ -533,9 +535,7 @@ class Endpoint(Generic[R]):
         self._send(peer, AbortAck(room=message.room, session=message.session, rank=message.rank))
 
     def _remove(self, room: int) -> None:
-        rec = self._rooms.get(room)
-        if rec is None:
-            raise UnknownRoom(room)
+        rec = self._room(room)
         if not rec.state.is_final:
             self._fail(room, rec, "removed by the application")
         self._deadlines.leave(room, rec.state.status)
@@ -559,6 +559,17 @@ class Endpoint(Generic[R]):
         else:
             self._stats["rejected"] += 1
             log.warning("rejected %s from %s: %s", message.type, peer, why)
+
+    def _room(self, room: int) -> R:
+        """The room's record (the lock is held).
+
+        Raises:
+            UnknownRoom: the room is not open here.
+        """
+        rec = self._rooms.get(room)
+        if rec is None:
+            raise UnknownRoom(room)
+        return rec
 
     # -- hooks -------------------------------------------------------------------------
     def _setup(self) -> None:

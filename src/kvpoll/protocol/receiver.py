@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpoll.errors import DuplicateRoom, IllegalTransition, InvalidArgument, UnknownRoom
+from kvpoll.errors import DuplicateRoom, IllegalTransition, InvalidArgument
 from kvpoll.protocol.endpoint import Endpoint, RoomBase, TransferIncomplete
 from kvpoll.protocol.messages import (
     Abort,
@@ -23,7 +23,7 @@ from kvpoll.protocol.messages import (
     Resume,
 )
 from kvpoll.protocol.sender import dtype_name
-from kvpoll.statemachine.status import TransferStatus
+from kvpoll.statemachine.status import Event, TransferStatus
 from kvpoll.transports.base import Region, TransportError
 
 __all__ = ["Received", "Receiver"]
@@ -201,9 +201,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
             TransferIncomplete: the room is not Success (yet, or ever).
         """
         with self._lock:
-            rec = self._rooms.get(room)
-            if rec is None:
-                raise UnknownRoom(room)
+            rec = self._room(room)
             if rec.state.status is not TransferStatus.Success:
                 raise TransferIncomplete(room, rec.state.status, rec.state.reason)
             return Received(room, tuple(rec.chunks), rec.aux, rec.total or 0)
@@ -215,9 +213,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
             UnknownRoom: the room is not open here.
         """
         with self._lock:
-            rec = self._rooms.get(room)
-            if rec is None:
-                raise UnknownRoom(room)
+            rec = self._room(room)
             return tuple(rec.chunks)
 
     # -- commands (I/O thread) ----------------------------------------------------------
@@ -270,10 +266,8 @@ class Receiver(Endpoint[_ReceiverRoom]):
         return region
 
     def _resume_command(self, room: int, buffer: torch.Tensor | None) -> None:
-        rec = self._rooms.get(room)
-        if rec is None:
-            raise UnknownRoom(room)
-        if rec.state.status is not TransferStatus.Transferring or rec.region is not None:
+        rec = self._room(room)
+        if not rec.state.can(Event.RESUMED) or rec.region is not None:
             raise IllegalTransition(
                 room,
                 rec.state.status,
@@ -322,7 +316,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
             return
         room = message.room  # type: ignore[union-attr]
         if isinstance(message, BootstrapAck):
-            if rec.state.status is TransferStatus.Bootstrapping:
+            if rec.state.can(Event.BOOTSTRAPPED):
                 self._step(room, rec, "bootstrapped", rec.state.bootstrapped)
             else:
                 self._stats["late"] += 1

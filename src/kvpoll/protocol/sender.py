@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpoll.errors import DuplicateRoom, IllegalTransition, InvalidArgument, UnknownRoom
+from kvpoll.errors import DuplicateRoom, IllegalTransition, InvalidArgument
 from kvpoll.protocol.endpoint import Endpoint, RoomBase
 from kvpoll.protocol.messages import (
     MAX_AUX_BYTES,
@@ -22,7 +22,7 @@ from kvpoll.protocol.messages import (
     Reject,
     Resume,
 )
-from kvpoll.statemachine.status import TransferStatus
+from kvpoll.statemachine.status import Event, TransferStatus
 from kvpoll.transports.base import Region, RegionDescriptor, TransportError, WriteDone
 
 __all__ = ["Sender"]
@@ -150,9 +150,7 @@ class Sender(Endpoint[_SenderRoom]):
             self._bootstrap(peer, message)
 
     def _set_data(self, room: int, tensor: torch.Tensor, aux: bytes) -> None:
-        rec = self._rooms.get(room)
-        if rec is None:
-            raise UnknownRoom(room)
+        rec = self._room(room)
         if rec.data is not None or rec.state.is_final:
             raise IllegalTransition(
                 room,
@@ -175,7 +173,7 @@ class Sender(Endpoint[_SenderRoom]):
             tuple(tensor.shape[1:]),
             aux,
         )
-        if rec.state.status is TransferStatus.WaitingForInput:
+        if rec.state.can(Event.CHUNK_SENT):  # bootstrapped: the data can go now
             self._next_chunk(room, rec)
 
     # -- messages ----------------------------------------------------------------------
@@ -211,7 +209,7 @@ class Sender(Endpoint[_SenderRoom]):
             why = f"rank {message.rank} is outside the room's {rec.required} destinations"
         elif message.rank in rec.dests:
             why = f"rank {message.rank} has already bootstrapped (a duplicate room?)"
-        elif rec.state.status is not TransferStatus.Bootstrapping:
+        elif not rec.state.can(Event.BOOTSTRAPPED):
             why = f"the room is {rec.state.status.name}, not Bootstrapping"
         if why is not None:
             self._reject(peer, message, why)
@@ -256,7 +254,7 @@ class Sender(Endpoint[_SenderRoom]):
             message.sent_tokens != rec.state.sent_tokens
             or dest.ready
             or rec.in_flight
-            or rec.state.status is not TransferStatus.Transferring
+            or not rec.state.can(Event.RESUMED)
         ):
             self._fail(
                 message.room,

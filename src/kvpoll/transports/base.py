@@ -254,6 +254,11 @@ class Transport(ABC):
     def close(self) -> None:
         """Release everything and tell peers. Idempotent; never raises."""
 
+    def _check_open(self) -> None:
+        """Raise TransportClosed once the transport is closed (it keeps ``_closed``)."""
+        if getattr(self, "_closed", False):
+            raise TransportClosed(f"{self.address} is closed")
+
     def __enter__(self) -> Transport:
         return self
 

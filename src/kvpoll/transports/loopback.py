@@ -23,7 +23,6 @@ from kvpoll.transports.base import (
     RegionBoundsError,
     RegionDescriptor,
     Transport,
-    TransportClosed,
     TransportError,
     TransportEvent,
     WriteDone,
@@ -69,10 +68,6 @@ class LoopbackTransport(Transport):
     @property
     def address(self) -> str:
         return self._address
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise TransportClosed(f"{self._address} is closed")
 
     def register(self, tensor: torch.Tensor) -> Region:
         self._check_open()

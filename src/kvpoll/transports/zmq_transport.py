@@ -40,7 +40,6 @@ from kvpoll.transports.base import (
     Region,
     RegionDescriptor,
     Transport,
-    TransportClosed,
     TransportError,
     TransportEvent,
     WriteDone,
@@ -146,10 +145,6 @@ class ZmqTransport(Transport):
     @property
     def address(self) -> str:
         return self._address
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise TransportClosed(f"{self._address} is closed")
 
     def register(self, tensor: torch.Tensor) -> Region:
         self._check_open()
