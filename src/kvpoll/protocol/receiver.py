@@ -93,7 +93,6 @@ class _ReceiverRoom(RoomBase):
 
 def _check_buffer(
     buffer: torch.Tensor | None,
-    rows: int,
     row_shape: tuple[int, ...],
     dtype: torch.dtype,
     room: int,
@@ -176,7 +175,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
             or rank < 0
         ):
             raise InvalidArgument(f"room {room}: allocated_tokens must be >= 1 and rank >= 0")
-        _check_buffer(buffer, allocated_tokens, shape, dtype, room)
+        _check_buffer(buffer, shape, dtype, room)
         self._call(
             lambda: self._open(
                 room, sender, shape, dtype, allocated_tokens, rank, buffer, auto_resume
@@ -274,7 +273,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
                 "resumed",
                 "a resume needs a room in Transferring that has taken its last chunk",
             )
-        _check_buffer(buffer, rec.allocated_tokens, rec.row_shape, rec.dtype, room)
+        _check_buffer(buffer, rec.row_shape, rec.dtype, room)
         self._resume(room, rec, buffer)
 
     def _resume(self, room: int, rec: _ReceiverRoom, buffer: torch.Tensor | None) -> None:

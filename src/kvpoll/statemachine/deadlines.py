@@ -12,7 +12,7 @@ from collections.abc import Hashable, Iterator, Mapping
 from typing import Generic, TypeVar
 
 from kvpoll.errors import InvalidArgument
-from kvpoll.statemachine.status import TransferStatus
+from kvpoll.statemachine.status import TransferStatus, parse_status
 from kvpoll.statemachine.table import default_table
 
 __all__ = ["DEFAULT_TIMEOUTS", "Deadlines", "Timeouts", "check_timeouts"]
@@ -39,10 +39,7 @@ def check_timeouts(timeouts: Timeouts | None) -> dict[TransferStatus, float]:
     merged = dict(DEFAULT_TIMEOUTS)
     items: list[tuple[object, float | None]] = list((timeouts or {}).items())
     for key, value in items:
-        if isinstance(key, str) and key in TransferStatus.__members__:
-            key = TransferStatus[key]
-        if not isinstance(key, TransferStatus):
-            raise InvalidArgument(f"not a TransferStatus: {key!r}")
+        key = parse_status(key)
         if key in default_table().final:
             raise InvalidArgument(f"{key.name} is final: it takes no time-out")
         if value is not None and (

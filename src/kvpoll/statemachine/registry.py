@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from kvpoll.errors import DuplicateRoom, IllegalTransition, InvalidArgument, UnknownRoom
 from kvpoll.statemachine.deadlines import DEFAULT_TIMEOUTS, Deadlines, Timeouts, check_timeouts
 from kvpoll.statemachine.state import Transition
-from kvpoll.statemachine.status import Event, TransferStatus
+from kvpoll.statemachine.status import Event, TransferStatus, parse_status
 from kvpoll.statemachine.table import default_table
 
 __all__ = ["DEFAULT_TIMEOUTS", "RegistryStats", "RoomRegistry"]
@@ -66,19 +66,6 @@ def _check_room_id(room: object) -> int:
     if isinstance(room, bool) or not isinstance(room, int):
         raise InvalidArgument(f"room must be an int, not {type(room).__name__}")
     return room
-
-
-def _check_status(status: object) -> TransferStatus:
-    if isinstance(status, TransferStatus):
-        return status
-    if isinstance(status, str) and status in TransferStatus.__members__:
-        return TransferStatus[status]
-    if isinstance(status, int) and not isinstance(status, bool):
-        raise InvalidArgument(
-            f"a bare integer status ({status}) is ambiguous: kvpoll's and SGLang's codes "
-            "differ; pass TransferStatus(code) or kvpoll.compat.sglang.from_sglang(code)"
-        )
-    raise InvalidArgument(f"not a TransferStatus: {status!r}")
 
 
 class RoomRegistry:
@@ -211,7 +198,7 @@ class RoomRegistry:
             InvalidArgument: ``status`` is not a TransferStatus, or
                 ``destination`` is out of range.
         """
-        target = _check_status(status)
+        target = parse_status(status)
         with self._lock:
             rec = self._rooms.get(room)
             if rec is None:

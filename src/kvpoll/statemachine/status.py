@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from enum import IntEnum, StrEnum
 
-__all__ = ["Event", "TransferStatus"]
+from kvpoll.errors import InvalidArgument
+
+__all__ = ["Event", "TransferStatus", "parse_status"]
 
 
 class TransferStatus(IntEnum):
@@ -52,3 +54,22 @@ class Event(StrEnum):
     def api_name(self) -> str:
         """The name of the public method that fires this trigger."""
         return "chunk_sent" if self is Event.LAST_CHUNK_SENT else self.value
+
+
+def parse_status(value: object) -> TransferStatus:
+    """A :class:`TransferStatus`, given one or its name.
+
+    Raises:
+        InvalidArgument: anything else. A bare integer is refused as ambiguous:
+            kvpoll's and SGLang's codes differ.
+    """
+    if isinstance(value, TransferStatus):
+        return value
+    if isinstance(value, str) and value in TransferStatus.__members__:
+        return TransferStatus[value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise InvalidArgument(
+            f"a bare integer status ({value}) is ambiguous: kvpoll's and SGLang's codes "
+            "differ; pass TransferStatus(code) or kvpoll.compat.sglang.from_sglang(code)"
+        )
+    raise InvalidArgument(f"not a TransferStatus: {value!r}")

@@ -39,6 +39,7 @@ __all__ = [
     "TransportUnavailable",
     "WriteDone",
     "as_bytes",
+    "check_range",
     "copy_bytes",
     "new_region_id",
 ]
@@ -163,6 +164,14 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dim() == 0:
         tensor = tensor.reshape(1)
     return tensor.view(torch.uint8).reshape(-1)
+
+
+def check_range(what: str, offset: int, nbytes: int, size: int) -> None:
+    """Raise RegionBoundsError unless ``[offset, offset + nbytes)`` lies in ``size`` bytes."""
+    if offset < 0 or nbytes < 0 or offset + nbytes > size:
+        raise RegionBoundsError(
+            f"{what}: bytes {offset}..{offset + nbytes} are outside a region of {size} bytes"
+        )
 
 
 def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -20,13 +20,13 @@ from kvpoll.transports.base import (
     MessageReceived,
     PeerClosed,
     Region,
-    RegionBoundsError,
     RegionDescriptor,
     Transport,
     TransportError,
     TransportEvent,
     WriteDone,
     as_bytes,
+    check_range,
     copy_bytes,
     new_region_id,
 )
@@ -36,14 +36,6 @@ __all__ = ["LoopbackTransport"]
 _FABRIC: dict[str, LoopbackTransport] = {}
 _FABRIC_LOCK = threading.Lock()
 _NAMES = itertools.count(1)
-
-
-def check_range(what: str, offset: int, nbytes: int, size: int) -> None:
-    """Raise RegionBoundsError unless ``[offset, offset + nbytes)`` lies in ``size`` bytes."""
-    if offset < 0 or nbytes < 0 or offset + nbytes > size:
-        raise RegionBoundsError(
-            f"{what}: bytes {offset}..{offset + nbytes} are outside a region of {size} bytes"
-        )
 
 
 class LoopbackTransport(Transport):

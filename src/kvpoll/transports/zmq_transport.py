@@ -44,10 +44,10 @@ from kvpoll.transports.base import (
     TransportEvent,
     WriteDone,
     as_bytes,
+    check_range,
     copy_bytes,
     new_region_id,
 )
-from kvpoll.transports.loopback import check_range
 from kvpoll.transports.shm import HEADER, Attachments, Segment, SegmentPool, boot_id
 
 __all__ = ["ZmqTransport"]
