@@ -5,6 +5,12 @@ optional dependency is imported only when its transport is used. Built in:
 
 * ``loopback``: in-process reference transport (tests, examples).
 * ``zmq``: ZMQ control channel; shared memory on one host, ZMQ TCP across hosts.
+* ``ucx``: UCX through UCXX (shared memory, cma, TCP, RDMA where built in).
+* ``nixl``: NVIDIA's NIXL with its UCX backend (the RDMA path of real clusters).
+* ``mooncake``: Mooncake's transfer engine (TCP here; RDMA where built in).
+
+The engine transports keep ZMQ for their control messages and hand the bytes
+to the engine.
 
 Third parties add transports through the entry-point group
 ``kvpoll.transports``: the entry point's name is the transport's name and its
@@ -57,6 +63,9 @@ ENTRY_POINT_GROUP = "kvpoll.transports"
 _BUILTIN: dict[str, tuple[str, str, str | None]] = {
     "loopback": ("kvpoll.transports.loopback", "LoopbackTransport", None),
     "zmq": ("kvpoll.transports.zmq_transport", "ZmqTransport", None),
+    "ucx": ("kvpoll.transports.ucx_transport", "UcxTransport", "ucx"),
+    "nixl": ("kvpoll.transports.nixl_transport", "NixlTransport", "nixl"),
+    "mooncake": ("kvpoll.transports.mooncake_transport", "MooncakeTransport", "mooncake"),
 }
 
 

@@ -208,7 +208,7 @@ class ZmqTransport(Transport):
         elif nbytes == 0:
             self._events.append(WriteDone(write_id))
         elif not self._write_shm(write_id, src, src_offset, dst, dst_offset, nbytes):
-            self._write_tcp(write_id, src, src_offset, dst, dst_offset, nbytes)
+            self._write_remote(write_id, src, src_offset, dst, dst_offset, nbytes)
         return write_id
 
     def _write_shm(
@@ -242,7 +242,7 @@ class ZmqTransport(Transport):
         self._events.append(WriteDone(write_id))
         return True
 
-    def _write_tcp(
+    def _write_remote(
         self,
         write_id: int,
         src: Region,
@@ -251,6 +251,7 @@ class ZmqTransport(Transport):
         dst_offset: int,
         nbytes: int,
     ) -> None:
+        """The network path: pieces over ZMQ TCP (an engine subclass replaces it)."""
         dealer = self._dealer(dst.endpoint)
         view = src.data.numpy().data  # a memoryview of the tensor's memory
         sent = 0
@@ -263,7 +264,16 @@ class ZmqTransport(Transport):
             )
             sent += n
         self.stats["tcp_writes"] += 1
-        self._pending[write_id] = _Pending(dst.endpoint, time.monotonic() + self._write_timeout)
+        self._expect_ack(write_id, dst.endpoint)
+
+    def _expect_ack(self, write_id: int, peer: str) -> None:
+        """Fail ``write_id`` unless it is finished within the write time-out."""
+        self._pending[write_id] = _Pending(peer, time.monotonic() + self._write_timeout)
+
+    def _finish(self, write_id: int, error: str | None) -> None:
+        """Report a pending write done (once: a late second report is ignored)."""
+        if self._pending.pop(write_id, None) is not None:
+            self._events.append(WriteDone(write_id, error))
 
     # -- control ------------------------------------------------------------------
     def send(self, peer: str, payload: bytes) -> None:
@@ -293,7 +303,8 @@ class ZmqTransport(Transport):
     def progress(self, timeout: float) -> list[TransportEvent]:
         self._check_open()
         self._expire_writes()
-        wait_ms = 0 if self._events else max(0, int(timeout * 1000))
+        self._progress_engine()
+        wait_ms = 0 if self._events else self._wait_ms(timeout)
         for sock, _ in self._poller.poll(wait_ms):
             if sock == self._wake_r:
                 with contextlib.suppress(BlockingIOError):
@@ -305,8 +316,28 @@ class ZmqTransport(Transport):
                     except zmq.Again:
                         break
                     self._handle(ident.decode("utf-8", "replace"))
+        self._progress_engine()
         events, self._events = self._events, []
         return events
+
+    # -- hooks for engine subclasses (ucx, nixl, mooncake) -----------------------
+    def _progress_engine(self) -> None:
+        """Drive the data engine and turn its completions into events."""
+
+    def _wait_ms(self, timeout: float) -> int:
+        """How long the next poll of the control sockets may block, in ms."""
+        return max(0, int(timeout * 1000))
+
+    def _handle_frame(self, peer: str, kind: bytes) -> bool:
+        """Handle a frame kind of a subclass's own; False: not one of them."""
+        return False
+
+    def _frames(self) -> list[bytes]:
+        """The remaining frames of the message being handled."""
+        frames = []
+        while self._router.getsockopt(zmq.RCVMORE):
+            frames.append(self._router.recv())
+        return frames
 
     def _drain(self) -> None:
         while self._router.getsockopt(zmq.RCVMORE):
@@ -344,13 +375,12 @@ class ZmqTransport(Transport):
             pending = self._pending.get(write_id)
             if pending is None or pending.peer != peer:
                 return  # a late acknowledgement of a write that already timed out
-            del self._pending[write_id]
-            self._events.append(
-                WriteDone(write_id, None if ok else error.decode("utf-8", "replace") or "rejected")
-            )
+            self._finish(write_id, None if ok else error.decode("utf-8", "replace") or "rejected")
         elif kind == _BYE:
             self._drain()
             self._peer_closed(peer)
+        elif self._handle_frame(peer, kind):
+            pass
         else:
             self._malformed(peer, f"unknown frame kind {kind[:8]!r}")
 
@@ -361,15 +391,7 @@ class ZmqTransport(Transport):
             return
         write_id, region_id, offset, length, last = _PIECE.unpack(header)
         key = (peer, write_id)
-        region = self._regions.get(region_id)
-        error = None
-        if region is None:
-            error = f"region {region_id} is not registered at {self._address}"
-        elif offset + length > region.nbytes:
-            error = (
-                f"bytes {offset}..{offset + length} are outside region {region_id} "
-                f"of {region.nbytes} bytes"
-            )
+        region, error = self._lookup(region_id, offset, length)
         if error is None and key not in self._incoming_errors:
             assert region is not None
             got = self._router.recv_into(region.data.numpy()[offset : offset + length].data)
@@ -383,11 +405,26 @@ class ZmqTransport(Transport):
             log.warning("rejected a write from %s: %s", peer, error)
             self._incoming_errors.setdefault(key, error)
         if last:
-            error = self._incoming_errors.pop(key, None)
-            with contextlib.suppress(TransportError, zmq.ZMQError):
-                self._dealer(peer).send_multipart(
-                    [_ACKNOWLEDGE, _ACK.pack(write_id, error is None), (error or "").encode()]
-                )
+            self._acknowledge(peer, write_id, self._incoming_errors.pop(key, None))
+
+    def _acknowledge(self, peer: str, write_id: int, error: str | None) -> None:
+        """Tell the writer that its write ``write_id`` landed (or why not)."""
+        with contextlib.suppress(TransportError, zmq.ZMQError):
+            self._dealer(peer).send_multipart(
+                [_ACKNOWLEDGE, _ACK.pack(write_id, error is None), (error or "").encode()]
+            )
+
+    def _lookup(self, region_id: int, offset: int, length: int) -> tuple[Region | None, str | None]:
+        """The live region a peer's write targets, or why the write is refused."""
+        region = self._regions.get(region_id)
+        if region is None:
+            return None, f"region {region_id} is not registered at {self._address}"
+        if offset + length > region.nbytes:
+            return None, (
+                f"bytes {offset}..{offset + length} are outside region {region_id} "
+                f"of {region.nbytes} bytes"
+            )
+        return region, None
 
     def _expire_writes(self) -> None:
         if not self._pending:
@@ -395,20 +432,16 @@ class ZmqTransport(Transport):
         now = time.monotonic()
         for write_id, pending in list(self._pending.items()):
             if now >= pending.deadline:
-                del self._pending[write_id]
-                self._events.append(
-                    WriteDone(
-                        write_id,
-                        f"no acknowledgement from {pending.peer} within {self._write_timeout:g} s",
-                    )
+                self._finish(
+                    write_id,
+                    f"no acknowledgement from {pending.peer} within {self._write_timeout:g} s",
                 )
 
     def _peer_closed(self, peer: str) -> None:
         self._closed_peers.add(peer)
         for write_id, pending in list(self._pending.items()):
             if pending.peer == peer:
-                del self._pending[write_id]
-                self._events.append(WriteDone(write_id, f"peer {peer} closed"))
+                self._finish(write_id, f"peer {peer} closed")
         dealer = self._dealers.pop(peer, None)
         if dealer is not None:
             dealer.close(0)

@@ -1,0 +1,178 @@
+"""The shared shape of transports that wrap a one-sided transfer engine (NIXL, Mooncake).
+
+Control messages travel over the ZMQ channel of :class:`ZmqTransport`; the
+bytes travel through the engine, which writes into the peer's registered memory
+without the peer's code running. Because the engine itself cannot tell a live
+region from a released one, a write is granted first:
+
+1. the writer asks the destination (``G``: write id, region, offset, length);
+2. the destination checks the region is live and the range inside it and
+   answers (``g``: write id, ok, reason);
+3. on a yes, the writer starts the engine's write and polls it; the write is
+   done when the engine says the bytes are in the peer's memory.
+
+A subclass supplies four things: how to register memory (and what a peer needs
+to reach it), how to start a write, how to poll one, and how to shut down.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvpoll.transports.base import Region, RegionDescriptor, TransportError
+from kvpoll.transports.zmq_transport import ZmqTransport
+
+__all__ = ["EngineTransport", "EngineWrite"]
+
+_GRANT_REQUEST = struct.Struct("<QQQQ")  # write id, region id, offset, length
+_GRANT = struct.Struct("<QB")  # write id, ok
+_ASK, _ANSWER = b"G", b"g"
+
+
+@dataclass(frozen=True)
+class EngineWrite:
+    """A granted write, as handed to :meth:`EngineTransport._start`."""
+
+    src: Region
+    src_offset: int
+    dst: RegionDescriptor
+    dst_offset: int
+    nbytes: int
+
+    @property
+    def src_address(self) -> int:
+        return int(self.src.data.data_ptr()) + self.src_offset
+
+
+class EngineTransport(ZmqTransport):
+    """Base of the engine adapters: grants over ZMQ, bytes through the engine."""
+
+    def __init__(self, *, poll_interval: float = 50e-6, **options: Any) -> None:
+        super().__init__(shm=False, **options)
+        self._asked: dict[int, EngineWrite] = {}
+        self._running: dict[int, Any] = {}
+        self._registrations: dict[int, Any] = {}  # region id -> the engine's handle
+        self._poll_interval = poll_interval
+        self.stats.update({"engine_writes": 0})
+
+    # -- what a subclass supplies --------------------------------------------------
+    @abstractmethod
+    def _register(self, data: torch.Tensor) -> tuple[Any, dict[str, Any]]:
+        """Register ``data`` with the engine: (a handle, what a peer needs to write there)."""
+
+    @abstractmethod
+    def _unregister(self, handle: Any) -> None:
+        """Undo :meth:`_register`."""
+
+    @abstractmethod
+    def _start(self, write: EngineWrite) -> Any:
+        """Start the engine's write; return a handle for :meth:`_poll`.
+
+        Raises:
+            TransportError: the engine refused the write.
+        """
+
+    @abstractmethod
+    def _poll(self, handle: Any) -> tuple[bool, str | None]:
+        """(finished, error) of a started write; releases the handle once finished."""
+
+    @abstractmethod
+    def _close_engine(self) -> None:
+        """Shut the engine down (every registration is already undone)."""
+
+    # -- regions ----------------------------------------------------------------------
+    def _add_region(self, data: torch.Tensor, extra: dict[str, Any]) -> Region:
+        handle, reach = self._register(data) if data.numel() else (None, {})
+        region = super()._add_region(data, {**extra, **reach})
+        if handle is not None:
+            self._registrations[region.descriptor.region_id] = handle
+        return region
+
+    def release(self, region: Region, *, reuse: bool = True) -> None:
+        handle = self._registrations.pop(region.descriptor.region_id, None)
+        if handle is not None:
+            self._unregister(handle)
+        super().release(region, reuse=reuse)
+
+    # -- writes -------------------------------------------------------------------------
+    def _write_remote(
+        self,
+        write_id: int,
+        src: Region,
+        src_offset: int,
+        dst: RegionDescriptor,
+        dst_offset: int,
+        nbytes: int,
+    ) -> None:
+        if dst.transport != self.name:
+            raise TransportError(
+                f"{dst!r} belongs to the {dst.transport} transport, not {self.name}"
+            )
+        header = _GRANT_REQUEST.pack(write_id, dst.region_id, dst_offset, nbytes)
+        self._dealer(dst.endpoint).send_multipart([_ASK, header])
+        self._asked[write_id] = EngineWrite(src, src_offset, dst, dst_offset, nbytes)
+        self._expect_ack(write_id, dst.endpoint)
+
+    def _handle_frame(self, peer: str, kind: bytes) -> bool:
+        if kind not in (_ASK, _ANSWER):
+            return False
+        frames = self._frames()
+        if kind == _ASK and len(frames) == 1 and len(frames[0]) == _GRANT_REQUEST.size:
+            write_id, region_id, offset, length = _GRANT_REQUEST.unpack(frames[0])
+            _, error = self._lookup(region_id, offset, length)
+            if error is not None:
+                self.stats["rejected_writes"] += 1
+            reason = (error or "").encode()
+            self._dealer(peer).send_multipart(
+                [_ANSWER, _GRANT.pack(write_id, error is None), reason]
+            )
+        elif kind == _ANSWER and len(frames) == 2 and len(frames[0]) == _GRANT.size:
+            write_id, ok = _GRANT.unpack(frames[0])
+            write = self._asked.pop(write_id, None)
+            pending = self._pending.get(write_id)
+            if write is None or pending is None or pending.peer != peer:
+                return True  # a late answer for a write that already failed
+            if not ok:
+                self._finish(write_id, frames[1].decode("utf-8", "replace") or "refused")
+                return True
+            try:
+                self._running[write_id] = self._start(write)
+                self.stats["engine_writes"] += 1
+            except TransportError as exc:
+                self._finish(write_id, str(exc))
+        else:
+            self._malformed(peer, f"bad {kind!r} frame")
+        return True
+
+    # -- progress -----------------------------------------------------------------------
+    def _wait_ms(self, timeout: float) -> int:
+        if self._running:
+            time.sleep(min(timeout, self._poll_interval))
+            return 0
+        return super()._wait_ms(timeout)
+
+    def _progress_engine(self) -> None:
+        for write_id, handle in list(self._running.items()):
+            finished, error = self._poll(handle)
+            if finished:
+                del self._running[write_id]
+                self._finish(write_id, error)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        deadline = time.monotonic() + 2.0
+        while self._running and time.monotonic() < deadline:
+            self._progress_engine()  # the engine may still read our memory: let it finish
+        for handle in self._registrations.values():
+            self._unregister(handle)
+        self._registrations.clear()
+        self._asked.clear()
+        self._close_engine()
+        super().close()

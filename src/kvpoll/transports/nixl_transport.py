@@ -1,0 +1,148 @@
+"""``nixl``: NVIDIA's NIXL transfer library (its UCX backend) as a kvpoll transport.
+
+NIXL writes one-sided into a peer's registered memory; with the UCX it bundles,
+that is shared memory or cma on one host, TCP across hosts, and InfiniBand
+RDMA where the cluster has it. Control messages and write grants travel over
+ZMQ (see :mod:`kvpoll.transports.engine`).
+
+Each region's descriptor carries the NIXL agent name and that region's partial
+agent metadata (connection info included), so a writer loads exactly what it
+needs the first time it writes to a region, with no separate exchange.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from typing import Any, ClassVar
+
+import torch
+
+from kvpoll.transports.base import Capabilities, TransportError
+from kvpoll.transports.engine import EngineTransport, EngineWrite
+
+os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+try:
+    try:
+        from nixl_cu12._api import nixl_agent, nixl_agent_config
+    except ImportError:
+        from nixl._api import nixl_agent, nixl_agent_config  # type: ignore[no-redef]
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(str(exc), name="nixl-cu12") from exc
+
+__all__ = ["NixlTransport"]
+
+log = logging.getLogger("kvpoll.transports.nixl")
+
+
+class NixlTransport(EngineTransport):
+    """NIXL (UCX backend) data path, ZMQ control channel.
+
+    Args:
+        host, port, advertise: where the control channel listens (as for ``zmq``).
+        backends: NIXL backends to create (default ``["UCX"]``).
+        progress_thread: let NIXL run its own progress thread (needed for
+            transports where the target must make progress, such as TCP).
+        write_timeout: seconds before a write that has not finished fails.
+        max_idle_pool_bytes: idle pooled receive buffers kept for reuse.
+    """
+
+    name: ClassVar[str] = "nixl"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        zero_copy=True, same_host_only=False, device_memory=False
+    )
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise: str | None = None,
+        backends: list[str] | None = None,
+        progress_thread: bool = True,
+        write_timeout: float = 30.0,
+        max_idle_pool_bytes: int = 4 << 30,
+    ) -> None:
+        self._agent_name = f"kvpoll-{os.getpid()}-{secrets.token_hex(6)}"
+        try:
+            config = nixl_agent_config(
+                enable_prog_thread=progress_thread, backends=list(backends or ["UCX"])
+            )
+            self._agent = nixl_agent(self._agent_name, config)
+        except Exception as exc:  # NIXL raises its own classes (nixlBackendError, ...)
+            raise TransportError(f"NIXL could not start: {exc}") from exc
+        super().__init__(
+            host=host,
+            port=port,
+            advertise=advertise,
+            write_timeout=write_timeout,
+            max_idle_pool_bytes=max_idle_pool_bytes,
+        )
+        self._loaded: set[tuple[str, int]] = set()  # (agent, region id) metadata loaded
+        self._remote_agents: set[str] = set()
+
+    def _register(self, data: torch.Tensor) -> tuple[Any, dict[str, Any]]:
+        address, nbytes = int(data.data_ptr()), data.numel()
+        try:
+            registration = self._agent.register_memory([(address, nbytes, 0, "")], "DRAM")
+            metadata = self._agent.get_partial_agent_metadata(registration, inc_conn_info=True)
+        except Exception as exc:
+            raise TransportError(f"NIXL could not register {nbytes} bytes: {exc}") from exc
+        reach = {"nixl_agent": self._agent_name, "nixl_metadata": metadata.hex(), "addr": address}
+        return registration, reach
+
+    def _unregister(self, handle: Any) -> None:
+        try:
+            self._agent.deregister_memory(handle)
+        except Exception as exc:
+            log.warning("NIXL could not deregister memory: %s", exc)
+
+    def _start(self, write: EngineWrite) -> Any:
+        extra = write.dst.extra
+        try:
+            agent = str(extra["nixl_agent"])
+            remote = int(extra["addr"]) + write.dst_offset
+            key = (agent, write.dst.region_id)
+            if key not in self._loaded:
+                self._agent.add_remote_agent(bytes.fromhex(str(extra["nixl_metadata"])))
+                self._loaded.add(key)
+                self._remote_agents.add(agent)
+            local = self._agent.get_xfer_descs([(write.src_address, write.nbytes, 0)], "DRAM")
+            target = self._agent.get_xfer_descs([(remote, write.nbytes, 0)], "DRAM")
+            handle = self._agent.initialize_xfer("WRITE", local, target, agent)
+            state = self._agent.transfer(handle)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise TransportError(f"{write.dst!r} is not a nixl region: {exc}") from exc
+        except Exception as exc:
+            raise TransportError(f"NIXL refused the write: {exc}") from exc
+        if state == "ERR":
+            self._agent.release_xfer_handle(handle)
+            raise TransportError("NIXL could not post the write")
+        return handle
+
+    def _poll(self, handle: Any) -> tuple[bool, str | None]:
+        try:
+            state = self._agent.check_xfer_state(handle)
+        except Exception as exc:
+            state, error = "ERR", str(exc)
+        else:
+            error = "NIXL reported the write failed"
+        if state == "PROC":
+            return False, None
+        try:
+            self._agent.release_xfer_handle(handle)
+        except Exception as exc:
+            log.warning("NIXL could not release a transfer handle: %s", exc)
+        return True, None if state == "DONE" else error
+
+    def _close_engine(self) -> None:
+        for agent in self._remote_agents:
+            try:
+                self._agent.remove_remote_agent(agent)
+            except Exception as exc:
+                log.debug("NIXL could not forget %s: %s", agent, exc)
+        self._remote_agents.clear()
+        self._loaded.clear()
+        del self._agent

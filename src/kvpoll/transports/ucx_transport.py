@@ -1,0 +1,319 @@
+"""``ucx``: data over UCX (through UCXX), control messages over ZMQ.
+
+UCX picks the fastest path it has to each peer: shared memory or
+``process_vm_writev`` (cma) on one host, TCP across hosts, RDMA where the UCX
+build has it. UCXX's Python layer offers tag-matched messages (no one-sided
+put), so a write is a tagged send into a receive the destination posts:
+
+1. the writer sends a write request (``U``: write id, region, offset, length,
+   tag) over the control channel and at once a tagged UCX send of the bytes;
+2. the destination checks the request against its live regions and posts a
+   tagged receive straight into the region (UCX's rendezvous then moves the
+   bytes without an intermediate copy); a refused request gets a receive into
+   a small scratch buffer, which truncates and drops the bytes;
+3. when the receive completes, the destination acknowledges; the write is done.
+
+Settings: see :data:`DEFAULT_SETTINGS`. A default applies only where the
+user's environment does not set the ``UCX_*`` variable; settings passed
+explicitly (``ucx={"TLS": "tcp"}``) win over both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import struct
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import zmq
+
+from kvpoll.transports.base import Capabilities, Region, RegionDescriptor, TransportError
+from kvpoll.transports.shm import Segment
+from kvpoll.transports.zmq_transport import ZmqTransport
+
+os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+try:  # the import error names the package for the "pip install kvpoll[ucx]" hint
+    import ucxx._lib.libucxx as libucxx
+    from ucxx._lib.arr import Array
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(str(exc), name="ucxx-cu12") from exc
+
+__all__ = ["DEFAULT_SETTINGS", "UcxTransport", "effective_settings", "net_device_for"]
+
+log = logging.getLogger("kvpoll.transports.ucx")
+
+DEFAULT_SETTINGS: Mapping[str, str] = {
+    # tcp must be listed; sysv/posix/cma carry same-host traffic.
+    "TLS": "tcp,sysv,posix,cma,self",
+    # Without it UCX refuses shared memory on endpoints with error handling
+    # and intra-host traffic silently goes over TCP.
+    "MM_ERROR_HANDLING": "y",
+    # Rendezvous by put: the fastest scheme over TCP measured here.
+    "RNDV_SCHEME": "put_zcopy",
+}
+"""UCX settings (without the ``UCX_`` prefix) this transport uses unless told
+otherwise. ``NET_DEVICES`` is derived from the bound host (:func:`net_device_for`)."""
+
+_REQUEST = struct.Struct("<QQQQQ")  # write id, region id, offset, length, tag
+_WRITE_REQUEST = b"U"
+_SCRATCH = 64
+_SIOCGIFADDR = 0x8915
+
+
+def net_device_for(host: str) -> str:
+    """The UCX ``NET_DEVICES`` value for an endpoint bound to ``host``.
+
+    Loopback hosts give ``lo``; an address of one of this machine's interfaces
+    gives that interface; anything else (a wildcard, a name) gives ``all``.
+    """
+    try:
+        ip = ipaddress.ip_address(socket.gethostbyname(host)) if host else None
+    except (OSError, ValueError):
+        return "all"
+    if ip is None or ip.is_unspecified:
+        return "all"
+    if ip.is_loopback:
+        return "lo"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, name in socket.if_nameindex():
+            request = struct.pack("256s", name.encode()[:15])
+            try:
+                answer = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, request)
+            except OSError:
+                continue
+            if socket.inet_ntoa(answer[20:24]) == str(ip):
+                return name
+    return "all"
+
+
+def effective_settings(
+    host: str, explicit: Mapping[str, str] | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The settings handed to UCX: defaults the environment does not set, then
+    ``explicit`` (which wins over both). Keys are given without ``UCX_``."""
+    env = os.environ if environ is None else environ
+    defaults = {**DEFAULT_SETTINGS, "NET_DEVICES": net_device_for(host)}
+    settings = {k: v for k, v in defaults.items() if f"UCX_{k}" not in env}
+    for key, value in (explicit or {}).items():
+        settings[key.removeprefix("UCX_").upper()] = str(value)
+    return settings
+
+
+@dataclass
+class _Receive:
+    peer: str
+    write_id: int
+    request: Any
+    region_id: int | None  # None: a scratch receive that drops a refused write
+    keep: Any  # the buffer UCX writes into, alive until the receive ends
+
+
+class UcxTransport(ZmqTransport):
+    """UCX data path (UCXX), ZMQ control channel.
+
+    Args:
+        host, port, advertise: where the control channel listens (as for ``zmq``).
+        progress: ``"blocking"`` (sleep on UCX's event fd; the default) or
+            ``"polling"`` (spin while transfers are in flight: lower latency,
+            one busy core).
+        ucx: UCX settings without the ``UCX_`` prefix, e.g. ``{"TLS": "tcp"}``;
+            they win over the environment and :data:`DEFAULT_SETTINGS`.
+        write_timeout: seconds before an unacknowledged write fails.
+        max_idle_pool_bytes: idle pooled receive buffers kept for reuse.
+    """
+
+    name: ClassVar[str] = "ucx"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        zero_copy=True, same_host_only=False, device_memory=False
+    )
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise: str | None = None,
+        progress: str = "blocking",
+        ucx: Mapping[str, str] | None = None,
+        write_timeout: float = 30.0,
+        max_idle_pool_bytes: int = 4 << 30,
+    ) -> None:
+        if progress not in ("blocking", "polling"):
+            raise TransportError(f"progress must be 'blocking' or 'polling', not {progress!r}")
+        self.settings = effective_settings(host, ucx)
+        try:
+            self._context = libucxx.UCXContext(
+                self.settings, feature_flags=(libucxx.Feature.TAG, libucxx.Feature.WAKEUP)
+            )
+            self._worker = libucxx.UCXWorker(self._context)
+            self._worker.init_blocking_progress_mode()
+        except libucxx.UCXError as exc:
+            raise TransportError(f"UCX could not start with {self.settings}: {exc}") from exc
+        super().__init__(
+            host=host,
+            port=port,
+            advertise=advertise,
+            shm=False,
+            write_timeout=write_timeout,
+            max_idle_pool_bytes=max_idle_pool_bytes,
+        )
+        self._polling = progress == "polling"
+        self._worker_address = self._worker.address.tobytes().hex()
+        self._poller.register(self._worker.epoll_file_descriptor, zmq.POLLIN)
+        self._tag_prefix = secrets.randbits(31) << 32
+        self._endpoints: dict[str, Any] = {}
+        self._sends: dict[int, Any] = {}  # write id -> UCX send request
+        self._receives: list[_Receive] = []
+        self._parked: dict[int, tuple[Segment | None, bool]] = {}  # released while receiving
+        self.stats.update({"ucx_writes": 0})
+
+    # -- regions ----------------------------------------------------------------
+    def _add_region(self, data: torch.Tensor, extra: dict[str, Any]) -> Region:
+        return super()._add_region(data, {**extra, "ucx_worker": self._worker_address})
+
+    def release(self, region: Region, *, reuse: bool = True) -> None:
+        rid = region.descriptor.region_id
+        if any(r.region_id == rid for r in self._receives):
+            # UCX may still write here: keep the memory until the receive ends.
+            self._regions.pop(rid, None)
+            self._parked[rid] = (self._segments.pop(rid, None), reuse)
+            return
+        super().release(region, reuse=reuse)
+
+    # -- writes ------------------------------------------------------------------
+    def _endpoint(self, worker_hex: str) -> Any:
+        endpoint = self._endpoints.get(worker_hex)
+        if endpoint is None:
+            try:
+                address = libucxx.UCXAddress.create_from_buffer(bytes.fromhex(worker_hex))
+                endpoint = self._worker.create_endpoint_from_worker_address(address, True)
+            except (ValueError, libucxx.UCXError) as exc:
+                raise TransportError(
+                    f"cannot reach UCX worker {worker_hex[:16]}...: {exc}"
+                ) from exc
+            self._endpoints[worker_hex] = endpoint
+        return endpoint
+
+    def _write_remote(
+        self,
+        write_id: int,
+        src: Region,
+        src_offset: int,
+        dst: RegionDescriptor,
+        dst_offset: int,
+        nbytes: int,
+    ) -> None:
+        worker_hex = dst.extra.get("ucx_worker")
+        if not isinstance(worker_hex, str):
+            raise TransportError(f"{dst!r} is not a ucx region (no worker address)")
+        endpoint = self._endpoint(worker_hex)
+        tag = self._tag_prefix | (write_id & 0xFFFFFFFF)
+        header = _REQUEST.pack(write_id, dst.region_id, dst_offset, nbytes, tag)
+        self._dealer(dst.endpoint).send_multipart([_WRITE_REQUEST, header])
+        view = src.data.numpy()[src_offset : src_offset + nbytes]
+        self._sends[write_id] = endpoint.tag_send(Array(view), libucxx.UCXXTag(tag))
+        self._expect_ack(write_id, dst.endpoint)
+        self.stats["ucx_writes"] += 1
+
+    def _handle_frame(self, peer: str, kind: bytes) -> bool:
+        if kind != _WRITE_REQUEST:
+            return False
+        frames = self._frames()
+        if len(frames) != 1 or len(frames[0]) != _REQUEST.size:
+            self._malformed(peer, "bad ucx write request")
+            return True
+        write_id, region_id, offset, length, tag = _REQUEST.unpack(frames[0])
+        region, error = self._lookup(region_id, offset, length)
+        if region is not None:
+            keep: Any = region.data.numpy()[offset : offset + length]
+        else:
+            keep = np.empty(_SCRATCH, dtype=np.uint8)  # truncates, dropping the bytes
+            self.stats["rejected_writes"] += 1
+            log.warning("rejected a write from %s: %s", peer, error)
+            self._acknowledge(peer, write_id, error)
+        request = self._worker.tag_recv(Array(keep), libucxx.UCXXTag(tag))
+        self._receives.append(
+            _Receive(peer, write_id, request, region_id if region else None, keep)
+        )
+        return True
+
+    # -- progress ----------------------------------------------------------------
+    def _in_flight(self) -> bool:
+        return bool(self._sends or self._receives)
+
+    def _wait_ms(self, timeout: float) -> int:
+        if self._polling and self._in_flight():
+            return 0
+        # Sleep on UCX's event fd only when the worker says nothing is pending.
+        return max(0, int(timeout * 1000)) if self._worker.arm() else 0
+
+    def _progress_engine(self) -> None:
+        worker = self._worker
+        while worker.progress_once():
+            pass
+        for write_id, request in list(self._sends.items()):
+            if request.completed:
+                del self._sends[write_id]
+                error = _request_error(request)
+                if error is not None:
+                    self._finish(write_id, f"UCX send failed: {error}")
+        if self._receives:
+            waiting = []
+            for receive in self._receives:
+                if not receive.request.completed:
+                    waiting.append(receive)
+                elif receive.region_id is not None:
+                    error = _request_error(receive.request)
+                    self._acknowledge(receive.peer, receive.write_id, error)
+                    self._unpark(receive.region_id)
+            self._receives = waiting
+
+    def _unpark(self, region_id: int) -> None:
+        if region_id in self._parked and not any(
+            r.region_id == region_id for r in self._receives if not r.request.completed
+        ):
+            segment, reuse = self._parked.pop(region_id)
+            if segment is not None:
+                self._pool.release(segment, reuse=reuse)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        with contextlib.suppress(Exception):
+            self._worker.cancel_inflight_requests(0, 1)
+        deadline = time.monotonic() + 1.0
+        while self._in_flight() and time.monotonic() < deadline:
+            self._worker.progress_once()
+            self._sends = {k: r for k, r in self._sends.items() if not r.completed}
+            self._receives = [r for r in self._receives if not r.request.completed]
+        for endpoint in self._endpoints.values():
+            with contextlib.suppress(Exception):
+                endpoint.close()
+        self._endpoints.clear()
+        with contextlib.suppress(Exception):
+            self._poller.unregister(self._worker.epoll_file_descriptor)
+        for segment, _ in self._parked.values():
+            if segment is not None:
+                self._pool.release(segment, reuse=False)
+        self._parked.clear()
+        self._sends.clear()
+        self._receives.clear()
+        super().close()
+
+
+def _request_error(request: Any) -> str | None:
+    try:
+        request.check_error()
+    except Exception as exc:  # UCXX raises its own exception classes
+        return f"{type(exc).__name__}: {exc}"
+    return None
