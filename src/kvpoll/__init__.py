@@ -8,11 +8,14 @@ The public API:
 * :mod:`kvpoll.compat.sglang`: SGLang's status codes.
 * :class:`Sender`, :class:`Receiver`: real transfers over a transport
   (:mod:`kvpoll.protocol`, :mod:`kvpoll.transports`).
+* :class:`Config`, :func:`load_config`: which transport a cluster uses (a TOML
+  file and ``KVPOLL_*`` variables; :mod:`kvpoll.config`).
 * :mod:`kvpoll.testing`: the conformance suite runner and the transport test kit.
 """
 
 from typing import TYPE_CHECKING
 
+from kvpoll.config import Config, ConfigError, load_config
 from kvpoll.errors import (
     DuplicateRoom,
     IllegalTransition,
@@ -62,6 +65,9 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [  # noqa: RUF022 - grouped: the state machine, then the transfer API
+    "Config",
+    "ConfigError",
+    "load_config",
     "DuplicateRoom",
     "Event",
     "IllegalTransition",

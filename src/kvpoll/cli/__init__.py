@@ -40,18 +40,22 @@ def _options(pairs: list[str]) -> dict[str, object]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from kvpoll.config import load_config
     from kvpoll.demo import DemoError, run_demo
 
     if not args.heartbeat > 0:
         raise KvpollError("--heartbeat must be positive")
+    config = load_config(args.config)
+    transport = args.transport or config.transport
+    options = {**config.options(transport), **_options(args.option)}
     try:
         return run_demo(
             tokens=args.tokens,
             capacity=args.capacity,
             hidden=args.hidden,
             dtype=args.dtype,
-            transport=args.transport,
-            options=_options(args.option),
+            transport=transport,
+            options=options,
             destinations=args.destinations,
             heartbeat=args.heartbeat,
             misses=3,
@@ -64,6 +68,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except DemoError as exc:
         print(f"kvpoll demo: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from kvpoll.cli.config_show import render, render_json
+    from kvpoll.config import load_config
+
+    config = load_config(args.config)
+    (render_json if args.json else render)(config, sys.stdout)
+    return EXIT_OK
 
 
 def _cmd_walkthrough(args: argparse.Namespace) -> int:
@@ -247,7 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("bfloat16", "float16", "float32"),
         help="element type (default: bfloat16)",
     )
-    p.add_argument("--transport", default="zmq", help="transport name (default: zmq)")
+    p.add_argument(
+        "--transport",
+        help="transport name: zmq, ucx, nixl, mooncake, loopback or a registered one "
+        "(default: the configuration's, else zmq)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a TOML configuration file (default: $KVPOLL_CONFIG, ./kvpoll.toml, "
+        "~/.config/kvpoll/config.toml)",
+    )
     p.add_argument(
         "--option",
         action="append",
@@ -388,7 +411,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.set_defaults(func=_cmd_bench_transfer)
-    p.set_defaults(func=None, bench_parser=p)
+    p.set_defaults(func=None, group_parser=p)
+
+    p = sub.add_parser(
+        "config",
+        help="the effective configuration",
+        description="Configuration: the transport a cluster uses and its options, from a "
+        "TOML file and KVPOLL_* environment variables.",
+    )
+    group = p.add_subparsers(dest="config_command", metavar="WHAT", title="commands")
+    c = group.add_parser(
+        "show",
+        help="print the effective configuration and where each value came from",
+        description="Print the effective configuration as TOML, each value commented "
+        "with its source (default, file PATH, env VARIABLE).",
+    )
+    c.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read this file instead of $KVPOLL_CONFIG / ./kvpoll.toml / "
+        "~/.config/kvpoll/config.toml",
+    )
+    c.add_argument("--json", action="store_true", help="print values and sources as JSON")
+    c.set_defaults(func=_cmd_config_show)
+    p.set_defaults(func=None, group_parser=p)
     return parser
 
 
@@ -400,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     if args.func is None:
-        args.bench_parser.print_help()
+        args.group_parser.print_help()
         return EXIT_USAGE
     try:
         code: int = args.func(args)

@@ -20,6 +20,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
+from kvpoll.config import Config, load_config
 from kvpoll.errors import IllegalTransition, InvalidArgument, KvpollError, UnknownRoom
 from kvpoll.protocol.messages import (
     Abort,
@@ -94,16 +95,19 @@ class RoomInfo:
     reason: str | None
     history: tuple[Transition, ...]
     peers: tuple[str, ...]
+    paths: tuple[str, ...] = ()
+    """The data paths agreed at bootstrap (``zmq/shm``, ``ucx``, ...), one per kind."""
 
 
 class RoomBase:
     """The part of a room record every side has."""
 
-    __slots__ = ("peers", "state")
+    __slots__ = ("paths", "peers", "state")
 
     def __init__(self, room: int, history: bool) -> None:
         self.state = TransferState(room, history=history)
         self.peers: set[str] = set()
+        self.paths: set[str] = set()  # the data paths agreed at bootstrap
 
     @property
     def total_tokens(self) -> int | None:
@@ -122,43 +126,61 @@ class _Peer:
 class Endpoint(Generic[R]):
     """Base of :class:`~kvpoll.Sender` and :class:`~kvpoll.Receiver`.
 
+    Every argument left as None comes from the configuration: ``config`` when
+    given, else the one :func:`kvpoll.config.load_config` reads (file and
+    ``KVPOLL_*`` variables; the defaults below when neither sets it).
+
     Args:
-        transport: a transport name (``"zmq"``, ...) or an open
+        transport: a transport name (``"zmq"``, ``"ucx"``, ...) or an open
             :class:`~kvpoll.transports.Transport` (the endpoint then owns it).
-        transport_options: keyword options for a transport made by name.
+        transport_options: keyword options for a transport made by name; they
+            win over the configuration's options for that transport.
+        config: the configuration to take unset arguments from.
         timeouts: seconds a room may stay in each non-final status without a
             step (default 300 s each, Transferring included).
         heartbeat_interval: seconds between heartbeats to each peer that shares
-            an unfinished room.
+            an unfinished room (default 1).
         heartbeat_misses: a peer silent for this many intervals is dead: every
-            unfinished room it shares fails.
+            unfinished room it shares fails (default 3).
         history: keep each room's steps with timestamps.
         on_status: called on the I/O thread after every step of every room;
             keep it quick (it delays I/O); exceptions are logged and ignored.
-        command_timeout: seconds an application call waits for the I/O thread.
+        command_timeout: seconds an application call waits for the I/O thread
+            (default 30).
     """
 
     side: ClassVar[str] = "endpoint"
 
     def __init__(
         self,
-        transport: str | Transport = "zmq",
+        transport: str | Transport | None = None,
         *,
         transport_options: Mapping[str, Any] | None = None,
+        config: Config | None = None,
         timeouts: Timeouts | None = None,
-        heartbeat_interval: float = 1.0,
-        heartbeat_misses: int = 3,
+        heartbeat_interval: float | None = None,
+        heartbeat_misses: int | None = None,
         history: bool = True,
         on_status: Callable[[StatusChange], None] | None = None,
-        command_timeout: float = 30.0,
+        command_timeout: float | None = None,
     ) -> None:
+        cfg = config if config is not None else load_config()
+        heartbeat_interval = (
+            cfg.heartbeat_interval if heartbeat_interval is None else heartbeat_interval
+        )
+        heartbeat_misses = cfg.heartbeat_misses if heartbeat_misses is None else heartbeat_misses
+        command_timeout = cfg.command_timeout if command_timeout is None else command_timeout
         if not heartbeat_interval > 0 or heartbeat_misses < 1:
             raise InvalidArgument("heartbeat_interval must be > 0 and heartbeat_misses >= 1")
-        self._deadlines: Deadlines[int] = Deadlines(check_timeouts(timeouts))
+        self._deadlines: Deadlines[int] = Deadlines(
+            check_timeouts(cfg.timeouts if timeouts is None else timeouts)
+        )
         if isinstance(transport, Transport):
             self._transport = transport
         else:
-            self._transport = create(transport, **dict(transport_options or {}))
+            name = transport or cfg.transport
+            options = {**cfg.options(name), **dict(transport_options or {})}
+            self._transport = create(name, **options)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._rooms: dict[int, R] = {}
@@ -257,6 +279,7 @@ class Endpoint(Generic[R]):
                 state.reason,
                 state.history,
                 tuple(sorted(rec.peers)),
+                tuple(sorted(rec.paths)),
             )
 
     def rooms(self) -> list[int]:

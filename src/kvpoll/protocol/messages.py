@@ -66,12 +66,17 @@ class Bootstrap(_RoomMessage):
     dtype: str = Field(max_length=32)
     row_shape: list[Count] = Field(max_length=8)
     transports: list[str] = Field(default_factory=list, max_length=16)
+    """The data paths the receiver speaks (see :mod:`kvpoll.protocol.negotiation`)."""
+    host: str = Field(default="", max_length=128)
+    """An id of the receiver's host (its kernel's boot id)."""
 
 
 class BootstrapAck(_RoomMessage):
     """The sender has the receiver's destination."""
 
     type: Literal["bootstrap_ack"] = "bootstrap_ack"
+    transport: str = Field(default="", max_length=64)
+    """The data path the sender chose."""
 
 
 class Reject(_RoomMessage):

@@ -25,6 +25,7 @@ from kvpoll.protocol.messages import (
 from kvpoll.protocol.sender import dtype_name
 from kvpoll.statemachine.status import Event, TransferStatus
 from kvpoll.transports.base import Region, TransportError
+from kvpoll.transports.shm import boot_id
 
 __all__ = ["Received", "Receiver"]
 
@@ -248,7 +249,8 @@ class Receiver(Endpoint[_ReceiverRoom]):
                 row_bytes=rec.row_bytes,
                 dtype=dtype_name(dtype),
                 row_shape=list(shape),
-                transports=[self._transport.name],
+                transports=self._transport.paths(),
+                host=boot_id(),
             ),
         )
 
@@ -315,6 +317,8 @@ class Receiver(Endpoint[_ReceiverRoom]):
             return
         room = message.room  # type: ignore[union-attr]
         if isinstance(message, BootstrapAck):
+            if message.transport:
+                rec.paths.add(message.transport)
             if rec.state.can(Event.BOOTSTRAPPED):
                 self._step(room, rec, "bootstrapped", rec.state.bootstrapped)
             else:

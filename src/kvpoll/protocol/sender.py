@@ -22,8 +22,10 @@ from kvpoll.protocol.messages import (
     Reject,
     Resume,
 )
+from kvpoll.protocol.negotiation import choose_path, mismatch
 from kvpoll.statemachine.status import Event, TransferStatus
 from kvpoll.transports.base import Region, RegionDescriptor, TransportError, WriteDone
+from kvpoll.transports.shm import boot_id
 
 __all__ = ["Sender"]
 
@@ -97,6 +99,7 @@ class Sender(Endpoint[_SenderRoom]):
 
     def _setup(self) -> None:
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
+        self._host = boot_id()
 
     # -- public ------------------------------------------------------------------
     def add(self, room: int, *, required_destinations: int = 1) -> None:
@@ -192,6 +195,15 @@ class Sender(Endpoint[_SenderRoom]):
     def _bootstrap(self, peer: str, message: Bootstrap) -> None:
         room = message.room
         rec = self._rooms.get(room)
+        spoken = self._transport.paths()
+        same_host = message.host == self._host
+        path = choose_path(message.transports, spoken, same_host=same_host)
+        if path is None:
+            reason = mismatch(message.transports, spoken, same_host=same_host)
+            self._reject(peer, message, reason)
+            if rec is not None:
+                self._fail(room, rec, f"rank {message.rank} at {peer}: {reason}")
+            return
         if rec is None:
             if room in self._tombstones:
                 self._drop(peer, message, "late")
@@ -224,7 +236,11 @@ class Sender(Endpoint[_SenderRoom]):
             tuple(message.row_shape),
         )
         self._watch(room, rec, peer)
-        self._send(peer, BootstrapAck(room=room, session=message.session, rank=message.rank))
+        rec.paths.add(path)
+        self._send(
+            peer,
+            BootstrapAck(room=room, session=message.session, rank=message.rank, transport=path),
+        )
         if (
             len(rec.dests) == rec.required
             and self._step(room, rec, "bootstrapped", rec.state.bootstrapped)

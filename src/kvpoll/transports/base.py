@@ -263,6 +263,14 @@ class Transport(ABC):
     def close(self) -> None:
         """Release everything and tell peers. Idempotent; never raises."""
 
+    def paths(self) -> list[str]:
+        """The data paths this endpoint speaks, most preferred first.
+
+        Announced at bootstrap so both sides agree on one. A path ending in
+        ``/shm`` reaches only endpoints on the same host. Default: the name.
+        """
+        return [self.name]
+
     def _check_open(self) -> None:
         """Raise TransportClosed once the transport is closed (it keeps ``_closed``)."""
         if getattr(self, "_closed", False):

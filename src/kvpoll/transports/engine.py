@@ -86,6 +86,9 @@ class EngineTransport(ZmqTransport):
     def _close_engine(self) -> None:
         """Shut the engine down (every registration is already undone)."""
 
+    def paths(self) -> list[str]:
+        return [self.name]  # the engine picks shared memory or the network itself
+
     # -- regions ----------------------------------------------------------------------
     def _add_region(self, data: torch.Tensor, extra: dict[str, Any]) -> Region:
         handle, reach = self._register(data) if data.numel() else (None, {})

@@ -177,6 +177,9 @@ class UcxTransport(ZmqTransport):
         self._parked: dict[int, tuple[Segment | None, bool]] = {}  # released while receiving
         self.stats.update({"ucx_writes": 0})
 
+    def paths(self) -> list[str]:
+        return [self.name]  # UCX picks shared memory, cma or the network itself
+
     # -- regions ----------------------------------------------------------------
     def _add_region(self, data: torch.Tensor, extra: dict[str, Any]) -> Region:
         return super()._add_region(data, {**extra, "ucx_worker": self._worker_address})

@@ -146,6 +146,9 @@ class ZmqTransport(Transport):
     def address(self) -> str:
         return self._address
 
+    def paths(self) -> list[str]:
+        return [f"{self.name}/shm", f"{self.name}/tcp"] if self._shm else [f"{self.name}/tcp"]
+
     def register(self, tensor: torch.Tensor) -> Region:
         self._check_open()
         if tensor.device.type != "cpu":

@@ -1,0 +1,61 @@
+"""``kvpoll config show``: the effective configuration and where each value came from."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, TextIO
+
+from kvpoll.config import Config
+
+__all__ = ["render", "render_json", "toml_value"]
+
+
+def toml_value(value: Any) -> str:
+    """``value`` written as a TOML value (None, which TOML lacks, as 0: no limit)."""
+    if value is None:
+        return "0"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{_key(k)} = {toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }" if inner else "{}"
+    return json.dumps(str(value))
+
+
+def _key(key: str) -> str:
+    bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
+    return key if bare else json.dumps(key)
+
+
+def render(config: Config, out: TextIO) -> None:
+    """Write ``config`` as a TOML file, each value commented with its source."""
+    file = str(config.file) if config.file else "none found"
+    print(f"# kvpoll configuration (file: {file})", file=out)
+    table = None
+    for key, value, source in config.items():
+        section, _, name = key.rpartition(".")
+        if section != (table or ""):
+            table = section
+            print(f"\n[{'.'.join(_key(p) for p in section.split('.'))}]", file=out)
+        line = f"{_key(name)} = {toml_value(value)}"
+        note = f"{source}; 0 = no limit" if value is None else source
+        print(f"{line:<40} # {note}", file=out)
+
+
+def render_json(config: Config, out: TextIO) -> None:
+    """Write ``config`` as JSON: values and sources."""
+    data = {
+        "file": str(config.file) if config.file else None,
+        "values": config.to_dict(),
+        "sources": {key: source for key, _, source in config.items()},
+    }
+    print(json.dumps(data, indent=2), file=out)
