@@ -1,13 +1,16 @@
 """One side of the cross-host test, run inside a network namespace.
 
-python tests/netns_node.py sender HOST            prints its address, serves rooms
-python tests/netns_node.py receiver ADDRESS HOST N...  receives rooms of N tokens, prints JSON
+python tests/netns_node.py TRANSPORT sender HOST N...  prints its address, serves rooms
+python tests/netns_node.py TRANSPORT receiver ADDRESS HOST N...  receives rooms, prints JSON
+
+TRANSPORT is zmq or ucx, each told to use TCP only (the namespaces share /dev/shm).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import torch
 
@@ -19,10 +22,16 @@ def payload(room: int, tokens: int) -> torch.Tensor:
     return torch.randn(tokens, HIDDEN, generator=gen).to(torch.bfloat16)
 
 
-def sender(host: str, sizes: list[int]) -> None:
+def tcp_only(transport: str, host: str) -> dict[str, Any]:
+    if transport == "ucx":
+        return {"host": host, "ucx": {"TLS": "tcp"}}
+    return {"host": host, "shm": False}
+
+
+def sender(transport: str, host: str, sizes: list[int]) -> None:
     from kvpoll.protocol import Sender
 
-    tx = Sender("zmq", transport_options={"host": host, "shm": False})
+    tx = Sender(transport, transport_options=tcp_only(transport, host))
     keep = {room: payload(room, n) for room, n in enumerate(sizes, start=1)}
     for room, data in keep.items():
         tx.add(room)
@@ -30,14 +39,18 @@ def sender(host: str, sizes: list[int]) -> None:
     print(tx.address, flush=True)
     finals = [tx.wait(room, 60).name for room in keep]
     stats = tx.transport.stats  # type: ignore[attr-defined]
-    print(json.dumps({"finals": finals, "stats": stats}), flush=True)
+    paths = sorted({p for room in keep for p in tx.info(room).paths})
+    print(json.dumps({"finals": finals, "stats": stats, "paths": paths}), flush=True)
     tx.close()
 
 
-def receiver(address: str, sizes: list[int], host: str) -> None:
+def receiver(transport: str, address: str, sizes: list[int], host: str) -> None:
     from kvpoll.protocol import Receiver
 
-    rx = Receiver("zmq", transport_options={"host": "0.0.0.0", "advertise": host, "shm": False})
+    options = tcp_only(transport, host)
+    if transport == "zmq":  # listening on every interface, advertising one
+        options.update(host="0.0.0.0", advertise=host)
+    rx = Receiver(transport, transport_options=options)
     result = []
     for room in range(1, len(sizes) + 1):
         rx.open(room, address, row_shape=(HIDDEN,), dtype=torch.bfloat16, allocated_tokens=256)
@@ -54,8 +67,8 @@ def receiver(address: str, sizes: list[int], host: str) -> None:
 
 
 if __name__ == "__main__":
-    role, where, *rest = sys.argv[1:]
+    transport, role, where, *rest = sys.argv[1:]
     if role == "sender":
-        sender(where, [int(n) for n in rest])
+        sender(transport, where, [int(n) for n in rest])
     else:
-        receiver(where, [int(n) for n in rest[1:]], rest[0])
+        receiver(transport, where, [int(n) for n in rest[1:]], rest[0])

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from kvpoll.transports import TransportUnavailable, resolve
+
 ROOT = Path(__file__).resolve().parent.parent
 NODE = Path(__file__).resolve().parent / "netns_node.py"
 TAG = f"kvp{os.getpid() % 100000}"
@@ -56,11 +58,19 @@ def in_ns(ns: str, *args: str) -> list[str]:
 
 
 @pytest.mark.netns
-def test_transfer_between_two_namespaces_over_tcp(namespaces: None) -> None:
+@pytest.mark.parametrize("transport", ["zmq", "ucx"])
+def test_transfer_between_two_namespaces_over_tcp(namespaces: None, transport: str) -> None:
+    if transport == "ucx":
+        try:
+            resolve("ucx")
+        except TransportUnavailable as exc:
+            if os.environ.get("CI_REQUIRE_ENGINES") == "1":
+                pytest.fail(str(exc))
+            pytest.skip(str(exc))
     sizes = ["100", "700", "1500"]
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}")
     sender = subprocess.Popen(
-        in_ns(A, "sender", ADDR_A, *sizes),
+        in_ns(A, transport, "sender", ADDR_A, *sizes),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -72,7 +82,7 @@ def test_transfer_between_two_namespaces_over_tcp(namespaces: None) -> None:
         address = sender.stdout.readline().strip()
         assert address.startswith(f"tcp://{ADDR_A}:"), address or sender.stderr.read()
         receiver = subprocess.run(
-            in_ns(B, "receiver", address, ADDR_B, *sizes),
+            in_ns(B, transport, "receiver", address, ADDR_B, *sizes),
             capture_output=True,
             text=True,
             timeout=120,
@@ -85,8 +95,15 @@ def test_transfer_between_two_namespaces_over_tcp(namespaces: None) -> None:
         assert all(r["matched"] for r in rooms)
         report = json.loads(sender.stdout.readline())
         assert report["finals"] == ["Success"] * 3
-        assert report["stats"]["tcp_writes"] == 1 + 3 + 6  # chunks of 256 tokens
+        writes = 1 + 3 + 6  # chunks of 256 tokens
         assert report["stats"]["shm_writes"] == 0
+        if transport == "zmq":
+            assert report["stats"]["tcp_writes"] == writes
+            assert report["paths"] == ["zmq/tcp"]  # different hosts: never shared memory
+        else:
+            assert report["stats"]["ucx_writes"] == writes
+            assert report["stats"]["tcp_writes"] == 0
+            assert report["paths"] == ["ucx"]
         assert sender.wait(30) == 0
     finally:
         if sender.poll() is None:

@@ -37,7 +37,13 @@ import numpy as np
 import torch
 import zmq
 
-from kvpoll.transports.base import Capabilities, Region, RegionDescriptor, TransportError
+from kvpoll.transports.base import (
+    Capabilities,
+    Region,
+    RegionDescriptor,
+    TransportError,
+    as_bytes,
+)
 from kvpoll.transports.shm import Segment
 from kvpoll.transports.zmq_transport import ZmqTransport
 
@@ -134,8 +140,10 @@ class UcxTransport(ZmqTransport):
 
     name: ClassVar[str] = "ucx"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        zero_copy=True, same_host_only=False, device_memory=False
+        zero_copy=True, same_host_only=False, device_memory=True
     )
+    """Device memory needs a GPU and a UCX built with CUDA (``register`` says
+    which is missing); pooled buffers from ``allocate`` are host memory."""
 
     def __init__(
         self,
@@ -181,6 +189,19 @@ class UcxTransport(ZmqTransport):
         return [self.name]  # UCX picks shared memory, cma or the network itself
 
     # -- regions ----------------------------------------------------------------
+    def register(self, tensor: torch.Tensor) -> Region:
+        if tensor.device.type == "cpu":
+            return super().register(tensor)
+        self._check_open()
+        if tensor.device.type != "cuda":
+            raise TransportError(f"the ucx transport cannot reach {tensor.device.type} memory")
+        if not self._context.cuda_support:
+            raise TransportError(
+                "this UCX has no CUDA support, so it cannot reach GPU memory "
+                "(install a CUDA build of UCX, e.g. ucxx-cu12 on a machine with a GPU)"
+            )
+        return self._add_region(as_bytes(tensor), {})
+
     def _add_region(self, data: torch.Tensor, extra: dict[str, Any]) -> Region:
         return super()._add_region(data, {**extra, "ucx_worker": self._worker_address})
 
@@ -223,7 +244,7 @@ class UcxTransport(ZmqTransport):
         tag = self._tag_prefix | (write_id & 0xFFFFFFFF)
         header = _REQUEST.pack(write_id, dst.region_id, dst_offset, nbytes, tag)
         self._dealer(dst.endpoint).send_multipart([_WRITE_REQUEST, header])
-        view = src.data.numpy()[src_offset : src_offset + nbytes]
+        view = _buffer(src.data, src_offset, nbytes)
         self._sends[write_id] = endpoint.tag_send(Array(view), libucxx.UCXXTag(tag))
         self._expect_ack(write_id, dst.endpoint)
         self.stats["ucx_writes"] += 1
@@ -238,7 +259,7 @@ class UcxTransport(ZmqTransport):
         write_id, region_id, offset, length, tag = _REQUEST.unpack(frames[0])
         region, error = self._lookup(region_id, offset, length)
         if region is not None:
-            keep: Any = region.data.numpy()[offset : offset + length]
+            keep: Any = _buffer(region.data, offset, length)
         else:
             keep = np.empty(_SCRATCH, dtype=np.uint8)  # truncates, dropping the bytes
             self.stats["rejected_writes"] += 1
@@ -312,6 +333,13 @@ class UcxTransport(ZmqTransport):
         self._sends.clear()
         self._receives.clear()
         super().close()
+
+
+def _buffer(data: torch.Tensor, offset: int, nbytes: int) -> Any:
+    """A slice UCXX's Array takes: a NumPy view of host memory, the tensor itself
+    (its ``__cuda_array_interface__``) for device memory."""
+    piece = data[offset : offset + nbytes]
+    return piece.numpy() if piece.device.type == "cpu" else piece
 
 
 def _request_error(request: Any) -> str | None:
