@@ -43,7 +43,7 @@ def test_engine_passes_the_kit(name: str) -> None:
 def test_engine_rooms_end_to_end(name: str) -> None:
     """Several chunks with resumes through Sender/Receiver, data bit for bit."""
     engine(name)
-    fast = {"heartbeat_interval": 0.2, "heartbeat_misses": 5}
+    fast: dict[str, Any] = {"heartbeat_interval": 0.2, "heartbeat_misses": 5}
     with Sender(name, **fast) as tx, Receiver(name, **fast) as rx:
         gen = torch.Generator().manual_seed(3)
         data = torch.randn(700, 256, generator=gen).to(torch.bfloat16)

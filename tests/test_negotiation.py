@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from kvpoll.protocol import Receiver, Sender
 from kvpoll.protocol.negotiation import choose_path, mismatch
 from kvpoll.transports import TransportUnavailable, resolve
 
-FAST = {"heartbeat_interval": 0.2, "heartbeat_misses": 5}
+FAST: dict[str, Any] = {"heartbeat_interval": 0.2, "heartbeat_misses": 5}
 
 
 @pytest.mark.parametrize(
