@@ -143,3 +143,20 @@ def test_the_demo_over_each_engine(name: str) -> None:
     finals = [room["sides"]["lm rank 0"]["final"] for room in summary["rooms"]]
     assert finals == ["Success", "Success", "Success", "Failed"]
     assert all(room["sides"]["lm rank 0"]["data_matched"] for room in summary["rooms"][:3])
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_engine_one_tensor_sent_in_many_rooms(name: str) -> None:
+    """Engines refuse to register one range twice: regions over it share one registration."""
+    engine(name)
+    fast: dict[str, Any] = {"heartbeat_interval": 0.2, "heartbeat_misses": 5}
+    data = torch.arange(64 * 32, dtype=torch.float32).reshape(64, 32)
+    with Sender(name, **fast) as tx, Receiver(name, **fast) as rx:
+        for room in range(1, 6):
+            tx.add(room)
+            tx.send(room, data)
+        for room in range(1, 6):
+            rx.open(room, tx.address, row_shape=(32,), dtype=torch.float32, allocated_tokens=64)
+        for room in range(1, 6):
+            assert rx.wait(room, 30).name == "Success", rx.info(room).reason
+            assert torch.equal(rx.result(room).tensor(), data)

@@ -6,9 +6,14 @@ Two processes: this one receives (a :class:`~kvpoll.Receiver`), a child sends
 * ``copy``: a single-core copy into a pre-touched buffer (the limit);
 * ``pyzmq``: raw pyzmq over TCP, ``send(copy=False)`` / ``recv(copy=False)``;
 * ``zmq-shm`` and ``zmq-tcp``: one room of one chunk through kvpoll, from
-  ``open()`` to Success (bootstrap round trip included).
+  ``open()`` to Success (bootstrap round trip included);
+* with ``transports`` naming engines: ``ucx``, ``nixl``, ``mooncake`` (one room
+  through kvpoll over that engine) beside ``raw-ucxx``, ``raw-nixl``,
+  ``raw-mooncake`` (one write through the engine used directly, from the
+  command to the bytes being in the receiver's buffer; see
+  :mod:`kvpoll.bench.raw_engines`).
 
-Then 1,000 concurrent one-chunk rooms through one endpoint pair.
+Then 1,000 concurrent one-chunk rooms through one endpoint pair per path.
 """
 
 from __future__ import annotations
@@ -24,14 +29,35 @@ from typing import Any
 import torch
 import zmq
 
+from kvpoll.bench.raw_engines import RAW, receiving_half, sending_half
 from kvpoll.bench.stats import Figure, figure, ratio
 
-__all__ = ["PATHS", "TransferBench", "run"]
+__all__ = ["ENGINES", "PATHS", "TransferBench", "paths_of", "plot", "run"]
 
 ROW = 4096  # bytes per token row
 PATHS = ("zmq-shm", "zmq-tcp")
-TARGETS = {"shm_vs_copy": 0.7, "tcp_vs_pyzmq": 1.0}
+ENGINES = ("ucx", "nixl", "mooncake")
+TRANSPORTS = ("zmq", *ENGINES)
+TARGETS = {"shm_vs_copy": 0.7, "tcp_vs_pyzmq": 1.0, "engine_vs_raw": 0.9}
 MiB = 1 << 20
+_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "zmq-shm": ("zmq", {"shm": True}),
+    "zmq-tcp": ("zmq", {"shm": False}),
+    **{name: (name, {}) for name in ENGINES},
+}
+
+
+def paths_of(transports: list[str]) -> list[str]:
+    """kvpoll paths measured for ``transports`` (``all``: every one)."""
+    chosen = list(TRANSPORTS) if "all" in transports else transports
+    unknown = sorted(set(chosen) - set(TRANSPORTS))
+    if unknown:
+        raise ValueError(f"unknown transport {unknown[0]!r}; known: {', '.join(TRANSPORTS)}, all")
+    paths: list[str] = []
+    for name in TRANSPORTS:
+        if name in chosen:
+            paths.extend(PATHS if name == "zmq" else [name])
+    return paths
 
 
 def _source(nbytes: int) -> torch.Tensor:
@@ -51,6 +77,7 @@ def _child(conn: Any) -> None:
     from kvpoll.protocol import Sender
 
     senders: dict[str, Sender] = {}
+    halves: dict[str, Any] = {}
     sources: dict[int, torch.Tensor] = {}
     ctx = zmq.Context()
     push: zmq.Socket[bytes] | None = None
@@ -63,10 +90,18 @@ def _child(conn: Any) -> None:
                 break
             if kind == "start":
                 path = command[1]
-                senders[path] = Sender(
-                    "zmq", transport_options={"shm": path == "zmq-shm"}, history=False
-                )
+                transport, options = _OPTIONS[path]
+                senders[path] = Sender(transport, transport_options=options, history=False)
                 conn.send(senders[path].address)
+            elif kind == "raw-setup":
+                _, name, setup, nbytes = command
+                if name in halves:
+                    halves.pop(name).close()
+                halves[name] = sending_half(name, setup, nbytes)
+                conn.send("ok")
+            elif kind == "raw-go":
+                halves[command[1]].send()
+                conn.send("done")
             elif kind == "rooms":
                 _, path, nbytes, ids = command
                 src = sources.setdefault(nbytes, _source(nbytes))
@@ -93,6 +128,8 @@ def _child(conn: Any) -> None:
                     raise RuntimeError("'go' before 'raw'")
                 push.send(raw_buf, copy=False)
     finally:
+        for half in halves.values():
+            half.close()
         for sender in senders.values():
             sender.close()
         if push is not None:
@@ -106,23 +143,35 @@ class TransferBench:
 
     repeats: int
     sizes: list[int]
+    paths: list[str] = field(default_factory=lambda: list(PATHS))
     figures: dict[str, dict[str, Figure]] = field(default_factory=dict)
     ratios: dict[str, dict[str, Figure]] = field(default_factory=dict)
     concurrent: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def verdicts(self) -> dict[str, bool]:
         met = {}
+        engines = [p for p in self.paths if p in RAW]
         for size in self.sizes:
-            if size >= 16 * MiB:
-                key = _label(size)
+            if size < 16 * MiB:
+                continue
+            key = _label(size)
+            if "zmq-shm" in self.paths:
                 met[f"zmq-shm >= {TARGETS['shm_vs_copy']}x copy at {key}"] = (
                     self.ratios["zmq-shm/copy"][key].median >= TARGETS["shm_vs_copy"]
                 )
                 met[f"zmq-tcp >= {TARGETS['tcp_vs_pyzmq']}x pyzmq at {key}"] = (
                     self.ratios["zmq-tcp/pyzmq"][key].median >= TARGETS["tcp_vs_pyzmq"]
                 )
+            for path in engines:
+                met[f"{path} >= {TARGETS['engine_vs_raw']}x {RAW[path]} at {key}"] = (
+                    self.ratios[f"{path}/{RAW[path]}"][key].median >= TARGETS["engine_vs_raw"]
+                )
+            if engines:
+                best = max(self.figures[p][key].median for p in self.paths)
+                raw = max(self.figures[RAW[p]][key].median for p in engines)
+                met[f"kvpoll's best path >= the best raw engine at {key}"] = best >= raw
         for path, result in self.concurrent.items():
-            met[f"1,000 concurrent rooms complete over {path}"] = (
+            met[f"{int(result['rooms']):,} concurrent rooms complete over {path}"] = (
                 result["succeeded"] == result["rooms"]
             )
         return met
@@ -144,28 +193,31 @@ class TransferBench:
             "met": self.verdicts(),
         }
 
+    def names(self) -> list[str]:
+        """Every measured path: baselines, kvpoll's paths, raw engines."""
+        return ["copy", "pyzmq", *self.paths, *(RAW[p] for p in self.paths if p in RAW)]
+
     def report(self) -> str:
-        names = ["copy", "pyzmq", *PATHS]
         lines = [
             f"kvpoll bench transfer: python {platform.python_version()}, "
             f"{self.repeats} repeats; GiB/s median [min-max]",
             "",
         ]
-        lines.append(f"{'size':<8}" + "".join(f"{n:>24}" for n in names))
-        for size in self.sizes:
-            key = _label(size)
+        keys = [_label(s) for s in self.sizes]
+        lines.append(f"{'path':<14}" + "".join(f"{k:>22}" for k in keys))
+        for name in self.names():
             lines.append(
-                f"{key:<8}" + "".join(f"{self.figures[n][key].show('', 2):>24}" for n in names)
+                f"{name:<14}" + "".join(f"{self.figures[name][k].show('', 2):>22}" for k in keys)
             )
         lines.append("")
-        lines.append(
-            "seconds per room (median): "
-            + ", ".join(
-                f"{_label(s)} {self.figures['zmq-shm-seconds'][_label(s)].median * 1e3:.1f} ms shm"
-                f" / {self.figures['zmq-tcp-seconds'][_label(s)].median * 1e3:.1f} ms tcp"
-                for s in self.sizes
+        lines.append("milliseconds per room (median):")
+        for path in self.paths:
+            lines.append(
+                f"  {path:<12}"
+                + "  ".join(
+                    f"{k} {self.figures[f'{path}-seconds'][k].median * 1e3:.2f}" for k in keys
+                )
             )
-        )
         lines.append("")
         lines.append("ratios (per repeat, median [min-max]):")
         for name, by in self.ratios.items():
@@ -207,9 +259,15 @@ def run(
     sizes: list[int],
     repeats: int = 5,
     concurrent_rooms: int = 1000,
+    transports: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> TransferBench:
-    """Measure every path at every size; ``progress`` is told of each step."""
+    """Measure every path at every size; ``progress`` is told of each step.
+
+    ``transports``: which of zmq, ucx, nixl, mooncake (or ``all``); default zmq.
+    """
+    paths = paths_of(transports or ["zmq"])
+    raws = [RAW[p] for p in paths if p in RAW]
     from kvpoll.protocol import Receiver
 
     say = progress or (lambda _msg: None)
@@ -217,7 +275,7 @@ def run(
     conn, child_conn = ctx.Pipe()
     child = ctx.Process(target=_child, args=(child_conn,), name="kvpoll-bench-sender", daemon=True)
     child.start()
-    result = TransferBench(repeats, sizes)
+    result = TransferBench(repeats, sizes, paths)
     receivers: dict[str, Receiver] = {}
     zctx = zmq.Context()
     pull = zctx.socket(zmq.PULL)
@@ -226,11 +284,10 @@ def run(
     next_room = iter(range(1, 1 << 40))
     try:
         addresses = {}
-        for path in PATHS:
+        for path in paths:
             addresses[path] = _ask(conn, ("start", path), 120)
-            receivers[path] = Receiver(
-                "zmq", transport_options={"shm": path == "zmq-shm"}, history=False
-            )
+            transport, options = _OPTIONS[path]
+            receivers[path] = Receiver(transport, transport_options=options, history=False)
 
         def one_room(path: str, nbytes: int, check: torch.Tensor | None = None) -> float:
             room = next(next_room)
@@ -270,11 +327,28 @@ def run(
                     raise RuntimeError("raw pyzmq lost bytes")
                 return took
 
+            halves = {}
+            for name in raws:
+                halves[name] = receiving_half(name, size)
+                _ask(conn, ("raw-setup", name, halves[name].setup(), size), 120)
+
+            def engine(name: str, halves: dict[str, Any] = halves) -> float:
+                half = halves[name]
+                half.arm()
+                start = time.perf_counter()
+                conn.send(("raw-go", name))
+                half.wait()
+                if not conn.poll(120) or conn.recv() != "done":
+                    raise RuntimeError(f"{name}: the sender did not finish")
+                return time.perf_counter() - start
+
             say(f"{key}: warm-up")
             raw()
-            for path in PATHS:
+            for path in paths:
                 one_room(path, size)
-            samples: dict[str, list[float]] = {n: [] for n in ("copy", "pyzmq", *PATHS)}
+            for name in raws:
+                engine(name)
+            samples: dict[str, list[float]] = {n: [] for n in ("copy", "pyzmq", *paths, *raws)}
             for i in range(repeats):
                 say(f"{key}: repeat {i + 1}/{repeats}")
                 with _single_thread():
@@ -282,21 +356,28 @@ def run(
                     dst.copy_(src)
                     samples["copy"].append(time.perf_counter() - start)
                 samples["pyzmq"].append(raw())
-                for path in PATHS:
+                for path in paths:
                     samples[path].append(one_room(path, size))
+                for name in raws:
+                    samples[name].append(engine(name))
+            for half in halves.values():
+                half.close()
             for name, secs in samples.items():
                 result.figures.setdefault(name, {})[key] = figure([_gib(size, s) for s in secs])
-                if name in PATHS:
+                if name in paths:
                     result.figures.setdefault(f"{name}-seconds", {})[key] = figure(secs)
             gib = {n: [_gib(size, s) for s in secs] for n, secs in samples.items()}
-            for name, num, den in (
-                ("zmq-shm/copy", "zmq-shm", "copy"),
-                ("zmq-tcp/pyzmq", "zmq-tcp", "pyzmq"),
-                ("zmq-shm/pyzmq", "zmq-shm", "pyzmq"),
-            ):
+            pairs = [(f"{p}/{RAW[p]}", p, RAW[p]) for p in paths if p in RAW]
+            if "zmq-shm" in paths:
+                pairs += [
+                    ("zmq-shm/copy", "zmq-shm", "copy"),
+                    ("zmq-tcp/pyzmq", "zmq-tcp", "pyzmq"),
+                    ("zmq-shm/pyzmq", "zmq-shm", "pyzmq"),
+                ]
+            for name, num, den in pairs:
                 result.ratios.setdefault(name, {})[key] = ratio(gib[num], gib[den])
         if concurrent_rooms:
-            for path in PATHS:
+            for path in paths:
                 say(f"{concurrent_rooms} concurrent rooms over {path}")
                 result.concurrent[path] = _concurrent(
                     conn, receivers[path], addresses[path], path, concurrent_rooms, next_room
@@ -313,6 +394,37 @@ def run(
             child.kill()
             child.join(5)
     return result
+
+
+def plot(result: TransferBench, path: str) -> None:
+    """Save a PNG of GiB/s (median, min-max bars) by size for every measured path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    sizes = [s / MiB for s in result.sizes]
+    keys = [_label(s) for s in result.sizes]
+    for name in result.names():
+        figs = [result.figures[name][k] for k in keys]
+        medians = [f.median for f in figs]
+        low = [f.median - f.low for f in figs]
+        high = [f.high - f.median for f in figs]
+        style = "--" if name.startswith("raw-") or name in ("copy", "pyzmq") else "-"
+        ax.errorbar(
+            sizes, medians, yerr=[low, high], label=name, linestyle=style, marker="o", capsize=3
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, keys)
+    ax.set_xlabel("tensor size (one room, one chunk)")
+    ax.set_ylabel("GiB/s (median; bars: min-max)")
+    ax.set_title(f"kvpoll bench transfer: {result.repeats} repeats, 2 processes, one host")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _concurrent(

@@ -178,13 +178,26 @@ def _cmd_bench_statemachine(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_transfer(args: argparse.Namespace) -> int:
-    from kvpoll.bench.transfer import run
+    from kvpoll.bench.transfer import paths_of, plot, run
+    from kvpoll.transports import TransportUnavailable, resolve
 
+    transports = sorted(set(args.transport or ["zmq"]))
+    try:
+        paths = paths_of(transports)
+    except ValueError as exc:
+        raise KvpollError(str(exc)) from exc
+    for path in paths:
+        if path in ("ucx", "nixl", "mooncake"):
+            try:
+                resolve(path)
+            except TransportUnavailable as exc:
+                raise KvpollError(str(exc)) from exc
     bar = None
     if not args.json and sys.stderr.isatty():
         from tqdm import tqdm
 
-        bar = tqdm(total=len(args.sizes) * (args.repeat + 1) + 2, unit="step", leave=False)
+        steps = len(args.sizes) * (args.repeat + 1) + (len(paths) if args.rooms else 0)
+        bar = tqdm(total=steps, unit="step", leave=False)
 
     def progress(msg: str) -> None:
         if bar is not None:
@@ -198,12 +211,16 @@ def _cmd_bench_transfer(args: argparse.Namespace) -> int:
             sizes=[s << 20 for s in args.sizes],
             repeats=args.repeat,
             concurrent_rooms=args.rooms,
+            transports=transports,
             progress=progress,
         )
     finally:
         if bar is not None:
             bar.close()
     print(json.dumps(result.to_json(), indent=2) if args.json else result.report())
+    if args.plot:
+        plot(result, args.plot)
+        print(f"plot saved to {args.plot}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -390,9 +407,19 @@ def build_parser() -> argparse.ArgumentParser:
         "transfer",
         help="GiB/s of each transport path between two processes",
         description="Move tensors between two processes through kvpoll's "
-        "zmq shared-memory and TCP paths, beside a single-core "
-        "copy and raw pyzmq measured in the same run.",
+        "transports (zmq shared memory and TCP; ucx, nixl, mooncake), beside a "
+        "single-core copy, raw pyzmq and each engine used directly, all measured "
+        "in the same run.",
     )
+    b.add_argument(
+        "--transport",
+        action="append",
+        choices=("zmq", "ucx", "nixl", "mooncake", "all"),
+        default=None,
+        help="a transport to measure, with its raw engine (repeatable; 'all': every "
+        "one; default: zmq)",
+    )
+    b.add_argument("--plot", metavar="PNG", help="save a plot of GiB/s by size for every path")
     b.add_argument(
         "--sizes",
         type=_positive,

@@ -57,7 +57,10 @@ class EngineTransport(ZmqTransport):
         super().__init__(shm=False, **options)
         self._asked: dict[int, EngineWrite] = {}
         self._running: dict[int, Any] = {}
-        self._registrations: dict[int, Any] = {}  # region id -> the engine's handle
+        # One engine registration per memory range, shared by the regions over it
+        # (a sender may register one tensor for many rooms; engines refuse twice).
+        self._registrations: dict[int, tuple[int, int]] = {}  # region id -> range
+        self._ranges: dict[tuple[int, int], list[Any]] = {}  # range -> [handle, reach, count]
         self._poll_interval = poll_interval
         self.stats.update({"engine_writes": 0})
 
@@ -91,16 +94,26 @@ class EngineTransport(ZmqTransport):
 
     # -- regions ----------------------------------------------------------------------
     def _add_region(self, data: torch.Tensor, extra: dict[str, Any]) -> Region:
-        handle, reach = self._register(data) if data.numel() else (None, {})
-        region = super()._add_region(data, {**extra, **reach})
-        if handle is not None:
-            self._registrations[region.descriptor.region_id] = handle
+        if not data.numel():
+            return super()._add_region(data, extra)
+        key = (int(data.data_ptr()), data.numel())
+        entry = self._ranges.get(key)
+        if entry is None:
+            handle, reach = self._register(data)
+            entry = self._ranges[key] = [handle, reach, 0]
+        region = super()._add_region(data, {**extra, **entry[1]})
+        entry[2] += 1
+        self._registrations[region.descriptor.region_id] = key
         return region
 
     def release(self, region: Region, *, reuse: bool = True) -> None:
-        handle = self._registrations.pop(region.descriptor.region_id, None)
-        if handle is not None:
-            self._unregister(handle)
+        key = self._registrations.pop(region.descriptor.region_id, None)
+        entry = self._ranges.get(key) if key is not None else None
+        if key is not None and entry is not None:
+            entry[2] -= 1
+            if entry[2] <= 0:
+                del self._ranges[key]
+                self._unregister(entry[0])
         super().release(region, reuse=reuse)
 
     # -- writes -------------------------------------------------------------------------
@@ -173,8 +186,9 @@ class EngineTransport(ZmqTransport):
         deadline = time.monotonic() + 2.0
         while self._running and time.monotonic() < deadline:
             self._progress_engine()  # the engine may still read our memory: let it finish
-        for handle in self._registrations.values():
+        for handle, _, _ in self._ranges.values():
             self._unregister(handle)
+        self._ranges.clear()
         self._registrations.clear()
         self._asked.clear()
         self._close_engine()
