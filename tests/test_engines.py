@@ -11,12 +11,15 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from kvpoll.cli import main
 from kvpoll.protocol import Receiver, Sender
 from kvpoll.testing import check_transport, wait_for_write
 from kvpoll.transports import Transport, TransportError, TransportUnavailable, resolve
@@ -160,3 +163,29 @@ def test_engine_one_tensor_sent_in_many_rooms(name: str) -> None:
         for room in range(1, 6):
             assert rx.wait(room, 30).name == "Success", rx.info(room).reason
             assert torch.equal(rx.result(room).tensor(), data)
+
+
+def test_config_show_lists_what_ucx_hands_to_ucx(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine("ucx")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.setenv("KVPOLL_TRANSPORT", "ucx")
+    monkeypatch.setenv("KVPOLL_UCX_UCX", '{ RNDV_SCHEME = "get_zcopy" }')
+    monkeypatch.setenv("UCX_TLS", "tcp")
+    assert main(["config", "show"]) == 0
+    out = capsys.readouterr().out
+    rows = {
+        line.split("#")[1].strip(): line.rsplit("#", 1)[1].strip()
+        for line in out.splitlines()
+        if line.startswith("#   UCX_")
+    }
+    assert rows["UCX_TLS = tcp"] == "env UCX_TLS"
+    assert rows["UCX_MM_ERROR_HANDLING = y"] == "kvpoll default"
+    assert rows["UCX_RNDV_SCHEME = get_zcopy"] == "explicit"
+    assert rows["UCX_NET_DEVICES = lo"] == "kvpoll default"
+    tomllib.loads(out)  # still a valid file: the UCX lines are comments
+    assert main(["config", "show", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ucx_settings"]["UCX_TLS"] == {"value": "tcp", "source": "env UCX_TLS"}

@@ -1,22 +1,30 @@
-"""Minimal direct uses of each engine, the baselines its kvpoll transport stands beside.
+"""Single writes: each engine used directly, and each kvpoll transport alone.
 
-Each baseline has a receiving half (in the measuring process: a pre-touched
-buffer the engine writes into) and a sending half (in the child process). The
-receiving half's ``setup`` returns what the sending half needs (plain data for
-the pipe); one ``send`` moves ``nbytes`` once and returns when the engine says
-the bytes are in the receiver's buffer. Same settings as the kvpoll transport
-(UCX's come from :func:`kvpoll.transports.ucx_transport.effective_settings`).
+The baselines (``raw-ucxx``, ``raw-nixl``, ``raw-mooncake``) are minimal direct
+uses of an engine, with the same settings as the kvpoll transport that wraps it
+(UCX's from :func:`kvpoll.transports.ucx_transport.effective_settings`). The
+``<path>.write`` measurements are one :meth:`Transport.write` of the kvpoll
+transport, without rooms or messages: they split an adapter's cost from the
+protocol's.
+
+Each has a receiving half (in the measuring process: a pre-touched buffer the
+bytes land in) and a sending half (in the child process). The receiving half's
+``setup`` returns what the sending half needs (plain data for the pipe); one
+``send`` moves ``nbytes`` once and returns when the bytes are in the receiver's
+buffer; the receiving half's ``wait(sent)`` does what the receiver must do until
+``sent()`` says the sender is done.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["RAW", "receiving_half", "sending_half"]
+__all__ = ["RAW", "WRITE_OPTIONS", "receiving_half", "sending_half"]
 
 RAW = {"ucx": "raw-ucxx", "nixl": "raw-nixl", "mooncake": "raw-mooncake"}
 """kvpoll transport -> the baseline that uses its engine directly."""
@@ -57,7 +65,7 @@ class _UcxReceiver:
             Array(self.buffer.numpy()), self.libucxx.UCXXTag(self.tag)
         )
 
-    def wait(self) -> None:
+    def wait(self, sent: Callable[[], bool]) -> None:
         deadline = time.monotonic() + _DEADLINE
         while not self.request.completed:
             self.worker.progress()
@@ -115,7 +123,7 @@ class _NixlReceiver:
     def arm(self) -> None:
         pass
 
-    def wait(self) -> None:
+    def wait(self, sent: Callable[[], bool]) -> None:
         pass  # one-sided: the sender's completion is the signal
 
     def close(self) -> None:
@@ -174,7 +182,7 @@ class _MooncakeReceiver:
     def arm(self) -> None:
         pass
 
-    def wait(self) -> None:
+    def wait(self, sent: Callable[[], bool]) -> None:
         pass
 
     def close(self) -> None:
@@ -200,6 +208,70 @@ class _MooncakeSender:
         self.engine.unregister_memory(self.buffer.data_ptr())
 
 
+WRITE_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "zmq-shm.write": ("zmq", {"shm": True}),
+    "zmq-tcp.write": ("zmq", {"shm": False}),
+    "ucx.write": ("ucx", {}),
+    "nixl.write": ("nixl", {}),
+    "mooncake.write": ("mooncake", {}),
+}
+"""One Transport.write of a kvpoll transport: name -> (transport, options)."""
+
+
+class _WriteReceiver:
+    def __init__(self, name: str, nbytes: int) -> None:
+        from kvpoll.transports import create
+
+        transport, options = WRITE_OPTIONS[name]
+        self.transport = create(transport, **options)
+        self.region = self.transport.allocate(nbytes)
+        self.region.data.fill_(1)
+
+    def setup(self) -> Any:
+        return self.region.descriptor.model_dump_json()
+
+    def arm(self) -> None:
+        pass
+
+    def wait(self, sent: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + _DEADLINE
+        while not sent():  # the destination side has its part: grants, receives, acks
+            self.transport.progress(0.0002)
+            if time.monotonic() > deadline:
+                raise RuntimeError("a kvpoll write did not complete")
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class _WriteSender:
+    def __init__(self, name: str, setup: Any, nbytes: int) -> None:
+        from kvpoll.transports import RegionDescriptor, create
+
+        transport, options = WRITE_OPTIONS[name]
+        self.transport = create(transport, **options)
+        self.target = RegionDescriptor.model_validate_json(setup)
+        self.source = self.transport.register(_buffer(nbytes))
+        self.nbytes = nbytes
+
+    def send(self) -> None:
+        from kvpoll.transports import WriteDone
+
+        write_id = self.transport.write(self.source, 0, self.target, 0, self.nbytes)
+        deadline = time.monotonic() + _DEADLINE
+        while True:
+            for event in self.transport.progress(0.05):
+                if isinstance(event, WriteDone) and event.write_id == write_id:
+                    if not event.ok:
+                        raise RuntimeError(f"a kvpoll write failed: {event.error}")
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError("a kvpoll write did not complete")
+
+    def close(self) -> None:
+        self.transport.close()
+
+
 _RECEIVERS: dict[str, Any] = {
     "raw-ucxx": _UcxReceiver,
     "raw-nixl": _NixlReceiver,
@@ -213,10 +285,14 @@ _SENDERS: dict[str, Any] = {
 
 
 def receiving_half(name: str, nbytes: int) -> Any:
-    """The receiving half of baseline ``name`` (setup, arm, wait, close)."""
+    """The receiving half of ``name`` (setup, arm, wait, close)."""
+    if name in WRITE_OPTIONS:
+        return _WriteReceiver(name, nbytes)
     return _RECEIVERS[name](nbytes)
 
 
 def sending_half(name: str, setup: Any, nbytes: int) -> Any:
-    """The sending half of baseline ``name`` (send, close)."""
+    """The sending half of ``name`` (send, close)."""
+    if name in WRITE_OPTIONS:
+        return _WriteSender(name, setup, nbytes)
     return _SENDERS[name](setup, nbytes)

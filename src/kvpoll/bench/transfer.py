@@ -163,13 +163,17 @@ class TransferBench:
                     self.ratios["zmq-tcp/pyzmq"][key].median >= TARGETS["tcp_vs_pyzmq"]
                 )
             for path in engines:
-                met[f"{path} >= {TARGETS['engine_vs_raw']}x {RAW[path]} at {key}"] = (
-                    self.ratios[f"{path}/{RAW[path]}"][key].median >= TARGETS["engine_vs_raw"]
-                )
+                for what in (path, f"{path}.write"):
+                    met[f"{what} >= {TARGETS['engine_vs_raw']}x {RAW[path]} at {key}"] = (
+                        self.ratios[f"{what}/{RAW[path]}"][key].median >= TARGETS["engine_vs_raw"]
+                    )
             if engines:
-                best = max(self.figures[p][key].median for p in self.paths)
                 raw = max(self.figures[RAW[p]][key].median for p in engines)
-                met[f"kvpoll's best path >= the best raw engine at {key}"] = best >= raw
+                for what, suffix in (("room", ""), ("single write", ".write")):
+                    best = max(self.figures[f"{p}{suffix}"][key].median for p in self.paths)
+                    met[f"kvpoll's best path ({what}) >= the best raw engine at {key}"] = (
+                        best >= raw
+                    )
         for path, result in self.concurrent.items():
             met[f"{int(result['rooms']):,} concurrent rooms complete over {path}"] = (
                 result["succeeded"] == result["rooms"]
@@ -194,8 +198,14 @@ class TransferBench:
         }
 
     def names(self) -> list[str]:
-        """Every measured path: baselines, kvpoll's paths, raw engines."""
-        return ["copy", "pyzmq", *self.paths, *(RAW[p] for p in self.paths if p in RAW)]
+        """Every measured path: baselines, kvpoll's rooms, single writes, raw engines."""
+        return [
+            "copy",
+            "pyzmq",
+            *self.paths,
+            *(f"{p}.write" for p in self.paths),
+            *(RAW[p] for p in self.paths if p in RAW),
+        ]
 
     def report(self) -> str:
         lines = [
@@ -222,7 +232,7 @@ class TransferBench:
         lines.append("ratios (per repeat, median [min-max]):")
         for name, by in self.ratios.items():
             lines.append(
-                f"  {name:<16}" + "  ".join(f"{size}: {f.show('x', 2)}" for size, f in by.items())
+                f"  {name:<30}" + "  ".join(f"{size}: {f.show('x', 2)}" for size, f in by.items())
             )
         for path, result in self.concurrent.items():
             lines.append(
@@ -267,7 +277,7 @@ def run(
     ``transports``: which of zmq, ucx, nixl, mooncake (or ``all``); default zmq.
     """
     paths = paths_of(transports or ["zmq"])
-    raws = [RAW[p] for p in paths if p in RAW]
+    raws = [RAW[p] for p in paths if p in RAW] + [f"{p}.write" for p in paths]
     from kvpoll.protocol import Receiver
 
     say = progress or (lambda _msg: None)
@@ -337,7 +347,7 @@ def run(
                 half.arm()
                 start = time.perf_counter()
                 conn.send(("raw-go", name))
-                half.wait()
+                half.wait(lambda: bool(conn.poll(0)))
                 if not conn.poll(120) or conn.recv() != "done":
                     raise RuntimeError(f"{name}: the sender did not finish")
                 return time.perf_counter() - start
@@ -368,6 +378,7 @@ def run(
                     result.figures.setdefault(f"{name}-seconds", {})[key] = figure(secs)
             gib = {n: [_gib(size, s) for s in secs] for n, secs in samples.items()}
             pairs = [(f"{p}/{RAW[p]}", p, RAW[p]) for p in paths if p in RAW]
+            pairs += [(f"{p}.write/{RAW[p]}", f"{p}.write", RAW[p]) for p in paths if p in RAW]
             if "zmq-shm" in paths:
                 pairs += [
                     ("zmq-shm/copy", "zmq-shm", "copy"),
@@ -403,25 +414,38 @@ def plot(result: TransferBench, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     sizes = [s / MiB for s in result.sizes]
     keys = [_label(s) for s in result.sizes]
-    for name in result.names():
-        figs = [result.figures[name][k] for k in keys]
-        medians = [f.median for f in figs]
-        low = [f.median - f.low for f in figs]
-        high = [f.high - f.median for f in figs]
-        style = "--" if name.startswith("raw-") or name in ("copy", "pyzmq") else "-"
-        ax.errorbar(
-            sizes, medians, yerr=[low, high], label=name, linestyle=style, marker="o", capsize=3
-        )
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, keys)
-    ax.set_xlabel("tensor size (one room, one chunk)")
-    ax.set_ylabel("GiB/s (median; bars: min-max)")
-    ax.set_title(f"kvpoll bench transfer: {result.repeats} repeats, 2 processes, one host")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    engines = [RAW[p] for p in result.paths if p in RAW]
+    panels = (
+        ("one room (open() to Success)", ["copy", "pyzmq", *result.paths, *engines]),
+        ("one Transport.write", [f"{p}.write" for p in result.paths] + engines),
+    )
+    for ax, (title, names) in zip(axes, panels, strict=True):
+        for name in names:
+            figs = [result.figures[name][k] for k in keys]
+            medians = [f.median for f in figs]
+            low = [f.median - f.low for f in figs]
+            high = [f.high - f.median for f in figs]
+            baseline = name.startswith("raw-") or name in ("copy", "pyzmq")
+            ax.errorbar(
+                sizes,
+                medians,
+                yerr=[low, high],
+                label=name,
+                linestyle="--" if baseline else "-",
+                marker="o",
+                capsize=3,
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, keys)
+        ax.set_xlabel("tensor size")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("GiB/s (median; bars: min-max)")
+    fig.suptitle(f"kvpoll bench transfer: {result.repeats} repeats, two processes, one host")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -49,6 +49,24 @@ def render(config: Config, out: TextIO) -> None:
         line = f"{_key(name)} = {toml_value(value)}"
         note = f"{source}; 0 = no limit" if value is None else source
         print(f"{line:<40} # {note}", file=out)
+    ucx = ucx_settings(config)
+    if ucx is not None:
+        print("\n# What the ucx transport hands UCX (UCX's variables, not kvpoll keys):", file=out)
+        for key, value, source in ucx:
+            print(f"{'#   UCX_' + key + ' = ' + value:<40} # {source}", file=out)
+
+
+def ucx_settings(config: Config) -> list[tuple[str, str, str]] | None:
+    """What the ``ucx`` transport would give UCX, when ucx is the selected transport."""
+    if config.transport != "ucx":
+        return None
+    try:
+        from kvpoll.transports.ucx_transport import settings_with_sources
+    except ImportError:
+        return None
+    options = config.options("ucx")
+    explicit = options.get("ucx") if isinstance(options.get("ucx"), dict) else None
+    return settings_with_sources(str(options.get("host", "127.0.0.1")), explicit)
 
 
 def render_json(config: Config, out: TextIO) -> None:
@@ -58,4 +76,7 @@ def render_json(config: Config, out: TextIO) -> None:
         "values": config.to_dict(),
         "sources": {key: source for key, _, source in config.items()},
     }
+    ucx = ucx_settings(config)
+    if ucx is not None:
+        data["ucx_settings"] = {f"UCX_{k}": {"value": v, "source": s} for k, v, s in ucx}
     print(json.dumps(data, indent=2), file=out)

@@ -54,7 +54,13 @@ try:  # the import error names the package for the "pip install kvpoll[ucx]" hin
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(str(exc), name="ucxx-cu12") from exc
 
-__all__ = ["DEFAULT_SETTINGS", "UcxTransport", "effective_settings", "net_device_for"]
+__all__ = [
+    "DEFAULT_SETTINGS",
+    "UcxTransport",
+    "effective_settings",
+    "net_device_for",
+    "settings_with_sources",
+]
 
 log = logging.getLogger("kvpoll.transports.ucx")
 
@@ -102,17 +108,37 @@ def net_device_for(host: str) -> str:
     return "all"
 
 
+def settings_with_sources(
+    host: str, explicit: Mapping[str, str] | None = None, environ: Mapping[str, str] | None = None
+) -> list[tuple[str, str, str]]:
+    """(key, value, source) of every setting that matters, keys without ``UCX_``.
+
+    Sources: ``kvpoll default``, ``env UCX_<KEY>`` (UCX reads it itself), or
+    ``explicit`` (the transport's ``ucx`` option).
+    """
+    env = os.environ if environ is None else environ
+    rows: dict[str, tuple[str, str]] = {}
+    for key, value in {**DEFAULT_SETTINGS, "NET_DEVICES": net_device_for(host)}.items():
+        variable = f"UCX_{key}"
+        if variable in env:
+            rows[key] = (env[variable], f"env {variable}")
+        else:
+            rows[key] = (value, "kvpoll default")
+    for key, value in (explicit or {}).items():
+        rows[key.removeprefix("UCX_").upper()] = (str(value), "explicit")
+    return [(key, value, source) for key, (value, source) in rows.items()]
+
+
 def effective_settings(
     host: str, explicit: Mapping[str, str] | None = None, environ: Mapping[str, str] | None = None
 ) -> dict[str, str]:
     """The settings handed to UCX: defaults the environment does not set, then
     ``explicit`` (which wins over both). Keys are given without ``UCX_``."""
-    env = os.environ if environ is None else environ
-    defaults = {**DEFAULT_SETTINGS, "NET_DEVICES": net_device_for(host)}
-    settings = {k: v for k, v in defaults.items() if f"UCX_{k}" not in env}
-    for key, value in (explicit or {}).items():
-        settings[key.removeprefix("UCX_").upper()] = str(value)
-    return settings
+    return {
+        key: value
+        for key, value, source in settings_with_sources(host, explicit, environ)
+        if not source.startswith("env ")  # UCX reads the environment itself
+    }
 
 
 @dataclass
