@@ -189,3 +189,18 @@ def test_config_show_lists_what_ucx_hands_to_ucx(
     assert main(["config", "show", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["ucx_settings"]["UCX_TLS"] == {"value": "tcp", "source": "env UCX_TLS"}
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_a_process_that_used_the_engine_exits_cleanly(name: str) -> None:
+    """Found here: NIXL's bundled UCX beside Debian's libefa crashed every process at exit."""
+    engine(name)
+    code = (
+        "from kvpoll.transports import create\n"
+        f"a, b = create({name!r}), create({name!r})\n"
+        "a.close(); b.close()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])

@@ -25,11 +25,13 @@ FAST: dict[str, Any] = {"heartbeat_interval": 0.2, "heartbeat_misses": 5}
         (["ucx", "zmq/tcp"], ["zmq/tcp", "ucx"], False, "zmq/tcp"),  # the sender's order
         (["zmq/tcp", "zmq/shm"], ["zmq/tcp", "zmq/shm"], True, "zmq/shm"),  # shm first on a host
         (["ucx"], ["zmq/shm", "zmq/tcp"], True, None),
-        ([], ["ucx"], True, None),
+        ([], ["ucx"], True, "ucx"),  # a receiver that announces nothing: the sender's first
+        (["zmq/shm", "zmq/tcp"], ["zmq/shm", "zmq/tcp"], None, "zmq/shm"),  # host unknown
+        (["ucx"], ["zmq/shm"], None, None),
     ],
 )
 def test_choose_path(
-    offered: list[str], spoken: list[str], same_host: bool, chosen: str | None
+    offered: list[str], spoken: list[str], same_host: bool | None, chosen: str | None
 ) -> None:
     assert choose_path(offered, spoken, same_host=same_host) == chosen
 

@@ -17,22 +17,30 @@ SAME_HOST_SUFFIX = "/shm"
 """Paths ending so reach only endpoints on the same host."""
 
 
-def choose_path(offered: Sequence[str], spoken: Sequence[str], *, same_host: bool) -> str | None:
+def choose_path(
+    offered: Sequence[str], spoken: Sequence[str], *, same_host: bool | None
+) -> str | None:
     """The path to use, or None when the two sides share none.
 
     ``spoken`` is in the sender's order of preference; on one host, paths
     ending in ``/shm`` move ahead of the rest; across hosts they are dropped.
+    ``same_host`` None (the receiver did not say where it is) keeps the
+    sender's order. A receiver that announces no paths at all (an older or a
+    minimal peer) gets the sender's first path: the write itself then checks
+    that it can reach the region.
     """
-    common = [path for path in spoken if path in offered]
+    common = [path for path in spoken if path in offered] if offered else list(spoken)
+    if same_host is None:
+        return common[0] if common else None
     local = [path for path in common if path.endswith(SAME_HOST_SUFFIX)]
     network = [path for path in common if not path.endswith(SAME_HOST_SUFFIX)]
     ordered = [*local, *network] if same_host else network
     return ordered[0] if ordered else None
 
 
-def mismatch(offered: Sequence[str], spoken: Sequence[str], *, same_host: bool) -> str:
+def mismatch(offered: Sequence[str], spoken: Sequence[str], *, same_host: bool | None) -> str:
     """Why :func:`choose_path` found nothing, in words for an error message."""
-    where = "on this host" if same_host else "on another host"
+    where = {True: "on this host", False: "on another host", None: "host unknown"}[same_host]
     return (
         f"no common transport: the receiver ({where}) offers {', '.join(offered) or 'nothing'}; "
         f"this sender speaks {', '.join(spoken)}. Configure both sides with one transport "

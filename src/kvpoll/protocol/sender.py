@@ -196,7 +196,7 @@ class Sender(Endpoint[_SenderRoom]):
         room = message.room
         rec = self._rooms.get(room)
         spoken = self._transport.paths()
-        same_host = message.host == self._host
+        same_host = message.host == self._host if message.host else None
         path = choose_path(message.transports, spoken, same_host=same_host)
         if path is None:
             reason = mismatch(message.transports, spoken, same_host=same_host)

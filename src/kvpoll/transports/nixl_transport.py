@@ -18,6 +18,7 @@ import os
 import secrets
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -27,6 +28,13 @@ from kvpoll.transports.engine import EngineTransport, EngineWrite
 
 os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+if not any(Path("/sys/class/infiniband").glob("*")):
+    # No RDMA device here. NIXL's bundled UCX would still load its EFA module
+    # wherever the system has libefa (Debian's libibverbs1, which Mooncake
+    # needs): that pulls the system's libibverbs and libnl beside NIXL's own
+    # copies, and the process then crashes at exit (SIGSEGV in libnl-route's
+    # destructor). With no device, the module has nothing to offer.
+    os.environ.setdefault("UCX_MODULES", "^efa")
 try:
     try:
         import nixl_cu12._api as nixl_api
