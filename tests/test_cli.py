@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -216,3 +217,41 @@ def test_bench_transfer_json(kvpoll_cmd: list[str]) -> None:
     assert set(result["ratios"]) == {"zmq-shm/copy", "zmq-tcp/pyzmq", "zmq-shm/pyzmq"}
     for path in ("zmq-shm", "zmq-tcp"):
         assert result["concurrent_rooms"][path]["succeeded"] == 50
+
+
+@pytest.mark.slow
+def test_bench_transfer_every_transport_with_its_raw_engine_and_a_plot(
+    kvpoll_cmd: list[str], tmp_path: Path
+) -> None:
+    from kvpoll.transports import TransportUnavailable, resolve
+
+    for name in ("ucx", "nixl", "mooncake"):
+        try:
+            resolve(name)
+        except TransportUnavailable as exc:
+            if os.environ.get("CI_REQUIRE_ENGINES") == "1":
+                pytest.fail(str(exc))
+            pytest.skip(str(exc))
+    png = tmp_path / "transfer.png"
+    out = run(
+        kvpoll_cmd,
+        *("bench", "transfer", "--transport", "all", "--sizes", "1", "--repeat", "1"),
+        *("--rooms", "20", "--json", "--plot", str(png)),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    paths = ["zmq-shm", "zmq-tcp", "ucx", "nixl", "mooncake"]
+    raws = ["raw-ucxx", "raw-nixl", "raw-mooncake"]
+    for name in [*paths, *(f"{p}.write" for p in paths), *raws]:
+        assert result["gib_per_s"][name]["1 MiB"]["median"] > 0, name
+    for path, raw in zip(["ucx", "nixl", "mooncake"], raws, strict=True):
+        assert f"{path}/{raw}" in result["ratios"]
+        assert f"{path}.write/{raw}" in result["ratios"]
+        assert result["concurrent_rooms"][path]["succeeded"] == 20
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_transfer_refuses_an_unknown_transport(kvpoll_cmd: list[str]) -> None:
+    out = run(kvpoll_cmd, "bench", "transfer", "--transport", "carrier-pigeon")
+    assert out.returncode == 2
+    assert "carrier-pigeon" in out.stderr
