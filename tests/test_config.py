@@ -147,3 +147,15 @@ def test_endpoints_read_the_configuration(
     with Sender(transport_options={"shm": True}, heartbeat_interval=2.0) as tx:
         assert tx.transport.paths() == ["zmq/shm", "zmq/tcp"]
         assert tx._interval == 2.0
+
+
+def test_demo_reads_the_configuration_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "none.toml"
+    assert main(["demo", "--config", str(missing)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text('transport = "smoke-signals"\n')
+    assert main(["demo", "--config", str(bad), "--no-failure"]) == 2
+    assert "unknown transport 'smoke-signals'" in capsys.readouterr().err

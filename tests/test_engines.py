@@ -23,6 +23,7 @@ from kvpoll.cli import main
 from kvpoll.protocol import Receiver, Sender
 from kvpoll.testing import check_transport, wait_for_write
 from kvpoll.transports import Transport, TransportError, TransportUnavailable, resolve
+from tests.test_demo import demo
 
 ENGINES = ["ucx", "nixl", "mooncake"]
 
@@ -123,16 +124,6 @@ def test_ucx_device_memory() -> None:  # pragma: no cover - needs a GPU
         dst = b.register(torch.zeros(4096, device="cuda", dtype=torch.uint8))
         assert wait_for_write(a, b, a.write(src, 0, dst.descriptor, 0, 4096)).ok
         assert torch.equal(dst.data.cpu(), src_tensor.cpu())
-
-
-def demo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kvpoll", "demo", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 @pytest.mark.slow
