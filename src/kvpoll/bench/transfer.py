@@ -407,6 +407,21 @@ def run(
     return result
 
 
+# one colour per engine: a kvpoll path, its single write and its raw engine match
+_COLOURS = {
+    "copy": "black",
+    "pyzmq": "grey",
+    "zmq-shm": "C0",
+    "zmq-tcp": "C1",
+    "ucx": "C2",
+    "raw-ucxx": "C2",
+    "nixl": "C3",
+    "raw-nixl": "C3",
+    "mooncake": "C4",
+    "raw-mooncake": "C4",
+}
+
+
 def plot(result: TransferBench, path: str) -> None:
     """Save a PNG of GiB/s (median, min-max bars) by size for every measured path."""
     import matplotlib
@@ -434,8 +449,9 @@ def plot(result: TransferBench, path: str) -> None:
                 medians,
                 yerr=[low, high],
                 label=name,
+                color=_COLOURS[name.removesuffix(".write")],
                 linestyle="--" if baseline else "-",
-                marker="o",
+                marker="s" if baseline else "o",
                 capsize=3,
             )
         ax.set_xscale("log", base=2)
