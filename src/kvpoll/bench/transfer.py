@@ -93,11 +93,18 @@ def _child(conn: Any) -> None:
                 transport, options = _OPTIONS[path]
                 senders[path] = Sender(transport, transport_options=options, history=False)
                 conn.send(senders[path].address)
+            elif kind == "stop":
+                senders.pop(command[1]).close()
+                conn.send("ok")
             elif kind == "raw-setup":
                 _, name, setup, nbytes = command
                 if name in halves:
                     halves.pop(name).close()
                 halves[name] = sending_half(name, setup, nbytes)
+                conn.send("ok")
+            elif kind == "raw-close":
+                if command[1] in halves:
+                    halves.pop(command[1]).close()
                 conn.send("ok")
             elif kind == "raw-go":
                 halves[command[1]].send()
@@ -199,9 +206,9 @@ class TransferBench:
 
     def names(self) -> list[str]:
         """Every measured path: baselines, kvpoll's rooms, single writes, raw engines."""
+        baselines = ["copy", "pyzmq"] if any(p in PATHS for p in self.paths) else []
         return [
-            "copy",
-            "pyzmq",
+            *baselines,
             *self.paths,
             *(f"{p}.write" for p in self.paths),
             *(RAW[p] for p in self.paths if p in RAW),
@@ -264,6 +271,16 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _groups(paths: list[str]) -> list[tuple[list[str], list[str]]]:
+    """(kvpoll paths, baselines) compared with each other: one group per engine."""
+    groups: list[tuple[list[str], list[str]]] = []
+    zmq_paths = [p for p in paths if p in PATHS]
+    if zmq_paths:
+        groups.append((zmq_paths, ["copy", "pyzmq"]))
+    groups.extend(([p], [RAW[p]]) for p in paths if p in RAW)
+    return groups
+
+
 def run(
     *,
     sizes: list[int],
@@ -275,75 +292,132 @@ def run(
     """Measure every path at every size; ``progress`` is told of each step.
 
     ``transports``: which of zmq, ucx, nixl, mooncake (or ``all``); default zmq.
+
+    Each measured thing (a room path, a single write, a raw engine, a
+    baseline) gets its own endpoints, made before its warm-up and closed after
+    its repeats, so no engine's threads or workers linger beside another's
+    figures (measured: an idle second UCX worker in the process slowed ucx
+    rooms by up to 2x on two cores). All of a size's measurements run back to
+    back in one run, and ratios pair repeat i with repeat i.
     """
     paths = paths_of(transports or ["zmq"])
-    raws = [RAW[p] for p in paths if p in RAW] + [f"{p}.write" for p in paths]
-    from kvpoll.protocol import Receiver
-
     say = progress or (lambda _msg: None)
     ctx = mp.get_context("spawn")
     conn, child_conn = ctx.Pipe()
     child = ctx.Process(target=_child, args=(child_conn,), name="kvpoll-bench-sender", daemon=True)
     child.start()
     result = TransferBench(repeats, sizes, paths)
-    receivers: dict[str, Receiver] = {}
-    zctx = zmq.Context()
-    pull = zctx.socket(zmq.PULL)
-    pull.setsockopt(zmq.LINGER, 0)
-    raw_port = pull.bind_to_random_port("tcp://127.0.0.1")
-    next_room = iter(range(1, 1 << 40))
+    rooms = iter(range(1, 1 << 40))
     try:
-        addresses = {}
-        for path in paths:
-            addresses[path] = _ask(conn, ("start", path), 120)
-            transport, options = _OPTIONS[path]
-            receivers[path] = Receiver(transport, transport_options=options, history=False)
+        for group, baselines in _groups(paths):
+            names = [*baselines, *group, *(f"{p}.write" for p in group)]
+            for size in sizes:
+                key = _label(size)
+                samples: dict[str, list[float]] = {}
+                for name in names:
+                    say(f"{name} {key}")
+                    with _session(conn, name, size, rooms) as measure:
+                        measure()  # warm-up
+                        samples[name] = [measure() for _ in range(repeats)]
+                _record(result, key, size, group, samples)
+            if concurrent_rooms:
+                for path in group:
+                    say(f"{concurrent_rooms} concurrent rooms over {path}")
+                    with _endpoints(conn, path) as (rx, address):
+                        result.concurrent[path] = _concurrent(
+                            conn, rx, address, path, concurrent_rooms, rooms
+                        )
+    finally:
+        if child.is_alive():
+            conn.send(("exit",))
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+            child.join(5)
+    return result
 
-        def one_room(path: str, nbytes: int, check: torch.Tensor | None = None) -> float:
-            room = next(next_room)
-            _ask(conn, ("rooms", path, nbytes, [room]))
-            rx = receivers[path]
-            tokens = nbytes // ROW
+
+@contextmanager
+def _endpoints(conn: Any, path: str) -> Iterator[tuple[Any, str]]:
+    """A Receiver here and a Sender in the child for ``path``, closed after."""
+    from kvpoll.protocol import Receiver
+
+    address = _ask(conn, ("start", path), 120)
+    transport, options = _OPTIONS[path]
+    rx = Receiver(transport, transport_options=options, history=False)
+    try:
+        yield rx, address
+    finally:
+        rx.close()
+        _ask(conn, ("stop", path), 60)
+
+
+@contextmanager
+def _session(
+    conn: Any, name: str, size: int, rooms: Iterator[int]
+) -> Iterator[Callable[[], float]]:
+    """What measuring ``name`` once at ``size`` needs; yields the measurement."""
+    if name == "copy":
+        src = _source(size)
+        dst = torch.zeros_like(src)
+
+        def copy() -> float:
+            with _single_thread():
+                start = time.perf_counter()
+                dst.copy_(src)
+                return time.perf_counter() - start
+
+        yield copy
+    elif name == "pyzmq":
+        zctx = zmq.Context()
+        pull = zctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.LINGER, 0)
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        _ask(conn, ("raw", f"tcp://127.0.0.1:{port}", size))
+
+        def pyzmq() -> float:
             start = time.perf_counter()
-            rx.open(
-                room, addresses[path], row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=tokens
-            )
-            status = rx.wait(room, 120)
+            conn.send(("go",))
+            if not pull.poll(120_000):
+                raise RuntimeError("raw pyzmq: nothing arrived within 120 s")
+            frame = pull.recv(copy=False)
             took = time.perf_counter() - start
-            if status.name != "Success":
-                raise RuntimeError(
-                    f"{path}: room {room} ended {status.name}: {rx.info(room).reason}"
-                )
-            if check is not None and not torch.equal(rx.result(room).tensor(), check):
-                raise RuntimeError(f"{path}: the data arrived corrupted")
-            rx.remove(room)
-            _ask(conn, ("forget", path, [room]))
+            if len(frame) != size:
+                raise RuntimeError("raw pyzmq lost bytes")
             return took
 
-        for size in sizes:
-            key = _label(size)
-            src = _source(size)
-            dst = torch.zeros_like(src)
-            _ask(conn, ("raw", f"tcp://127.0.0.1:{raw_port}", size))
+        try:
+            yield pyzmq
+        finally:
+            pull.close()
+            zctx.term()
+    elif name in _OPTIONS:
+        with _endpoints(conn, name) as (rx, address):
 
-            def raw(size: int = size) -> float:
+            def room() -> float:
+                room = next(rooms)
+                _ask(conn, ("rooms", name, size, [room]))
                 start = time.perf_counter()
-                conn.send(("go",))
-                if not pull.poll(120_000):
-                    raise RuntimeError("raw pyzmq: nothing arrived within 120 s")
-                frame = pull.recv(copy=False)
+                rx.open(
+                    room, address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=size // ROW
+                )
+                status = rx.wait(room, 120)
                 took = time.perf_counter() - start
-                if len(frame) != size:
-                    raise RuntimeError("raw pyzmq lost bytes")
+                if status.name != "Success":
+                    raise RuntimeError(
+                        f"{name}: room {room} ended {status.name}: {rx.info(room).reason}"
+                    )
+                rx.remove(room)
+                _ask(conn, ("forget", name, [room]))
                 return took
 
-            halves = {}
-            for name in raws:
-                halves[name] = receiving_half(name, size)
-                _ask(conn, ("raw-setup", name, halves[name].setup(), size), 120)
+            yield room
+    else:  # a raw engine or a single write: two halves
+        half = receiving_half(name, size)
+        try:
+            _ask(conn, ("raw-setup", name, half.setup(), size), 120)
 
-            def engine(name: str, halves: dict[str, Any] = halves) -> float:
-                half = halves[name]
+            def engine() -> float:
                 half.arm()
                 start = time.perf_counter()
                 conn.send(("raw-go", name))
@@ -352,59 +426,31 @@ def run(
                     raise RuntimeError(f"{name}: the sender did not finish")
                 return time.perf_counter() - start
 
-            say(f"{key}: warm-up")
-            raw()
-            for path in paths:
-                one_room(path, size)
-            for name in raws:
-                engine(name)
-            samples: dict[str, list[float]] = {n: [] for n in ("copy", "pyzmq", *paths, *raws)}
-            for i in range(repeats):
-                say(f"{key}: repeat {i + 1}/{repeats}")
-                with _single_thread():
-                    start = time.perf_counter()
-                    dst.copy_(src)
-                    samples["copy"].append(time.perf_counter() - start)
-                samples["pyzmq"].append(raw())
-                for path in paths:
-                    samples[path].append(one_room(path, size))
-                for name in raws:
-                    samples[name].append(engine(name))
-            for half in halves.values():
-                half.close()
-            for name, secs in samples.items():
-                result.figures.setdefault(name, {})[key] = figure([_gib(size, s) for s in secs])
-                if name in paths:
-                    result.figures.setdefault(f"{name}-seconds", {})[key] = figure(secs)
-            gib = {n: [_gib(size, s) for s in secs] for n, secs in samples.items()}
-            pairs = [(f"{p}/{RAW[p]}", p, RAW[p]) for p in paths if p in RAW]
-            pairs += [(f"{p}.write/{RAW[p]}", f"{p}.write", RAW[p]) for p in paths if p in RAW]
-            if "zmq-shm" in paths:
-                pairs += [
-                    ("zmq-shm/copy", "zmq-shm", "copy"),
-                    ("zmq-tcp/pyzmq", "zmq-tcp", "pyzmq"),
-                    ("zmq-shm/pyzmq", "zmq-shm", "pyzmq"),
-                ]
-            for name, num, den in pairs:
-                result.ratios.setdefault(name, {})[key] = ratio(gib[num], gib[den])
-        if concurrent_rooms:
-            for path in paths:
-                say(f"{concurrent_rooms} concurrent rooms over {path}")
-                result.concurrent[path] = _concurrent(
-                    conn, receivers[path], addresses[path], path, concurrent_rooms, next_room
-                )
-    finally:
-        for rx in receivers.values():
-            rx.close()
-        pull.close()
-        zctx.term()
-        if child.is_alive():
-            conn.send(("exit",))
-        child.join(30)
-        if child.is_alive():
-            child.kill()
-            child.join(5)
-    return result
+            yield engine
+        finally:
+            _ask(conn, ("raw-close", name), 60)
+            half.close()
+
+
+def _record(
+    result: TransferBench, key: str, size: int, paths: list[str], samples: dict[str, list[float]]
+) -> None:
+    for name, secs in samples.items():
+        result.figures.setdefault(name, {})[key] = figure([_gib(size, s) for s in secs])
+        if name in paths:
+            result.figures.setdefault(f"{name}-seconds", {})[key] = figure(secs)
+    gib = {n: [_gib(size, s) for s in secs] for n, secs in samples.items()}
+    pairs = [(f"{p}/{RAW[p]}", p, RAW[p]) for p in paths if p in RAW]
+    pairs += [(f"{p}.write/{RAW[p]}", f"{p}.write", RAW[p]) for p in paths if p in RAW]
+    if "zmq-shm" in paths:
+        pairs += [
+            ("zmq-shm/copy", "zmq-shm", "copy"),
+            ("zmq-tcp/pyzmq", "zmq-tcp", "pyzmq"),
+            ("zmq-shm/pyzmq", "zmq-shm", "pyzmq"),
+        ]
+    for name, num, den in pairs:
+        if num in gib and den in gib:
+            result.ratios.setdefault(name, {})[key] = ratio(gib[num], gib[den])
 
 
 # one colour per engine: a kvpoll path, its single write and its raw engine match
