@@ -61,7 +61,10 @@ def paths_of(transports: list[str]) -> list[str]:
 
 
 def _source(nbytes: int) -> torch.Tensor:
-    return torch.randint(0, 256, (nbytes // ROW, ROW), dtype=torch.uint8)
+    """Random rows, made on one thread: torch's OpenMP pool would go on spinning
+    after the call and slow what is measured next on a two-core machine."""
+    with _single_thread():
+        return torch.randint(0, 256, (nbytes // ROW, ROW), dtype=torch.uint8)
 
 
 def _ask(conn: Any, command: object, timeout: float = 300.0) -> Any:
@@ -111,7 +114,9 @@ def _child(conn: Any) -> None:
                 conn.send("done")
             elif kind == "rooms":
                 _, path, nbytes, ids = command
-                src = sources.setdefault(nbytes, _source(nbytes))
+                src = sources.get(nbytes)
+                if src is None:  # made once: not setdefault, which would make it every time
+                    src = sources[nbytes] = _source(nbytes)
                 for room in ids:
                     senders[path].add(room)
                     senders[path].send(room, src)
