@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from kvpoll import InvalidArgument
 from kvpoll.protocol import Receiver, Sender
 from kvpoll.protocol.negotiation import choose_path, mismatch
 from kvpoll.transports import TransportUnavailable, resolve
@@ -76,3 +77,12 @@ def test_a_mismatch_fails_at_bootstrap_not_after_a_time_out(add_first: bool) -> 
         if add_first:
             assert tx.wait(1, 10).name == "Failed"
             assert "no common transport" in (tx.info(1).reason or "")
+
+
+@pytest.mark.parametrize("address", ["ucx://nowhere", "not an address", "tcp://"])
+def test_an_address_the_transport_cannot_use_is_refused_by_open(address: str) -> None:
+    with Receiver("zmq", **FAST) as rx:
+        with pytest.raises(InvalidArgument, match="cannot reach the sender"):
+            rx.open(1, address, row_shape=(8,), dtype=torch.float32, allocated_tokens=4)
+        assert rx.rooms() == []  # nothing was left behind
+        assert rx.stats["messages_out"] == 0

@@ -21,6 +21,7 @@ from kvpoll.protocol.messages import (
     Message,
     Reject,
     Resume,
+    encode,
 )
 from kvpoll.protocol.sender import dtype_name
 from kvpoll.statemachine.status import Event, TransferStatus
@@ -236,23 +237,28 @@ class Receiver(Endpoint[_ReceiverRoom]):
         rec.allocated_tokens = allocated
         rec.auto_resume = auto_resume
         region = self._buffer(rec, buffer)
+        bootstrap = Bootstrap(
+            room=room,
+            session=rec.session,
+            rank=rank,
+            region=region.descriptor,
+            allocated_tokens=region.nbytes // rec.row_bytes,
+            row_bytes=rec.row_bytes,
+            dtype=dtype_name(dtype),
+            row_shape=list(shape),
+            transports=self._transport.paths(),
+            host=boot_id(),
+        )
+        try:  # an address this transport cannot use is the caller's error, not a hang
+            self._transport.send(sender, encode(bootstrap))
+        except TransportError as exc:
+            self._transport.release(region)
+            raise InvalidArgument(
+                f"room {room}: cannot reach the sender at {sender!r}: {exc}"
+            ) from exc
+        self._stats["messages_out"] += 1
         self._register(room, rec)
         self._watch(room, rec, sender)
-        self._send(
-            sender,
-            Bootstrap(
-                room=room,
-                session=rec.session,
-                rank=rank,
-                region=region.descriptor,
-                allocated_tokens=region.nbytes // rec.row_bytes,
-                row_bytes=rec.row_bytes,
-                dtype=dtype_name(dtype),
-                row_shape=list(shape),
-                transports=self._transport.paths(),
-                host=boot_id(),
-            ),
-        )
 
     def _buffer(self, rec: _ReceiverRoom, buffer: torch.Tensor | None) -> Region:
         try:
