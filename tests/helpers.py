@@ -58,3 +58,15 @@ def wait_until(condition: Any, timeout: float = 10.0, what: str = "a condition")
 def own_segments() -> set[str]:
     """This process's shared-memory segments."""
     return {n for n in os.listdir("/dev/shm") if n.startswith(f"kvpoll-{os.getpid()}-")}
+
+
+def own_memfds() -> dict[int, int]:
+    """This process's kvpoll shared memory: file descriptor -> inode."""
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:kvpoll "):
+                out[int(name)] = os.stat(f"/proc/self/fd/{name}").st_ino
+        except OSError:
+            continue
+    return out

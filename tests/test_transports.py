@@ -18,6 +18,7 @@ from kvpoll.transports import (
 )
 from kvpoll.transports.loopback import LoopbackTransport
 from kvpoll.transports.zmq_transport import ZmqTransport
+from tests.helpers import own_memfds
 
 
 def test_loopback_passes_the_kit() -> None:
@@ -56,21 +57,24 @@ def test_zmq_uses_shared_memory_on_one_host_and_tcp_when_told() -> None:
 
 
 def test_segments_are_owner_only_pooled_and_unlinked() -> None:
-    before = shm_files()
+    # Segments are sealed memfds: nothing in /dev/shm, freed by the kernel with the process.
+    before, files = own_memfds(), shm_files()
     t = ZmqTransport()
     try:
         region = t.allocate(100_000)
-        (name,) = shm_files() - before
-        assert os.stat(f"/dev/shm/{name}").st_mode & 0o777 == 0o600
+        (inode,) = set(own_memfds().values()) - set(before.values())
+        fd = next(fd for fd, ino in own_memfds().items() if ino == inode)
+        assert os.stat(f"/proc/self/fd/{fd}").st_mode & 0o777 == 0o600
         t.release(region)
         again = t.allocate(90_000)
-        assert shm_files() - before == {name}  # reused, not a new segment
+        assert set(own_memfds().values()) - set(before.values()) == {inode}  # reused
         t.release(again, reuse=False)
-        assert shm_files() - before == set()  # discarded at once
+        assert set(own_memfds().values()) == set(before.values())  # discarded at once
         t.allocate(10)
     finally:
         t.close()
-    assert shm_files() == before
+    assert own_memfds() == before
+    assert shm_files() == files
 
 
 def test_zmq_tcp_write_goes_straight_into_the_region_in_pieces() -> None:

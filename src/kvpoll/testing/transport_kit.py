@@ -20,6 +20,7 @@ from kvpoll.transports.base import (
     MessageReceived,
     PeerClosed,
     RegionBoundsError,
+    Span,
     Transport,
     TransportClosed,
     TransportError,
@@ -226,6 +227,86 @@ def _closed_peer(a: Transport, b: Transport) -> None:
     _ = [e for e in events if isinstance(e, PeerClosed)]  # allowed, not required
 
 
+def _batch(a: Transport, b: Transport) -> None:
+    """Scattered pages of two buffers into scattered pages of two others: one write."""
+    page = 4096
+    src = [a.register(_random_bytes(16 * page, 10 + i)) for i in range(2)]
+    dst = [b.allocate(16 * page) for _ in range(2)]
+    for d in dst:
+        d.data.fill_(3)
+    moves = [(0, 5, 3), (7, 0, 2), (12, 9, 1)]  # (src page, dst page, pages)
+    spans = [
+        Span(s, sp * page, d.descriptor, dp * page, n * page)
+        for s, d in zip(src, dst, strict=True)
+        for sp, dp, n in moves
+    ]
+    ids_before = {a.write_batch(spans)}
+    done = wait_for_write(a, b, next(iter(ids_before)))
+    _expect(done.ok, f"a batch failed: {done.error}")
+    for s, d in zip(src, dst, strict=True):
+        touched = torch.zeros(16 * page, dtype=torch.bool)
+        for sp, dp, n in moves:
+            _expect(
+                torch.equal(d.data[dp * page : (dp + n) * page], s.data[sp * page : (sp + n) * page]),
+                f"a batch range (page {sp} -> {dp}) did not arrive",
+            )
+            touched[dp * page : (dp + n) * page] = True
+        _expect(bool((d.data[~touched] == 3).all()), "a batch wrote outside its ranges")
+    # A batch with one range outside its region is refused whole, before anything moves.
+    for d in dst:
+        d.data.fill_(3)
+    bad = [*spans[:2], Span(src[0], 0, dst[0].descriptor, 15 * page, 2 * page)]
+    try:
+        a.write_batch(bad)
+    except RegionBoundsError:
+        pass
+    else:
+        raise AssertionError("a batch with a range outside its region was accepted")
+    _expect(all(bool((d.data == 3).all()) for d in dst), "a refused batch changed the destination")
+    # A forged range (the destination's real size is smaller) fails the whole write.
+    forged = dst[1].descriptor.model_copy(update={"nbytes": 32 * page})
+    done = wait_for_write(
+        a, b, a.write_batch([spans[0], Span(src[1], 0, forged, 20 * page, page)])
+    )
+    _expect(not done.ok, "a batch with a forged range succeeded")
+    try:
+        a.write_batch([])
+    except TransportError:
+        pass
+    else:
+        raise AssertionError("an empty batch was accepted")
+
+
+def _many_batches(a: Transport, b: Transport) -> None:
+    n, page = 50, 512
+    src = a.register(_random_bytes(n * 4 * page, 11))
+    dst = b.allocate(n * 4 * page)
+    ids = set()
+    for i in range(n):  # each batch: pages 4i+3, 4i+1 -> 4i, 4i+2 (crossed)
+        base = 4 * i * page
+        ids.add(
+            a.write_batch(
+                [
+                    Span(src, base + 3 * page, dst.descriptor, base, page),
+                    Span(src, base + page, dst.descriptor, base + 2 * page, page),
+                ]
+            )
+        )
+    events = pump([a, b], lambda ev: sum(isinstance(e, WriteDone) for e in ev) >= n)
+    done = [e for e in events if isinstance(e, WriteDone)]
+    _expect(sorted(e.write_id for e in done) == sorted(ids), "each batch completes exactly once")
+    _expect(all(e.ok for e in done), "a batch in flight failed")
+    for i in range(n):
+        base = 4 * i * page
+        _expect(
+            torch.equal(dst.data[base : base + page], src.data[base + 3 * page : base + 4 * page])
+            and torch.equal(
+                dst.data[base + 2 * page : base + 3 * page], src.data[base + page : base + 2 * page]
+            ),
+            f"batch {i} put its bytes in the wrong place",
+        )
+
+
 CHECKS: dict[str, Callable[[Transport, Transport], None]] = {
     "control messages arrive in order": _control_order,
     "a write arrives": _roundtrip,
@@ -236,6 +317,8 @@ CHECKS: dict[str, Callable[[Transport, Transport], None]] = {
     "writes to unknown or released regions fail": _unknown_and_released,
     "any dtype, bit for bit": _dtypes,
     "a closed peer fails writes": _closed_peer,
+    "a batch of scattered ranges is one write": _batch,
+    "many batches in flight": _many_batches,
 }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import secrets
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,6 +33,7 @@ __all__ = [
     "Region",
     "RegionBoundsError",
     "RegionDescriptor",
+    "Span",
     "Transport",
     "TransportClosed",
     "TransportError",
@@ -39,6 +41,7 @@ __all__ = [
     "TransportUnavailable",
     "WriteDone",
     "as_bytes",
+    "check_batch",
     "check_range",
     "copy_bytes",
     "new_region_id",
@@ -116,6 +119,18 @@ class Region:
         return f"Region({d.transport}, id={d.region_id}, {d.nbytes} bytes)"
 
 
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One range of a batched write: ``nbytes`` from ``src`` at ``src_offset`` into
+    the peer's ``dst`` at ``dst_offset``."""
+
+    src: Region
+    src_offset: int
+    dst: RegionDescriptor
+    dst_offset: int
+    nbytes: int
+
+
 @dataclass(frozen=True)
 class WriteDone:
     """A write finished: ``error`` is None on success, else why it failed."""
@@ -174,6 +189,28 @@ def check_range(what: str, offset: int, nbytes: int, size: int) -> None:
         )
 
 
+def check_batch(spans: Sequence[Span]) -> str:
+    """Check every range of a batch; return the one peer all destinations belong to.
+
+    Raises:
+        RegionBoundsError: a range lies outside its source or destination.
+        TransportError: an empty batch, or destinations on several peers.
+    """
+    if not spans:
+        raise TransportError("a batch needs at least one range")
+    peer = spans[0].dst.endpoint
+    for i, span in enumerate(spans):
+        check_range(f"range {i} of the batch: source", span.src_offset, span.nbytes, span.src.nbytes)
+        check_range(
+            f"range {i} of the batch: destination", span.dst_offset, span.nbytes, span.dst.nbytes
+        )
+        if span.dst.endpoint != peer:
+            raise TransportError(
+                f"a batch writes to one peer; range {i} goes to {span.dst.endpoint}, not {peer}"
+            )
+    return peer
+
+
 def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copy between two uint8 tensors of one size with a plain memcpy.
 
@@ -196,6 +233,9 @@ class Transport(ABC):
       A write to a closed peer, an unknown region or outside a region fails
       and changes nothing in the destination.
     * The source region must not change or be released until its write is done.
+    * A batch (:meth:`write_batch`) is one write: every range is checked
+      before any byte moves, and it ends in one :class:`WriteDone`, ok only
+      when every range landed.
     * :meth:`close` always closes: it releases every region and resource, and
       tells connected peers, whose pending writes to it then fail.
     """
@@ -230,16 +270,33 @@ class Transport(ABC):
         memory is discarded instead of handed to someone else.
         """
 
-    @abstractmethod
     def write(
         self, src: Region, src_offset: int, dst: RegionDescriptor, dst_offset: int, nbytes: int
     ) -> int:
         """Start copying ``nbytes`` from ``src`` into the peer's ``dst``.
 
         Returns a write id; its :class:`WriteDone` comes from :meth:`progress`.
+        (A batch of one range: see :meth:`write_batch`.)
 
         Raises:
             RegionBoundsError: the range is outside ``src`` or ``dst``.
+            TransportClosed: this transport is closed.
+        """
+        return self.write_batch([Span(src, src_offset, dst, dst_offset, nbytes)])
+
+    @abstractmethod
+    def write_batch(self, spans: Sequence[Span]) -> int:
+        """Start one write made of several ranges, all to one peer.
+
+        Each transport moves a batch the way its engine is fastest (a loop of
+        copies into shared memory, pieces on one socket, several operations in
+        flight, a descriptor list). Returns one write id; its one
+        :class:`WriteDone` is ok only when every range landed.
+
+        Raises:
+            RegionBoundsError: a range is outside its source or destination
+                (checked for all ranges before anything moves).
+            TransportError: no ranges, or destinations on several peers.
             TransportClosed: this transport is closed.
         """
 
@@ -262,6 +319,11 @@ class Transport(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release everything and tell peers. Idempotent; never raises."""
+
+    def memory_kind(self) -> str:
+        """Where pool memory for this transport is best allocated: ``"shm"``
+        (shared memory peers on this host write into) or ``"host"``."""
+        return "host"
 
     def paths(self) -> list[str]:
         """The data paths this endpoint speaks, most preferred first.

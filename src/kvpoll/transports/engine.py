@@ -5,14 +5,16 @@ bytes travel through the engine, which writes into the peer's registered memory
 without the peer's code running. Because the engine itself cannot tell a live
 region from a released one, a write is granted first:
 
-1. the writer asks the destination (``G``: write id, region, offset, length);
-2. the destination checks the region is live and the range inside it and
+1. the writer asks the destination (``G``: write id, then region, offset and
+   length of every range of the batch);
+2. the destination checks each region is live and each range inside it and
    answers (``g``: write id, ok, reason);
-3. on a yes, the writer starts the engine's write and polls it; the write is
-   done when the engine says the bytes are in the peer's memory.
+3. on a yes, the writer hands the whole batch to the engine (a descriptor
+   list, or several operations in flight) and polls it; the write is done when
+   the engine says every byte is in the peer's memory.
 
 A subclass supplies four things: how to register memory (and what a peer needs
-to reach it), how to start a write, how to poll one, and how to shut down.
+to reach it), how to start a batch, how to poll one, and how to shut down.
 """
 
 from __future__ import annotations
@@ -20,17 +22,20 @@ from __future__ import annotations
 import struct
 import time
 from abc import abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from kvpoll.transports.base import Region, RegionDescriptor, TransportError
+from kvpoll.transports.base import Region, RegionDescriptor, Span, TransportError
 from kvpoll.transports.zmq_transport import ZmqTransport
 
 __all__ = ["EngineTransport", "EngineWrite"]
 
-_GRANT_REQUEST = struct.Struct("<QQQQ")  # write id, region id, offset, length
+_GRANT_HEAD = struct.Struct("<QQ")  # write id, ranges
+_GRANT_RANGE = struct.Struct("<QQQ")  # region id, offset, length
+_MAX_RANGES = 1 << 16
 _GRANT = struct.Struct("<QB")  # write id, ok
 _ASK, _ANSWER = b"G", b"g"
 
@@ -55,7 +60,7 @@ class EngineTransport(ZmqTransport):
 
     def __init__(self, *, poll_interval: float = 50e-6, **options: Any) -> None:
         super().__init__(shm=False, **options)
-        self._asked: dict[int, EngineWrite] = {}
+        self._asked: dict[int, list[EngineWrite]] = {}
         self._running: dict[int, Any] = {}
         # One engine registration per memory range, shared by the regions over it
         # (a sender may register one tensor for many rooms; engines refuse twice).
@@ -74,8 +79,8 @@ class EngineTransport(ZmqTransport):
         """Undo :meth:`_register`."""
 
     @abstractmethod
-    def _start(self, write: EngineWrite) -> Any:
-        """Start the engine's write; return a handle for :meth:`_poll`.
+    def _start(self, writes: Sequence[EngineWrite]) -> Any:
+        """Start the engine's writes of one batch (one peer); return a handle for :meth:`_poll`.
 
         Raises:
             TransportError: the engine refused the write.
@@ -83,7 +88,7 @@ class EngineTransport(ZmqTransport):
 
     @abstractmethod
     def _poll(self, handle: Any) -> tuple[bool, str | None]:
-        """(finished, error) of a started write; releases the handle once finished."""
+        """(finished, error) of a started batch; releases the handle once finished."""
 
     @abstractmethod
     def _close_engine(self) -> None:
@@ -117,31 +122,44 @@ class EngineTransport(ZmqTransport):
         super().release(region, reuse=reuse)
 
     # -- writes -------------------------------------------------------------------------
-    def _write_remote(
-        self,
-        write_id: int,
-        src: Region,
-        src_offset: int,
-        dst: RegionDescriptor,
-        dst_offset: int,
-        nbytes: int,
-    ) -> None:
-        if dst.transport != self.name:
-            raise TransportError(
-                f"{dst!r} belongs to the {dst.transport} transport, not {self.name}"
-            )
-        header = _GRANT_REQUEST.pack(write_id, dst.region_id, dst_offset, nbytes)
-        self._dealer(dst.endpoint).send_multipart([_ASK, header])
-        self._asked[write_id] = EngineWrite(src, src_offset, dst, dst_offset, nbytes)
-        self._expect_ack(write_id, dst.endpoint)
+    def _write_remote(self, write_id: int, spans: Sequence[Span]) -> None:
+        todo = [span for span in spans if span.nbytes]
+        for span in todo:
+            if span.dst.transport != self.name:
+                raise TransportError(
+                    f"{span.dst!r} belongs to the {span.dst.transport} transport, not {self.name}"
+                )
+        if len(todo) > _MAX_RANGES:
+            raise TransportError(f"a batch of {len(todo)} ranges; at most {_MAX_RANGES}")
+        request = _GRANT_HEAD.pack(write_id, len(todo)) + b"".join(
+            _GRANT_RANGE.pack(span.dst.region_id, span.dst_offset, span.nbytes) for span in todo
+        )
+        self._dealer(todo[0].dst.endpoint).send_multipart([_ASK, request])
+        self._asked[write_id] = [
+            EngineWrite(span.src, span.src_offset, span.dst, span.dst_offset, span.nbytes)
+            for span in todo
+        ]
+        self._expect_ack(write_id, todo[0].dst.endpoint)
 
     def _handle_frame(self, peer: str, kind: bytes) -> bool:
         if kind not in (_ASK, _ANSWER):
             return False
         frames = self._frames()
-        if kind == _ASK and len(frames) == 1 and len(frames[0]) == _GRANT_REQUEST.size:
-            write_id, region_id, offset, length = _GRANT_REQUEST.unpack(frames[0])
-            _, error = self._lookup(region_id, offset, length)
+        if kind == _ASK and len(frames) == 1 and len(frames[0]) >= _GRANT_HEAD.size:
+            write_id, count = _GRANT_HEAD.unpack_from(frames[0])
+            if not 0 < count <= _MAX_RANGES or len(frames[0]) != (
+                _GRANT_HEAD.size + count * _GRANT_RANGE.size
+            ):
+                self._malformed(peer, "bad write grant request")
+                return True
+            error = None
+            for i in range(count):
+                region_id, offset, length = _GRANT_RANGE.unpack_from(
+                    frames[0], _GRANT_HEAD.size + i * _GRANT_RANGE.size
+                )
+                _, error = self._lookup(region_id, offset, length)
+                if error is not None:
+                    break
             if error is not None:
                 self.stats["rejected_writes"] += 1
             reason = (error or "").encode()
@@ -150,15 +168,15 @@ class EngineTransport(ZmqTransport):
             )
         elif kind == _ANSWER and len(frames) == 2 and len(frames[0]) == _GRANT.size:
             write_id, ok = _GRANT.unpack(frames[0])
-            write = self._asked.pop(write_id, None)
+            writes = self._asked.pop(write_id, None)
             pending = self._pending.get(write_id)
-            if write is None or pending is None or pending.peer != peer:
+            if writes is None or pending is None or pending.peer != peer:
                 return True  # a late answer for a write that already failed
             if not ok:
                 self._finish(write_id, frames[1].decode("utf-8", "replace") or "refused")
                 return True
             try:
-                self._running[write_id] = self._start(write)
+                self._running[write_id] = self._start(writes)
                 self.stats["engine_writes"] += 1
             except TransportError as exc:
                 self._finish(write_id, str(exc))

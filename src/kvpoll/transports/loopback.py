@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -21,12 +22,13 @@ from kvpoll.transports.base import (
     PeerClosed,
     Region,
     RegionDescriptor,
+    Span,
     Transport,
     TransportError,
     TransportEvent,
     WriteDone,
     as_bytes,
-    check_range,
+    check_batch,
     copy_bytes,
     new_region_id,
 )
@@ -88,20 +90,21 @@ class LoopbackTransport(Transport):
         with self._cond:
             self._regions.pop(region.descriptor.region_id, None)
 
-    def write(
-        self, src: Region, src_offset: int, dst: RegionDescriptor, dst_offset: int, nbytes: int
-    ) -> int:
+    def write_batch(self, spans: Sequence[Span]) -> int:
         self._check_open()
-        check_range("write source", src_offset, nbytes, src.nbytes)
-        check_range("write destination", dst_offset, nbytes, dst.nbytes)
+        address = check_batch(spans)
         write_id = next(self._write_ids)
         error = None
         with _FABRIC_LOCK:
-            peer = _FABRIC.get(dst.endpoint)
+            peer = _FABRIC.get(address)
         if peer is None:
-            error = f"peer {dst.endpoint} is closed or unknown"
+            error = f"peer {address} is closed or unknown"
         else:
-            error = peer._accept_write(src.data[src_offset : src_offset + nbytes], dst, dst_offset)
+            for span in spans:  # a loop of copies
+                data = span.src.data[span.src_offset : span.src_offset + span.nbytes]
+                error = peer._accept_write(data, span.dst, span.dst_offset)
+                if error is not None:
+                    break
         self._post(WriteDone(write_id, error))
         return write_id
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -92,24 +93,36 @@ class MooncakeTransport(EngineTransport):
         if self._engine.unregister_memory(int(handle)) != 0:
             log.warning("Mooncake could not unregister memory at %#x", handle)
 
-    def _start(self, write: EngineWrite) -> Any:
-        try:
-            session = str(write.dst.extra["mooncake_session"])
-            remote = int(write.dst.extra["addr"]) + write.dst_offset
-        except (KeyError, ValueError, TypeError) as exc:
-            raise TransportError(f"{write.dst!r} is not a mooncake region: {exc}") from exc
-        batch = self._engine.transfer_submit_write(session, write.src_address, remote, write.nbytes)
-        if batch < 0:
-            raise TransportError(f"Mooncake refused a write to {session}")
-        return batch
+    def _start(self, writes: Sequence[EngineWrite]) -> Any:
+        """Every range submitted at once, then polled together."""
+        handles: list[int] = []
+        for write in writes:
+            try:
+                session = str(write.dst.extra["mooncake_session"])
+                remote = int(write.dst.extra["addr"]) + write.dst_offset
+            except (KeyError, ValueError, TypeError) as exc:
+                raise TransportError(f"{write.dst!r} is not a mooncake region: {exc}") from exc
+            batch = self._engine.transfer_submit_write(
+                session, write.src_address, remote, write.nbytes
+            )
+            if batch < 0:
+                raise TransportError(f"Mooncake refused a write to {session}")
+            handles.append(batch)
+        return handles
 
     def _poll(self, handle: Any) -> tuple[bool, str | None]:
-        status = self._engine.transfer_check_status(handle)
-        if status == _PENDING:
+        waiting: list[int] = []
+        error = None
+        for batch in handle:
+            status = self._engine.transfer_check_status(batch)
+            if status == _PENDING:
+                waiting.append(batch)
+            elif status != _DONE:
+                error = f"Mooncake reported a write failed (status {status})"
+        handle[:] = waiting
+        if waiting and error is None:
             return False, None
-        if status == _DONE:
-            return True, None
-        return True, f"Mooncake reported the write failed (status {status})"
+        return True, error
 
     def _close_engine(self) -> None:
         del self._engine

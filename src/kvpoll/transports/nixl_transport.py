@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -168,22 +168,31 @@ class NixlTransport(EngineTransport):
         except Exception as exc:
             log.warning("NIXL could not deregister memory: %s", exc)
 
-    def _start(self, write: EngineWrite) -> Any:
-        extra = write.dst.extra
+    def _start(self, writes: Sequence[EngineWrite]) -> Any:
+        """One NIXL transfer whose descriptor lists hold every range of the batch."""
         try:
-            agent = str(extra["nixl_agent"])
-            remote = int(extra["addr"]) + write.dst_offset
-            key = (agent, write.dst.region_id)
-            if key not in self._loaded:
-                self._agent.add_remote_agent(bytes.fromhex(str(extra["nixl_metadata"])))
-                self._loaded.add(key)
-                self._remote_agents.add(agent)
-            local = self._agent.get_xfer_descs([(write.src_address, write.nbytes, 0)], "DRAM")
-            target = self._agent.get_xfer_descs([(remote, write.nbytes, 0)], "DRAM")
-            handle = self._agent.initialize_xfer("WRITE", local, target, agent)
+            agent = str(writes[0].dst.extra["nixl_agent"])
+            local, remote = [], []
+            for write in writes:
+                extra = write.dst.extra
+                if str(extra["nixl_agent"]) != agent:
+                    raise ValueError("the ranges of one batch name two NIXL agents")
+                key = (agent, write.dst.region_id)
+                if key not in self._loaded:
+                    self._agent.add_remote_agent(bytes.fromhex(str(extra["nixl_metadata"])))
+                    self._loaded.add(key)
+                    self._remote_agents.add(agent)
+                local.append((write.src_address, write.nbytes, 0))
+                remote.append((int(extra["addr"]) + write.dst_offset, write.nbytes, 0))
+            handle = self._agent.initialize_xfer(
+                "WRITE",
+                self._agent.get_xfer_descs(local, "DRAM"),
+                self._agent.get_xfer_descs(remote, "DRAM"),
+                agent,
+            )
             state = self._agent.transfer(handle)
         except (KeyError, ValueError, TypeError) as exc:
-            raise TransportError(f"{write.dst!r} is not a nixl region: {exc}") from exc
+            raise TransportError(f"{writes[0].dst!r} is not a nixl region: {exc}") from exc
         except Exception as exc:
             raise TransportError(f"NIXL refused the write: {exc}") from exc
         if state == "ERR":

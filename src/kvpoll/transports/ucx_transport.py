@@ -5,13 +5,14 @@ UCX picks the fastest path it has to each peer: shared memory or
 build has it. UCXX's Python layer offers tag-matched messages (no one-sided
 put), so a write is a tagged send into a receive the destination posts:
 
-1. the writer sends a write request (``U``: write id, region, offset, length,
-   tag) over the control channel and at once a tagged UCX send of the bytes;
-2. the destination checks the request against its live regions and posts a
-   tagged receive straight into the region (UCX's rendezvous then moves the
-   bytes without an intermediate copy); a refused request gets a receive into
-   a small scratch buffer, which truncates and drops the bytes;
-3. when the receive completes, the destination acknowledges; the write is done.
+1. the writer sends a write request (``U``: write id, then region, offset,
+   length and tag of every range of the batch) over the control channel and at
+   once one tagged UCX send per range, all in flight together;
+2. the destination checks every range against its live regions and posts a
+   tagged receive straight into each (UCX's rendezvous then moves the bytes
+   without an intermediate copy); a refused request gets receives into a small
+   scratch buffer, which truncate and drop the bytes;
+3. when every receive completed, the destination acknowledges; the write is done.
 
 Settings: see :data:`DEFAULT_SETTINGS`. A default applies only where the
 user's environment does not set the ``UCX_*`` variable; settings passed
@@ -29,8 +30,9 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -40,7 +42,7 @@ import zmq
 from kvpoll.transports.base import (
     Capabilities,
     Region,
-    RegionDescriptor,
+    Span,
     TransportError,
     as_bytes,
 )
@@ -76,7 +78,9 @@ DEFAULT_SETTINGS: Mapping[str, str] = {
 """UCX settings (without the ``UCX_`` prefix) this transport uses unless told
 otherwise. ``NET_DEVICES`` is derived from the bound host (:func:`net_device_for`)."""
 
-_REQUEST = struct.Struct("<QQQQQ")  # write id, region id, offset, length, tag
+_REQUEST_HEAD = struct.Struct("<QQ")  # write id, ranges
+_REQUEST_RANGE = struct.Struct("<QQQQ")  # region id, offset, length, tag
+_MAX_RANGES = 1 << 16
 _WRITE_REQUEST = b"U"
 _SCRATCH = 64
 _SIOCGIFADDR = 0x8915
@@ -142,12 +146,23 @@ def effective_settings(
 
 
 @dataclass
-class _Receive:
+class _Incoming:
+    """One batch arriving: its receives, and whether it was answered already."""
+
     peer: str
     write_id: int
+    remaining: int
+    answered: bool
+    error: str | None = None
+
+
+@dataclass
+class _Receive:
+    batch: _Incoming
     request: Any
     region_id: int | None  # None: a scratch receive that drops a refused write
     keep: Any  # the buffer UCX writes into, alive until the receive ends
+    done: bool = field(default=False)
 
 
 class UcxTransport(ZmqTransport):
@@ -205,8 +220,9 @@ class UcxTransport(ZmqTransport):
         self._worker_address = self._worker.address.tobytes().hex()
         self._poller.register(self._worker.epoll_file_descriptor, zmq.POLLIN)
         self._tag_prefix = secrets.randbits(31) << 32
+        self._tags = itertools.count(1)
         self._endpoints: dict[str, Any] = {}
-        self._sends: dict[int, Any] = {}  # write id -> UCX send request
+        self._sends: dict[int, list[Any]] = {}  # write id -> its UCX send requests
         self._receives: list[_Receive] = []
         self._parked: dict[int, tuple[Segment | None, bool]] = {}  # released while receiving
         self.stats.update({"ucx_writes": 0})
@@ -254,47 +270,68 @@ class UcxTransport(ZmqTransport):
             self._endpoints[worker_hex] = endpoint
         return endpoint
 
-    def _write_remote(
-        self,
-        write_id: int,
-        src: Region,
-        src_offset: int,
-        dst: RegionDescriptor,
-        dst_offset: int,
-        nbytes: int,
-    ) -> None:
-        worker_hex = dst.extra.get("ucx_worker")
-        if not isinstance(worker_hex, str):
-            raise TransportError(f"{dst!r} is not a ucx region (no worker address)")
+    def _write_remote(self, write_id: int, spans: Sequence[Span]) -> None:
+        todo = [span for span in spans if span.nbytes]
+        if len(todo) > _MAX_RANGES:
+            raise TransportError(f"a batch of {len(todo)} ranges; at most {_MAX_RANGES}")
+        worker_hex = todo[0].dst.extra.get("ucx_worker")
+        if not isinstance(worker_hex, str) or any(
+            span.dst.extra.get("ucx_worker") != worker_hex for span in todo
+        ):
+            raise TransportError(f"{todo[0].dst!r} is not a ucx region of one worker")
         endpoint = self._endpoint(worker_hex)
-        tag = self._tag_prefix | (write_id & 0xFFFFFFFF)
-        header = _REQUEST.pack(write_id, dst.region_id, dst_offset, nbytes, tag)
-        self._dealer(dst.endpoint).send_multipart([_WRITE_REQUEST, header])
-        view = _buffer(src.data, src_offset, nbytes)
-        self._sends[write_id] = endpoint.tag_send(Array(view), libucxx.UCXXTag(tag))
-        self._expect_ack(write_id, dst.endpoint)
+        tags = [self._tag_prefix | (next(self._tags) & 0xFFFFFFFF) for _ in todo]
+        request = _REQUEST_HEAD.pack(write_id, len(todo)) + b"".join(
+            _REQUEST_RANGE.pack(span.dst.region_id, span.dst_offset, span.nbytes, tag)
+            for span, tag in zip(todo, tags, strict=True)
+        )
+        self._dealer(todo[0].dst.endpoint).send_multipart([_WRITE_REQUEST, request])
+        self._sends[write_id] = [
+            endpoint.tag_send(
+                Array(_buffer(span.src.data, span.src_offset, span.nbytes)), libucxx.UCXXTag(tag)
+            )
+            for span, tag in zip(todo, tags, strict=True)
+        ]
+        self._expect_ack(write_id, todo[0].dst.endpoint)
         self.stats["ucx_writes"] += 1
 
     def _handle_frame(self, peer: str, kind: bytes) -> bool:
         if kind != _WRITE_REQUEST:
             return False
         frames = self._frames()
-        if len(frames) != 1 or len(frames[0]) != _REQUEST.size:
+        if len(frames) != 1 or len(frames[0]) < _REQUEST_HEAD.size:
             self._malformed(peer, "bad ucx write request")
             return True
-        write_id, region_id, offset, length, tag = _REQUEST.unpack(frames[0])
-        region, error = self._lookup(region_id, offset, length)
-        if region is not None:
-            keep: Any = _buffer(region.data, offset, length)
-        else:
-            keep = np.empty(_SCRATCH, dtype=np.uint8)  # truncates, dropping the bytes
+        write_id, count = _REQUEST_HEAD.unpack_from(frames[0])
+        if not 0 < count <= _MAX_RANGES or len(frames[0]) != (
+            _REQUEST_HEAD.size + count * _REQUEST_RANGE.size
+        ):
+            self._malformed(peer, "bad ucx write request")
+            return True
+        ranges = [
+            _REQUEST_RANGE.unpack_from(frames[0], _REQUEST_HEAD.size + i * _REQUEST_RANGE.size)
+            for i in range(count)
+        ]
+        error = None
+        for region_id, offset, length, _ in ranges:
+            _, error = self._lookup(region_id, offset, length)
+            if error is not None:
+                break
+        batch = _Incoming(peer, write_id, count, answered=error is not None, error=error)
+        if error is not None:
             self.stats["rejected_writes"] += 1
             log.warning("rejected a write from %s: %s", peer, error)
             self._acknowledge(peer, write_id, error)
-        request = self._worker.tag_recv(Array(keep), libucxx.UCXXTag(tag))
-        self._receives.append(
-            _Receive(peer, write_id, request, region_id if region else None, keep)
-        )
+        for region_id, offset, length, tag in ranges:
+            region = self._regions.get(region_id) if error is None else None
+            if region is not None:
+                keep: Any = _buffer(region.data, offset, length)
+            else:
+                keep = np.empty(_SCRATCH, dtype=np.uint8)  # truncates, dropping the bytes
+            request = self._worker.tag_recv(Array(keep), libucxx.UCXXTag(tag))
+            self._receives.append(
+                _Receive(batch, request, region_id if region is not None else None, keep)
+            )
         return True
 
     # -- progress ----------------------------------------------------------------
@@ -311,21 +348,26 @@ class UcxTransport(ZmqTransport):
         worker = self._worker
         while worker.progress_once():
             pass
-        for write_id, request in list(self._sends.items()):
-            if request.completed:
+        for write_id, requests in list(self._sends.items()):
+            if all(request.completed for request in requests):
                 del self._sends[write_id]
-                error = _request_error(request)
-                if error is not None:
-                    self._finish(write_id, f"UCX send failed: {error}")
+                errors = [e for e in map(_request_error, requests) if e is not None]
+                if errors:
+                    self._finish(write_id, f"UCX send failed: {errors[0]}")
         if self._receives:
             waiting = []
             for receive in self._receives:
                 if not receive.request.completed:
                     waiting.append(receive)
-                elif receive.region_id is not None:
-                    error = _request_error(receive.request)
-                    self._acknowledge(receive.peer, receive.write_id, error)
+                    continue
+                batch = receive.batch
+                batch.remaining -= 1
+                if receive.region_id is not None:
+                    batch.error = batch.error or _request_error(receive.request)
                     self._unpark(receive.region_id)
+                if batch.remaining == 0 and not batch.answered:
+                    batch.answered = True
+                    self._acknowledge(batch.peer, batch.write_id, batch.error)
             self._receives = waiting
 
     def _unpark(self, region_id: int) -> None:
@@ -344,7 +386,9 @@ class UcxTransport(ZmqTransport):
         deadline = time.monotonic() + 1.0
         while self._in_flight() and time.monotonic() < deadline:
             self._worker.progress_once()
-            self._sends = {k: r for k, r in self._sends.items() if not r.completed}
+            self._sends = {
+                k: r for k, r in self._sends.items() if not all(x.completed for x in r)
+            }
             self._receives = [r for r in self._receives if not r.request.completed]
         for endpoint in self._endpoints.values():
             with contextlib.suppress(Exception):

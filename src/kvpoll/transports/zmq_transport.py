@@ -6,13 +6,14 @@ that arrives names its sender.
 
 Data path, chosen per write:
 
-* **same host** (the destination region lives in a shared segment of this
-  kernel): the writer maps the segment once and copies straight into it. One
-  copy end to end; the receiver's application gets a view.
+* **same host** (the destination region lives in shared memory of this
+  kernel): the writer attaches the segment once (checked and sealed, see
+  :mod:`kvpoll.memory.shm`) and copies straight into it. One copy end to end;
+  the receiver's application gets a view. A batch is a loop of copies.
 * **otherwise**: the write is cut into pieces of ``max_frame`` bytes, each sent
   zero-copy (``copy=False``) and received with ``recv_into`` straight into the
   registered region, after its bounds were checked. The receiver acknowledges
-  the last piece.
+  the last piece (of the last range, for a batch).
 
 Frames on the wire (after the identity): ``C payload`` (control message),
 ``W header data`` (write piece), ``A header error`` (write acknowledgement),
@@ -27,6 +28,7 @@ import logging
 import os
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -39,16 +41,28 @@ from kvpoll.transports.base import (
     PeerClosed,
     Region,
     RegionDescriptor,
+    Span,
     Transport,
     TransportError,
     TransportEvent,
     WriteDone,
     as_bytes,
-    check_range,
+    check_batch,
     copy_bytes,
     new_region_id,
 )
-from kvpoll.transports.shm import HEADER, Attachments, Segment, SegmentPool, boot_id
+from kvpoll.transports.shm import (
+    HEADER,
+    Attachments,
+    Segment,
+    SegmentError,
+    SegmentInfo,
+    SegmentPool,
+    boot_id,
+    check_stamp,
+    stamp,
+)
+from kvpoll.memory.shm import find_shared
 
 __all__ = ["ZmqTransport"]
 
@@ -77,6 +91,8 @@ class ZmqTransport(Transport):
         max_frame: largest piece of a TCP write, in bytes.
         write_timeout: seconds before an unacknowledged write fails.
         max_idle_pool_bytes: idle pooled segments kept for reuse.
+        max_attached: peers' shared-memory segments kept mapped at once (the
+            least recently used is dropped past it).
     """
 
     name: ClassVar[str] = "zmq"
@@ -94,6 +110,7 @@ class ZmqTransport(Transport):
         max_frame: int = 16 << 20,
         write_timeout: float = 30.0,
         max_idle_pool_bytes: int = 4 << 30,
+        max_attached: int = 256,
     ) -> None:
         if max_frame < 4096:
             raise TransportError(f"max_frame must be at least 4096 bytes, not {max_frame}")
@@ -128,7 +145,7 @@ class ZmqTransport(Transport):
         # Receive buffers come from this pool on both paths: reused, pre-touched memory.
         # Only with shm on are they advertised for peers on this host to map.
         self._pool = SegmentPool(max_idle_bytes=max_idle_pool_bytes)
-        self._attachments = Attachments()
+        self._attachments = Attachments(max_attached)
         self._regions: dict[int, Region] = {}
         self._segments: dict[int, Segment] = {}
         self._pending: dict[int, _Pending] = {}
@@ -139,7 +156,13 @@ class ZmqTransport(Transport):
         self._max_frame = max_frame
         self._write_timeout = write_timeout
         self._closed = False
-        self.stats = {"malformed": 0, "rejected_writes": 0, "shm_writes": 0, "tcp_writes": 0}
+        self.stats = {
+            "malformed": 0,
+            "rejected_writes": 0,
+            "shm_writes": 0,
+            "tcp_writes": 0,
+            "attached_segments": 0,
+        }
 
     # -- regions -------------------------------------------------------------
     @property
@@ -149,6 +172,19 @@ class ZmqTransport(Transport):
     def paths(self) -> list[str]:
         return [f"{self.name}/shm", f"{self.name}/tcp"] if self._shm else [f"{self.name}/tcp"]
 
+    def memory_kind(self) -> str:
+        return "shm" if self._shm else "host"
+
+    def _shm_extra(self, segment: Segment, offset: int, stamped: bool) -> dict[str, Any]:
+        if not self._shm:
+            return {}
+        return {
+            **segment.info.as_dict(),
+            "shm_offset": offset,
+            "shm_stamped": stamped,
+            "boot_id": self._boot,
+        }
+
     def register(self, tensor: torch.Tensor) -> Region:
         self._check_open()
         if tensor.device.type != "cpu":
@@ -157,25 +193,26 @@ class ZmqTransport(Transport):
                 "use a transport with device memory (kvpoll[ucx])"
             )
         data = as_bytes(tensor)
-        return self._add_region(data, {})
+        extra: dict[str, Any] = {}
+        shared = find_shared(int(data.data_ptr()), data.numel()) if data.numel() else None
+        if shared is not None:  # pool memory in shared memory: peers here write it directly
+            extra = self._shm_extra(shared[0], shared[1], False)
+        return self._add_region(data, extra)
 
     def allocate(self, nbytes: int) -> Region:
         self._check_open()
         if nbytes < 0:
             raise TransportError(f"cannot allocate {nbytes} bytes")
-        segment = self._pool.acquire(nbytes)
-        extra: dict[str, Any] = {}
-        if self._shm:
-            extra = {
-                "shm": segment.name,
-                "shm_size": segment.size,
-                "shm_inode": segment.inode,
-                "boot_id": self._boot,
-            }
-        region = self._add_region(segment.data[HEADER : HEADER + nbytes], extra)
+        try:
+            segment = self._pool.acquire(nbytes)
+        except SegmentError as exc:
+            raise TransportError(f"cannot allocate {nbytes} bytes: {exc}") from exc
+        region = self._add_region(
+            segment.data[HEADER : HEADER + nbytes], self._shm_extra(segment, HEADER, True)
+        )
         region.pooled = True
         self._segments[region.descriptor.region_id] = segment
-        segment.stamp(region.descriptor.region_id, nbytes)
+        stamp(segment, region.descriptor.region_id, nbytes)
         return region
 
     def _add_region(self, data: torch.Tensor, extra: dict[str, Any]) -> Region:
@@ -198,76 +235,80 @@ class ZmqTransport(Transport):
             self._pool.release(segment, reuse=reuse)
 
     # -- writes ---------------------------------------------------------------
-    def write(
-        self, src: Region, src_offset: int, dst: RegionDescriptor, dst_offset: int, nbytes: int
-    ) -> int:
+    def write_batch(self, spans: Sequence[Span]) -> int:
         self._check_open()
-        check_range("write source", src_offset, nbytes, src.nbytes)
-        check_range("write destination", dst_offset, nbytes, dst.nbytes)
+        peer = check_batch(spans)
         write_id = next(self._write_ids)
-        peer = dst.endpoint
         if peer in self._closed_peers:
             self._events.append(WriteDone(write_id, f"peer {peer} is closed"))
-        elif nbytes == 0:
+        elif not any(span.nbytes for span in spans):
             self._events.append(WriteDone(write_id))
-        elif not self._write_shm(write_id, src, src_offset, dst, dst_offset, nbytes):
-            self._write_remote(write_id, src, src_offset, dst, dst_offset, nbytes)
+        elif not self._write_shm(write_id, spans):
+            self._write_remote(write_id, spans)
         return write_id
 
-    def _write_shm(
-        self,
-        write_id: int,
-        src: Region,
-        src_offset: int,
-        dst: RegionDescriptor,
-        dst_offset: int,
-        nbytes: int,
-    ) -> bool:
-        extra = dst.extra
-        if not self._shm or "shm" not in extra or extra.get("boot_id") != self._boot:
+    def _write_shm(self, write_id: int, spans: Sequence[Span]) -> bool:
+        """Copy every range straight into the peer's shared memory; False when
+        some destination is not in shared memory of this host."""
+        if not self._shm:
             return False
-        try:
-            segment = self._attachments.get(
-                str(extra["shm"]), int(extra["shm_size"]), int(extra["shm_inode"])
+        targets = []
+        for span in spans:
+            extra = span.dst.extra
+            if "shm_pid" not in extra or extra.get("boot_id") != self._boot:
+                return False
+            try:
+                info = SegmentInfo.from_dict(extra)
+                offset = extra["shm_offset"]
+                if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                    raise SegmentError(f"a shared memory offset must be an int >= 0, not {offset!r}")
+                segment = self._attachments.get(info)
+            except SegmentError as exc:
+                self.stats["rejected_writes"] += 1
+                self._events.append(WriteDone(write_id, f"cannot reach the destination: {exc}"))
+                return True
+            self.stats["attached_segments"] = len(self._attachments)
+            start = offset + span.dst_offset
+            error = None
+            if extra.get("shm_stamped") is True:
+                error = check_stamp(segment, span.dst.region_id, span.dst_offset + span.nbytes)
+            if error is None and (
+                offset + span.dst.nbytes > segment.size or start + span.nbytes > segment.size
+            ):
+                error = f"the destination lies outside its segment of {segment.size} bytes"
+            if error is not None:
+                self.stats["rejected_writes"] += 1
+                self._events.append(WriteDone(write_id, error))
+                return True
+            targets.append((segment, start))
+        for span, (segment, start) in zip(spans, targets, strict=True):
+            copy_bytes(
+                segment.data[start : start + span.nbytes],
+                span.src.data[span.src_offset : span.src_offset + span.nbytes],
             )
-        except (TransportError, KeyError, ValueError, TypeError):
-            return False  # not reachable from here after all: use the network
-        start = HEADER + dst_offset
-        error = segment.check_stamp(dst.region_id, dst_offset + nbytes)
-        if error is None and start + nbytes > segment.size:
-            error = "destination is outside its segment"
-        if error is not None:
-            self.stats["rejected_writes"] += 1
-            self._events.append(WriteDone(write_id, error))
-            return True
-        copy_bytes(segment.data[start : start + nbytes], src.data[src_offset : src_offset + nbytes])
         self.stats["shm_writes"] += 1
         self._events.append(WriteDone(write_id))
         return True
 
-    def _write_remote(
-        self,
-        write_id: int,
-        src: Region,
-        src_offset: int,
-        dst: RegionDescriptor,
-        dst_offset: int,
-        nbytes: int,
-    ) -> None:
+    def _write_remote(self, write_id: int, spans: Sequence[Span]) -> None:
         """The network path: pieces over ZMQ TCP (an engine subclass replaces it)."""
-        dealer = self._dealer(dst.endpoint)
-        view = src.data.numpy().data  # a memoryview of the tensor's memory
-        sent = 0
-        while sent < nbytes:
-            n = min(self._max_frame, nbytes - sent)
-            last = sent + n >= nbytes
-            header = _PIECE.pack(write_id, dst.region_id, dst_offset + sent, n, last)
-            dealer.send_multipart(
-                [_WRITE, header, view[src_offset + sent : src_offset + sent + n]], copy=False
-            )
-            sent += n
+        peer = spans[0].dst.endpoint
+        dealer = self._dealer(peer)
+        todo = [span for span in spans if span.nbytes]
+        for i, span in enumerate(todo):
+            view = span.src.data.numpy().data  # a memoryview of the tensor's memory
+            sent = 0
+            while sent < span.nbytes:
+                n = min(self._max_frame, span.nbytes - sent)
+                last = i == len(todo) - 1 and sent + n >= span.nbytes
+                header = _PIECE.pack(
+                    write_id, span.dst.region_id, span.dst_offset + sent, n, last
+                )
+                lo = span.src_offset + sent
+                dealer.send_multipart([_WRITE, header, view[lo : lo + n]], copy=False)
+                sent += n
         self.stats["tcp_writes"] += 1
-        self._expect_ack(write_id, dst.endpoint)
+        self._expect_ack(write_id, peer)
 
     def _expect_ack(self, write_id: int, peer: str) -> None:
         """Fail ``write_id`` unless it is finished within the write time-out."""
