@@ -22,6 +22,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from kvpoll.config import Config, load_config
 from kvpoll.errors import IllegalTransition, InvalidArgument, KvpollError, UnknownRoom
+from kvpoll.memory.pool import PagedPool
+from kvpoll.protocol.pools import Registered, register_pool
 from kvpoll.protocol.messages import (
     Abort,
     AbortAck,
@@ -44,7 +46,7 @@ from kvpoll.transports.base import (
     WriteDone,
 )
 
-__all__ = ["EndpointClosed", "RoomInfo", "StatusChange", "TransferIncomplete"]
+__all__ = ["EndpointClosed", "RoomInfo", "RoomMetrics", "StatusChange", "TransferIncomplete"]
 
 log = logging.getLogger("kvpoll.protocol")
 _FAILED = TransferStatus.Failed
@@ -85,6 +87,24 @@ class StatusChange:
 
 
 @dataclass(frozen=True)
+class RoomMetrics:
+    """What a room moved and how long each phase took (SGLang's KVTransferMetric, and more).
+
+    Attributes:
+        bytes_moved: payload bytes written (sender) or landed (receiver), aux rows included.
+        bootstrap_s: from open/add until WaitingForInput (None: not reached).
+        transfer_s: from WaitingForInput until the room was final (None: not final yet).
+        staged: the data went through pinned host memory (a device pool on a
+            transport that cannot move device memory).
+    """
+
+    bytes_moved: int = 0
+    bootstrap_s: float | None = None
+    transfer_s: float | None = None
+    staged: bool = False
+
+
+@dataclass(frozen=True)
 class RoomInfo:
     """A snapshot of one room."""
 
@@ -97,17 +117,33 @@ class RoomInfo:
     peers: tuple[str, ...]
     paths: tuple[str, ...] = ()
     """The data paths agreed at bootstrap (``zmq/shm``, ``ucx``, ...), one per kind."""
+    metrics: RoomMetrics = RoomMetrics()
+    """Bytes moved and time per phase."""
 
 
 class RoomBase:
     """The part of a room record every side has."""
 
-    __slots__ = ("paths", "peers", "state")
+    __slots__ = ("bytes_moved", "done_at", "opened_at", "paths", "peers", "ready_at", "staged", "state")
 
     def __init__(self, room: int, history: bool) -> None:
         self.state = TransferState(room, history=history)
         self.peers: set[str] = set()
         self.paths: set[str] = set()  # the data paths agreed at bootstrap
+        self.opened_at = time.monotonic()
+        self.ready_at: float | None = None
+        self.done_at: float | None = None
+        self.bytes_moved = 0
+        self.staged = False
+
+    def metrics(self) -> RoomMetrics:
+        ready, done = self.ready_at, self.done_at
+        return RoomMetrics(
+            self.bytes_moved,
+            None if ready is None else ready - self.opened_at,
+            None if ready is None or done is None else done - ready,
+            self.staged,
+        )
 
     @property
     def total_tokens(self) -> int | None:
@@ -188,6 +224,7 @@ class Endpoint(Generic[R]):
         self._tombstones: OrderedDict[int, None] = OrderedDict()
         self._peers: dict[str, _Peer] = {}
         self._writes: dict[int, tuple[int, int]] = {}  # write id -> (room, rank)
+        self._pools: dict[int, Registered] = {}  # pool id -> its registration here
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
             queue.SimpleQueue()
         )
@@ -280,7 +317,27 @@ class Endpoint(Generic[R]):
                 state.history,
                 tuple(sorted(rec.peers)),
                 tuple(sorted(rec.paths)),
+                rec.metrics(),
             )
+
+    def register(self, pool: PagedPool) -> None:
+        """Register a pool's memory with this endpoint's transport (once; later calls
+        do nothing). Rooms register their pool on first use anyway.
+
+        Raises:
+            InvalidArgument: not a PagedPool, or memory the transport cannot reach.
+        """
+        if not isinstance(pool, PagedPool):
+            raise InvalidArgument(f"register() takes a PagedPool, not {type(pool).__name__}")
+        self._call(lambda: self._pool_entry(pool))
+
+    def unregister(self, pool: PagedPool) -> None:
+        """Deregister a pool; rooms still using it fail first.
+
+        Raises:
+            InvalidArgument: the pool is not registered here.
+        """
+        self._call(lambda: self._unregister_pool(pool))
 
     def rooms(self) -> list[int]:
         """Ids of the rooms open here."""
@@ -463,6 +520,7 @@ class Endpoint(Generic[R]):
                 self._send(address, Heartbeat(seq=next(self._seq)))
 
     def _peer_lost(self, address: str, why: str) -> None:
+        self._forget_peer(address)
         peer = self._peers.pop(address, None)
         if peer is None:
             return
@@ -517,6 +575,11 @@ class Endpoint(Generic[R]):
         self, room: int, rec: R, source: TransferStatus, event: str, reason: str | None = None
     ) -> None:
         state = rec.state
+        now = time.monotonic()
+        if rec.ready_at is None and state.status is TransferStatus.WaitingForInput:
+            rec.ready_at = now
+        if state.is_final:
+            rec.done_at = now
         self._status[room] = state.status
         self._deadlines.enter(room, source, state.status, time.monotonic())
         self._changed.notify_all()
@@ -583,6 +646,28 @@ class Endpoint(Generic[R]):
             self._stats["rejected"] += 1
             log.warning("rejected %s from %s: %s", message.type, peer, why)
 
+    def _pool_entry(self, pool: PagedPool) -> Registered:
+        entry = self._pools.get(pool.id)
+        if entry is None or entry.pool is not pool:
+            if entry is not None:
+                raise InvalidArgument(f"another pool with id {pool.id} is registered here")
+            entry = self._pools[pool.id] = register_pool(self._transport, pool)
+        return entry
+
+    def _unregister_pool(self, pool: PagedPool) -> None:
+        entry = self._pools.get(pool.id)
+        if entry is None or entry.pool is not pool:
+            raise InvalidArgument(f"{pool!r} is not registered here")
+        for room, rec in list(self._rooms.items()):
+            if not rec.state.is_final and self._uses_pool(rec, pool):
+                self._fail(room, rec, "its pool was unregistered")
+        del self._pools[pool.id]
+        entry.release(self._transport)
+
+    def _uses_pool(self, rec: R, pool: PagedPool) -> bool:
+        """Whether a room reads or writes ``pool`` (a subclass knows)."""
+        return False
+
     def _room(self, room: int) -> R:
         """The room's record (the lock is held).
 
@@ -606,6 +691,11 @@ class Endpoint(Generic[R]):
 
     def _on_tick(self, now: float) -> None:
         return None
+
+    def _forget_peer(self, address: str) -> None:
+        """A peer is gone: drop what was agreed with it (pools offered, ...)."""
+        for entry in self._pools.values():
+            entry.offered_to.discard(address)
 
     def _finished(self, room: int, rec: R) -> None:
         """The room reached Success or Failed."""

@@ -5,7 +5,12 @@ Room messages carry the room id and the receiver's ``session``: a random number
 chosen each time a receiver opens a room, so a late message from an earlier
 use of the same room id can never touch the new one.
 
-Receiver -> sender: ``bootstrap``, ``resume``, ``abort``, ``abort_ack``.
+A receiver offers memory in one of two forms: a pool it announced once to
+that sender (``pool``: its buffers' descriptors and layout) and, per room,
+page indices of it as runs ``[[first, count], ...]``; or one contiguous region
+inline in the bootstrap or resume (a buffer the application handed over).
+
+Receiver -> sender: ``pool``, ``bootstrap``, ``resume``, ``abort``, ``abort_ack``.
 Sender -> receiver: ``bootstrap_ack``, ``reject``, ``chunk``, ``abort``,
 ``abort_ack``. Either way: ``heartbeat``, ``heartbeat_ack``.
 """
@@ -14,12 +19,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from kvpoll.transports.base import RegionDescriptor
 
 __all__ = [
     "MAX_AUX_BYTES",
+    "MAX_RUNS",
     "PROTOCOL_VERSION",
     "Abort",
     "AbortAck",
@@ -30,6 +36,8 @@ __all__ = [
     "HeartbeatAck",
     "Message",
     "MessageError",
+    "PoolBuffer",
+    "PoolOffer",
     "Reject",
     "Resume",
     "decode",
@@ -41,6 +49,10 @@ MAX_AUX_BYTES = 1 << 20
 
 RoomId = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 Count = Annotated[int, Field(ge=0, lt=2**62)]
+Positive = Annotated[int, Field(ge=1, lt=2**40)]
+MAX_RUNS = 1 << 16
+Runs = Annotated[list[tuple[Annotated[int, Field(ge=0, lt=2**40)], Positive]], Field(max_length=MAX_RUNS)]
+"""Page indices as ``[first, count]`` runs."""
 
 
 class _Wire(BaseModel):
@@ -56,19 +68,63 @@ class _RoomMessage(_Wire):
     rank: Count = 0
 
 
-class Bootstrap(_RoomMessage):
-    """A receiver says where to write: its buffer, and the shape of a token's row."""
+class PoolBuffer(BaseModel):
+    """One buffer of an offered pool: where it is and what a token (or aux row) holds."""
 
-    type: Literal["bootstrap"] = "bootstrap"
+    model_config = ConfigDict(frozen=True, extra="forbid")
     region: RegionDescriptor
-    allocated_tokens: Annotated[int, Field(ge=1, lt=2**40)]
-    row_bytes: Annotated[int, Field(ge=1, lt=2**40)]
+    row_bytes: Positive
     dtype: str = Field(max_length=32)
     row_shape: list[Count] = Field(max_length=8)
+
+
+class PoolOffer(_Wire):
+    """A receiver registers a pool with a sender, once, before naming its pages."""
+
+    type: Literal["pool"] = "pool"
+    pool: Count
+    page_size: Positive
+    num_pages: Positive
+    buffers: list[PoolBuffer] = Field(min_length=1, max_length=1024)
+    aux: list[PoolBuffer] = Field(default_factory=list, max_length=64)
+    aux_rows: Count = 0
+
+
+class Bootstrap(_RoomMessage):
+    """A receiver says where to write: pages of an offered pool, or one region inline.
+
+    Inline form: ``region``, ``allocated_tokens``, ``row_bytes``, ``dtype``,
+    ``row_shape``. Pool form: ``pool`` and ``pages`` (and ``aux_index``, the
+    row of the pool's aux buffers this room's aux data goes to).
+    """
+
+    type: Literal["bootstrap"] = "bootstrap"
+    region: RegionDescriptor | None = None
+    allocated_tokens: Positive | None = None
+    row_bytes: Positive | None = None
+    dtype: str | None = Field(default=None, max_length=32)
+    row_shape: list[Count] | None = Field(default=None, max_length=8)
+    pool: Count | None = None
+    pages: Runs | None = None
+    aux_index: Count | None = None
+    whole: bool = False
+    """Each memory offered takes one chunk: after a chunk that is not the last,
+    the receiver resumes with new memory (buffer rooms; an inline region always)."""
     transports: list[str] = Field(default_factory=list, max_length=16)
     """The data paths the receiver speaks (see :mod:`kvpoll.protocol.negotiation`)."""
     host: str = Field(default="", max_length=128)
     """An id of the receiver's host (its kernel's boot id)."""
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Bootstrap:
+        inline = (self.region, self.allocated_tokens, self.row_bytes, self.dtype, self.row_shape)
+        if self.pool is not None and self.pages:
+            if any(v is not None for v in inline):
+                raise ValueError("a bootstrap names pool pages or a region, not both")
+        elif any(v is None for v in inline) or self.pool is not None or self.pages is not None:
+            raise ValueError("a bootstrap needs pool and pages, or region, allocated_tokens, "
+                             "row_bytes, dtype and row_shape")
+        return self
 
 
 class BootstrapAck(_RoomMessage):
@@ -87,23 +143,38 @@ class Reject(_RoomMessage):
 
 
 class Chunk(_RoomMessage):
-    """A chunk is in the receiver's buffer."""
+    """A chunk is in the receiver's memory (``total_tokens``: None while the
+    sender does not know it yet, as when its data still arrives in pieces)."""
 
     type: Literal["chunk"] = "chunk"
     sent_tokens: Count
     chunk_tokens: Count
     is_last: bool
-    total_tokens: Count
+    total_tokens: Count | None
     aux: bytes | None = Field(default=None, max_length=MAX_AUX_BYTES)
 
 
 class Resume(_RoomMessage):
-    """The receiver took the last chunk and offers a new buffer."""
+    """The receiver's memory for the room is full; it offers more: pages of the
+    room's pool, or a new region inline."""
 
     type: Literal["resume"] = "resume"
     sent_tokens: Count
-    region: RegionDescriptor
-    allocated_tokens: Annotated[int, Field(ge=1, lt=2**40)]
+    region: RegionDescriptor | None = None
+    allocated_tokens: Positive | None = None
+    pages: Runs | None = None
+    pool: Count | None = None
+    """The offered pool ``pages`` belong to (default: the room's current one)."""
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Resume:
+        if (self.pages is not None) == (self.region is not None or self.allocated_tokens is not None):
+            raise ValueError("a resume offers pages, or a region and allocated_tokens")
+        if self.pages is None and (self.region is None or self.allocated_tokens is None):
+            raise ValueError("a resume offers pages, or a region and allocated_tokens")
+        if self.pages is not None and not self.pages:
+            raise ValueError("a resume offers at least one page")
+        return self
 
 
 class Abort(_RoomMessage):
@@ -130,7 +201,8 @@ class HeartbeatAck(_Wire):
 
 
 Message = Annotated[
-    Bootstrap
+    PoolOffer
+    | Bootstrap
     | BootstrapAck
     | Reject
     | Chunk

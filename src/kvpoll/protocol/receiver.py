@@ -1,4 +1,4 @@
-"""The receiver side (language model, decode worker): offers buffers, mirrors
+"""The receiver side (language model, decode worker): offers memory, mirrors
 the status of its room, and hands the application views of what arrived."""
 
 from __future__ import annotations
@@ -7,10 +7,15 @@ import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from kvpoll.errors import DuplicateRoom, IllegalTransition, InvalidArgument
+from kvpoll.memory.arena import Arenas, Lease
+from kvpoll.memory.pages import PageList
+from kvpoll.memory.pool import PagedPool, dtype_name
+from kvpoll.memory.shm import SegmentError
 from kvpoll.protocol.endpoint import Endpoint, RoomBase, TransferIncomplete
 from kvpoll.protocol.messages import (
     Abort,
@@ -23,7 +28,7 @@ from kvpoll.protocol.messages import (
     Resume,
     encode,
 )
-from kvpoll.protocol.sender import dtype_name
+from kvpoll.protocol.pools import token_runs
 from kvpoll.statemachine.status import Event, TransferStatus
 from kvpoll.transports.base import Region, TransportError
 from kvpoll.transports.shm import boot_id
@@ -37,8 +42,8 @@ class Received:
 
     Attributes:
         room: the room.
-        chunks: the data, chunk by chunk, as views of the receive buffers
-            (no copy); valid until the room is removed.
+        chunks: the data of the first buffer, piece by piece, as views of the
+            receive memory (no copy); they stay readable as long as they exist.
         aux: the auxiliary bytes the sender attached.
         total_tokens: tokens in all.
     """
@@ -55,21 +60,36 @@ class Received:
         return torch.cat(self.chunks)
 
 
+@dataclass
+class _Part:
+    """Memory offered for room tokens ``base ..``: token runs of ``pool``'s buffers."""
+
+    base: int
+    pool: PagedPool
+    tokens: PageList
+    lease: Lease | None = None  # a run of a kvpoll-owned arena
+    region: Region | None = None  # an application buffer registered for this room
+
+    @property
+    def capacity(self) -> int:
+        return self.base + len(self.tokens)
+
+
 class _ReceiverRoom(RoomBase):
     __slots__ = (
-        "allocated_tokens",
-        "auto_resume",
         "aux",
+        "aux_index",
+        "auto_resume",
         "chunks",
         "dtype",
+        "parts",
+        "pool",
         "rank",
-        "region",
-        "regions",
-        "row_bytes",
         "row_shape",
         "sender",
         "session",
         "total",
+        "whole",
     )
 
     def __init__(self, room: int, history: bool) -> None:
@@ -79,18 +99,22 @@ class _ReceiverRoom(RoomBase):
         self.rank = 0
         self.row_shape: tuple[int, ...] = ()
         self.dtype = torch.uint8
-        self.row_bytes = 1
-        self.allocated_tokens = 1
         self.auto_resume = True
-        self.region: Region | None = None
-        self.regions: list[Region] = []
+        self.pool: PagedPool | None = None  # the application's pool (paged rooms)
+        self.aux_index: int | None = None
+        self.parts: list[_Part] = []
         self.chunks: list[torch.Tensor] = []
         self.total: int | None = None
         self.aux = b""
+        self.whole = False  # each buffer takes one chunk (buffer rooms)
 
     @property
     def total_tokens(self) -> int | None:
         return self.total
+
+    @property
+    def capacity(self) -> int:
+        return self.parts[-1].capacity if self.parts else 0
 
 
 def _check_buffer(
@@ -118,15 +142,20 @@ def _check_buffer(
 class Receiver(Endpoint[_ReceiverRoom]):
     """The side that receives (a language-model or decode worker).
 
-    :meth:`open` allocates a buffer of ``allocated_tokens`` rows (or takes the
-    application's) and bootstraps toward a sender. The room mirrors the
-    sender's steps: WaitingForInput once the sender has the buffer,
-    Transferring after a chunk that is not the last, Success after the last.
-    After each partial chunk the receiver resumes with a new buffer (from the
-    pool, or the application's with ``auto_resume=False`` and :meth:`resume`).
+    :meth:`open` offers memory and bootstraps toward a sender: pages of the
+    application's :class:`~kvpoll.PagedPool` (``pool=``, ``pages=``), or a
+    buffer of ``allocated_tokens`` rows (from a pool kvpoll owns, or the
+    application's ``buffer``). The room mirrors the sender's steps:
+    WaitingForInput once the sender has the memory, Transferring after a chunk
+    that is not the last, Success after the last. When the memory is full and
+    data remains, the room waits in Transferring for :meth:`resume` with more
+    (for buffers from kvpoll's pool, ``auto_resume`` does it at once).
     """
 
     side = "receiver"
+
+    def _setup(self) -> None:
+        self._arenas = Arenas(self._transport.memory_kind())
 
     # -- public ------------------------------------------------------------------
     def open(
@@ -134,8 +163,11 @@ class Receiver(Endpoint[_ReceiverRoom]):
         room: int,
         sender: str,
         *,
-        row_shape: Sequence[int],
-        dtype: torch.dtype,
+        pool: PagedPool | None = None,
+        pages: Any = None,
+        aux_index: int | None = None,
+        row_shape: Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
         allocated_tokens: int = 1024,
         rank: int = 0,
         buffer: torch.Tensor | None = None,
@@ -146,24 +178,54 @@ class Receiver(Endpoint[_ReceiverRoom]):
         Args:
             room: the room id (the sender must use the same).
             sender: the sender's address.
-            row_shape: the shape of one token's row (``[hidden]`` for embeddings).
-            dtype: the data's dtype.
-            allocated_tokens: rows in each receive buffer.
+            pool, pages: memory for the data: these pages of the application's
+                pool (in room order). When they are full and data remains, the
+                room waits in Transferring for :meth:`resume` with more pages.
+            aux_index: the row of the pool's aux buffers the sender's aux row
+                goes to.
+            row_shape, dtype: without a pool: the shape of one token's row
+                (``[hidden]`` for embeddings) and the data's dtype.
+            allocated_tokens: without a pool: rows in each receive buffer.
             rank: this receiver's destination index at the sender (tensor-parallel rank).
-            buffer: the first receive buffer, ``[allocated_tokens, *row_shape]``
-                (default: one from the transport's pool).
-            auto_resume: after a partial chunk, resume with a pooled buffer at
-                once; with False the room waits in Transferring for :meth:`resume`.
+            buffer: without a pool: the first receive buffer,
+                ``[allocated_tokens, *row_shape]`` (default: one from kvpoll's pool).
+            auto_resume: without a pool: after a partial chunk, resume with a
+                buffer from kvpoll's pool at once; with False the room waits
+                in Transferring for :meth:`resume`.
 
         Raises:
             DuplicateRoom: the room is open here already.
             InvalidArgument: a bad argument.
         """
-        shape = tuple(int(d) for d in row_shape)
         if isinstance(room, bool) or not isinstance(room, int):
             raise InvalidArgument(f"room must be an int, not {type(room).__name__}")
         if not isinstance(sender, str) or not sender:
             raise InvalidArgument(f"room {room}: sender must be an address string")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise InvalidArgument(f"room {room}: allocated_tokens must be >= 1 and rank >= 0")
+        if pool is not None or pages is not None:
+            if not isinstance(pool, PagedPool) or pages is None:
+                raise InvalidArgument(f"room {room}: open() needs pool= (a PagedPool) with pages=")
+            if buffer is not None:
+                raise InvalidArgument(f"room {room}: open() takes pool pages or a buffer, not both")
+            runs = pool.check_pages(pages, what=f"room {room}: pages")
+            if not runs:
+                raise InvalidArgument(f"room {room}: open() needs at least one page")
+            if aux_index is not None and (
+                isinstance(aux_index, bool)
+                or not isinstance(aux_index, int)
+                or not 0 <= aux_index < pool.aux_rows
+            ):
+                raise InvalidArgument(
+                    f"room {room}: aux_index must be a row of the pool's {pool.aux_rows} aux rows"
+                )
+            self._call(lambda: self._open_paged(room, sender, pool, runs, aux_index, rank))
+            return
+        if row_shape is None or dtype is None:
+            raise InvalidArgument(
+                f"room {room}: open() needs pool= and pages=, or row_shape= and dtype="
+            )
+        shape = tuple(int(d) for d in row_shape)
         if any(d < 1 for d in shape) or not isinstance(dtype, torch.dtype):
             raise InvalidArgument(
                 f"room {room}: row_shape needs positive sizes and dtype a torch.dtype"
@@ -172,9 +234,6 @@ class Receiver(Endpoint[_ReceiverRoom]):
             isinstance(allocated_tokens, bool)
             or not isinstance(allocated_tokens, int)
             or allocated_tokens < 1
-            or isinstance(rank, bool)
-            or not isinstance(rank, int)
-            or rank < 0
         ):
             raise InvalidArgument(f"room {room}: allocated_tokens must be >= 1 and rank >= 0")
         _check_buffer(buffer, shape, dtype, room)
@@ -184,15 +243,21 @@ class Receiver(Endpoint[_ReceiverRoom]):
             )
         )
 
-    def resume(self, room: int, *, buffer: torch.Tensor | None = None) -> None:
-        """Offer a new buffer after a partial chunk (for ``auto_resume=False``).
+    def resume(
+        self, room: int, *, pages: Any = None, buffer: torch.Tensor | None = None
+    ) -> None:
+        """Offer more memory once the room's memory is full and data remains.
+
+        ``pages`` (of the room's pool) for a room opened on a pool; for a
+        buffer room, ``buffer`` (default: one from kvpoll's pool).
 
         Raises:
             UnknownRoom: the room is not open here.
-            IllegalTransition: the room is not Transferring, or has resumed already.
-            InvalidArgument: the buffer has the wrong shape or dtype.
+            IllegalTransition: the room is not Transferring, or has memory left.
+            InvalidArgument: pages outside the pool, or a buffer of the wrong
+                shape or dtype.
         """
-        self._call(lambda: self._resume_command(room, buffer))
+        self._call(lambda: self._resume_command(room, pages, buffer))
 
     def result(self, room: int) -> Received:
         """What the room delivered, once it is Success.
@@ -218,6 +283,27 @@ class Receiver(Endpoint[_ReceiverRoom]):
             return tuple(rec.chunks)
 
     # -- commands (I/O thread) ----------------------------------------------------------
+    def _new_room(self, room: int, sender: str, rank: int) -> _ReceiverRoom:
+        if room in self._rooms:
+            raise DuplicateRoom(room)
+        rec = _ReceiverRoom(room, self._history)
+        rec.sender, rec.rank = sender, rank
+        return rec
+
+    def _open_paged(
+        self,
+        room: int,
+        sender: str,
+        pool: PagedPool,
+        runs: list[tuple[int, int]],
+        aux_index: int | None,
+        rank: int,
+    ) -> None:
+        rec = self._new_room(room, sender, rank)
+        rec.pool, rec.aux_index, rec.auto_resume = pool, aux_index, False
+        rec.parts.append(_Part(0, pool, token_runs(runs, pool.page_size)))
+        self._bootstrap(room, rec, pool=pool, pages=runs)
+
     def _open(
         self,
         room: int,
@@ -229,68 +315,133 @@ class Receiver(Endpoint[_ReceiverRoom]):
         buffer: torch.Tensor | None,
         auto_resume: bool,
     ) -> None:
-        if room in self._rooms:
-            raise DuplicateRoom(room)
-        rec = _ReceiverRoom(room, self._history)
-        rec.sender, rec.rank, rec.row_shape, rec.dtype = sender, rank, shape, dtype
-        rec.row_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        rec.allocated_tokens = allocated
-        rec.auto_resume = auto_resume
-        region = self._buffer(rec, buffer)
-        bootstrap = Bootstrap(
-            room=room,
-            session=rec.session,
-            rank=rank,
-            region=region.descriptor,
-            allocated_tokens=region.nbytes // rec.row_bytes,
-            row_bytes=rec.row_bytes,
-            dtype=dtype_name(dtype),
-            row_shape=list(shape),
-            transports=self._transport.paths(),
-            host=boot_id(),
-        )
+        rec = self._new_room(room, sender, rank)
+        rec.row_shape, rec.dtype, rec.auto_resume = shape, dtype, auto_resume
+        rec.whole = True
+        part = self._buffer(rec, buffer, allocated, 0)
+        rec.parts.append(part)
+        try:
+            if part.region is not None:
+                self._bootstrap(room, rec, region=part.region, tokens=len(part.tokens))
+            else:
+                assert part.lease is not None
+                self._bootstrap(room, rec, pool=part.pool, pages=[(part.lease.start, allocated)])
+        except BaseException:
+            self._give_back(rec, quarantine=False)
+            raise
+
+    def _bootstrap(
+        self,
+        room: int,
+        rec: _ReceiverRoom,
+        *,
+        pool: PagedPool | None = None,
+        pages: list[tuple[int, int]] | None = None,
+        region: Region | None = None,
+        tokens: int = 0,
+    ) -> None:
+        fields: dict[str, Any] = {}
         try:  # an address this transport cannot use is the caller's error, not a hang
-            self._transport.send(sender, encode(bootstrap))
+            if pool is not None:
+                self._offer(rec.sender, pool)
+                fields = {
+                    "pool": pool.id,
+                    "pages": pages,
+                    "aux_index": rec.aux_index,
+                    "whole": rec.whole,
+                }
+            else:
+                assert region is not None
+                fields = {
+                    "region": region.descriptor,
+                    "allocated_tokens": tokens,
+                    "row_bytes": region.nbytes // tokens,
+                    "dtype": dtype_name(rec.dtype),
+                    "row_shape": list(rec.row_shape),
+                }
+            bootstrap = Bootstrap(
+                room=room,
+                session=rec.session,
+                rank=rec.rank,
+                transports=self._transport.paths(),
+                host=boot_id(),
+                **fields,
+            )
+            self._transport.send(rec.sender, encode(bootstrap))
         except TransportError as exc:
-            self._transport.release(region)
+            if region is not None:
+                self._transport.release(region, reuse=False)
             raise InvalidArgument(
-                f"room {room}: cannot reach the sender at {sender!r}: {exc}"
+                f"room {room}: cannot reach the sender at {rec.sender!r}: {exc}"
             ) from exc
         self._stats["messages_out"] += 1
         self._register(room, rec)
-        self._watch(room, rec, sender)
+        self._watch(room, rec, rec.sender)
 
-    def _buffer(self, rec: _ReceiverRoom, buffer: torch.Tensor | None) -> Region:
-        try:
-            if buffer is None:
-                region = self._transport.allocate(rec.allocated_tokens * rec.row_bytes)
-            else:
+    def _offer(self, sender: str, pool: PagedPool) -> None:
+        """Register ``pool`` here and announce it to ``sender``, each once.
+
+        Raises:
+            InvalidArgument: the transport cannot reach the pool's memory.
+            TransportError: the sender's address is not usable.
+        """
+        entry = self._pool_entry(pool)
+        if sender not in entry.offered_to:
+            self._transport.send(sender, encode(entry.offer()))
+            self._stats["messages_out"] += 1
+            entry.offered_to.add(sender)
+
+    def _buffer(
+        self, rec: _ReceiverRoom, buffer: torch.Tensor | None, allocated: int, base: int
+    ) -> _Part:
+        """Memory for a buffer room: the application's buffer, or a run of an arena."""
+        room = rec.state.room
+        if buffer is not None:
+            try:
                 region = self._transport.register(buffer)
-        except TransportError as exc:
-            raise InvalidArgument(f"room {rec.state.room}: {exc}") from exc
-        rec.region = region
-        rec.regions.append(region)
-        return region
+            except TransportError as exc:
+                raise InvalidArgument(f"room {room}: {exc}") from exc
+            own = PagedPool([buffer], page_size=1)
+            return _Part(base, own, PageList([(0, int(buffer.shape[0]))]), region=region)
+        try:
+            lease, new = self._arenas.take(rec.row_shape, rec.dtype, allocated)
+        except (SegmentError, InvalidArgument, RuntimeError) as exc:
+            raise InvalidArgument(f"room {room}: cannot allocate {allocated} rows: {exc}") from exc
+        if new:
+            try:
+                self._pool_entry(lease.pool)
+            except InvalidArgument:
+                self._arenas.give(lease)
+                raise
+        return _Part(base, lease.pool, PageList([(lease.start, allocated)]), lease=lease)
 
-    def _resume_command(self, room: int, buffer: torch.Tensor | None) -> None:
+    def _resume_command(self, room: int, pages: Any, buffer: torch.Tensor | None) -> None:
         rec = self._room(room)
-        if not rec.state.can(Event.RESUMED) or rec.region is not None:
+        if not rec.state.can(Event.RESUMED) or rec.capacity > rec.state.sent_tokens:
             raise IllegalTransition(
                 room,
                 rec.state.status,
                 "resumed",
-                "a resume needs a room in Transferring that has taken its last chunk",
+                "a resume needs a room in Transferring whose memory is full",
             )
+        if rec.pool is not None:
+            if pages is None or buffer is not None:
+                raise InvalidArgument(f"room {room}: a room on a pool resumes with pages=")
+            runs = rec.pool.check_pages(pages, what=f"room {room}: pages")
+            if not runs:
+                raise InvalidArgument(f"room {room}: a resume needs at least one page")
+            self._resume_pages(room, rec, runs)
+            return
+        if pages is not None:
+            raise InvalidArgument(f"room {room}: a buffer room resumes with buffer=, not pages=")
         _check_buffer(buffer, rec.row_shape, rec.dtype, room)
         self._resume(room, rec, buffer)
 
-    def _resume(self, room: int, rec: _ReceiverRoom, buffer: torch.Tensor | None) -> None:
-        try:
-            region = self._buffer(rec, buffer)
-        except InvalidArgument as exc:
-            self._fail(room, rec, str(exc))
-            return
+    def _resume_pages(self, room: int, rec: _ReceiverRoom, runs: list[tuple[int, int]]) -> None:
+        pool = rec.pool
+        assert pool is not None
         delivered = rec.state.sent_tokens
+        rec.parts.append(_Part(delivered, pool, token_runs(runs, pool.page_size)))
         if self._step(room, rec, "resumed", lambda: rec.state.resumed(sent_tokens=delivered)):
             self._send(
                 rec.sender,
@@ -299,10 +450,48 @@ class Receiver(Endpoint[_ReceiverRoom]):
                     session=rec.session,
                     rank=rec.rank,
                     sent_tokens=delivered,
-                    region=region.descriptor,
-                    allocated_tokens=region.nbytes // rec.row_bytes,
+                    pages=runs,
+                    pool=pool.id,
                 ),
             )
+
+    def _resume(self, room: int, rec: _ReceiverRoom, buffer: torch.Tensor | None) -> None:
+        delivered = rec.state.sent_tokens
+        allocated = len(rec.parts[-1].tokens) if rec.parts else 1
+        try:
+            part = self._buffer(rec, buffer, allocated, delivered)
+        except InvalidArgument as exc:
+            self._fail(room, rec, str(exc))
+            return
+        rec.parts.append(part)
+        try:
+            if part.lease is not None:
+                self._offer(rec.sender, part.pool)
+        except (InvalidArgument, TransportError) as exc:
+            self._fail(room, rec, str(exc))
+            return
+        if not self._step(room, rec, "resumed", lambda: rec.state.resumed(sent_tokens=delivered)):
+            return
+        if part.region is not None:
+            message = Resume(
+                room=room,
+                session=rec.session,
+                rank=rec.rank,
+                sent_tokens=delivered,
+                region=part.region.descriptor,
+                allocated_tokens=len(part.tokens),
+            )
+        else:
+            assert part.lease is not None
+            message = Resume(
+                room=room,
+                session=rec.session,
+                rank=rec.rank,
+                sent_tokens=delivered,
+                pages=[(part.lease.start, part.lease.count)],
+                pool=part.pool.id,
+            )
+        self._send(rec.sender, message)
 
     # -- messages ----------------------------------------------------------------------
     def _on_message(self, peer: str, message: Message) -> None:
@@ -337,14 +526,13 @@ class Receiver(Endpoint[_ReceiverRoom]):
             self._drop(peer, message, f"a receiver does not take {message.type}")
 
     def _chunk(self, room: int, rec: _ReceiverRoom, message: Chunk) -> None:
-        region = rec.region
-        capacity = region.nbytes // rec.row_bytes if region is not None else 0
         before = rec.state.sent_tokens
+        capacity = rec.capacity - before
         why = None
         if rec.state.is_final:
             self._drop(rec.sender, message, f"the room is {rec.state.status.name}")
             return
-        if region is None:
+        if capacity <= 0:
             why = "a chunk arrived before the receiver resumed"
         elif not 1 <= message.chunk_tokens <= capacity:
             why = f"a chunk of {message.chunk_tokens} tokens for a buffer of {capacity}"
@@ -353,7 +541,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
                 f"sent_tokens={message.sent_tokens} does not follow {before} delivered plus "
                 f"{message.chunk_tokens}"
             )
-        elif rec.total is not None and message.total_tokens != rec.total:
+        elif rec.total is not None and message.total_tokens not in (None, rec.total):
             why = f"the total changed from {rec.total} to {message.total_tokens}"
         elif message.is_last != (message.sent_tokens == message.total_tokens):
             why = (
@@ -364,14 +552,20 @@ class Receiver(Endpoint[_ReceiverRoom]):
             self._stats["rejected"] += 1
             self._fail(room, rec, f"protocol violation: {why}")
             return
-        assert region is not None
-        if rec.total is None:
+        if message.total_tokens is not None:
             rec.total = message.total_tokens
-            rec.aux = message.aux or b""
-        rows = message.chunk_tokens
-        view = region.data[: rows * rec.row_bytes].view(rec.dtype).view(rows, *rec.row_shape)
-        rec.chunks.append(view)
-        rec.region = None
+        if message.aux is not None and not rec.aux:
+            rec.aux = message.aux
+        part = rec.parts[-1]
+        data = part.pool.buffers[0]
+        for first, count in part.tokens.slice(before - part.base, message.sent_tokens - part.base):
+            rec.chunks.append(data[first : first + count])
+        if rec.whole and not message.is_last:  # this buffer took its chunk
+            part.tokens = PageList(part.tokens.slice(0, message.sent_tokens - part.base))
+        row_bytes = sum(layout.row_bytes for layout in part.pool.layouts)
+        rec.bytes_moved += message.chunk_tokens * row_bytes
+        if message.is_last and rec.aux_index is not None and rec.pool is not None:
+            rec.bytes_moved += sum(layout.row_bytes for layout in rec.pool.aux_layouts)
         if (
             self._step(
                 room,
@@ -383,22 +577,40 @@ class Receiver(Endpoint[_ReceiverRoom]):
             )
             and rec.state.status is TransferStatus.Transferring
             and rec.auto_resume
+            and rec.capacity == rec.state.sent_tokens
         ):
             self._resume(room, rec, None)
 
     # -- hooks ----------------------------------------------------------------------------
+    def _give_back(self, rec: _ReceiverRoom, *, quarantine: bool) -> None:
+        for part in rec.parts:
+            if part.lease is not None:
+                for pool in self._arenas.give(part.lease, quarantine=quarantine):
+                    self._drop_pool(pool)
+            if part.region is not None:
+                self._transport.release(part.region, reuse=False)
+        rec.parts.clear()
+
+    def _drop_pool(self, pool: PagedPool) -> None:
+        entry = self._pools.pop(pool.id, None)
+        if entry is not None:
+            entry.release(self._transport)
+
     def _finished(self, room: int, rec: _ReceiverRoom) -> None:
         if rec.state.status is TransferStatus.Failed:
-            for region in rec.regions:  # a sender may still write: never hand these on
-                self._transport.release(region, reuse=False)
-            rec.regions.clear()
-            rec.region = None
+            # A sender may still write into this memory: quarantine it, never hand it on now.
+            self._give_back(rec, quarantine=True)
 
     def _released(self, room: int, rec: _ReceiverRoom) -> None:
-        for region in rec.regions:
-            self._transport.release(region, reuse=True)
-        rec.regions.clear()
+        self._give_back(rec, quarantine=False)
         rec.chunks.clear()
+
+    def _on_tick(self, now: float) -> None:
+        for pool in self._arenas.tick(now):
+            self._drop_pool(pool)
+
+    def _uses_pool(self, rec: _ReceiverRoom, pool: PagedPool) -> bool:
+        return any(part.pool is pool for part in rec.parts)
 
     def _abort_messages(
         self, room: int, rec: _ReceiverRoom, reason: str
@@ -407,3 +619,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
 
     def _session_ok(self, rec: _ReceiverRoom, peer: str, message: Abort) -> bool:
         return peer == rec.sender and message.session == rec.session and message.rank == rec.rank
+
+
+def _row_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()

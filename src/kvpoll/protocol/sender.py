@@ -1,15 +1,18 @@
 """The sender side (encoder, prefill worker): holds the data, writes it into
-the buffers its receivers offer, chunk by chunk."""
+the memory its receivers offer, chunk by chunk, as the data becomes available."""
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
 from kvpoll.errors import DuplicateRoom, IllegalTransition, InvalidArgument
+from kvpoll.memory.pages import PageList, pair_runs
+from kvpoll.memory.pool import PagedPool, dtype_name
 from kvpoll.protocol.endpoint import Endpoint, RoomBase
 from kvpoll.protocol.messages import (
     MAX_AUX_BYTES,
@@ -19,57 +22,89 @@ from kvpoll.protocol.messages import (
     BootstrapAck,
     Chunk,
     Message,
+    PoolBuffer,
+    PoolOffer,
     Reject,
     Resume,
 )
 from kvpoll.protocol.negotiation import choose_path, mismatch
+from kvpoll.protocol.pools import MAX_PEER_POOLS, PeerPool, Registered, token_runs
 from kvpoll.statemachine.status import Event, TransferStatus
-from kvpoll.transports.base import Region, RegionDescriptor, TransportError, WriteDone
+from kvpoll.transports.base import Span, TransportError, WriteDone
 from kvpoll.transports.shm import boot_id
 
-__all__ = ["Sender"]
+__all__ = ["Sender", "dtype_name"]
 
 _PENDING_ROOMS = 10_000
 
 
 @dataclass
 class _Dest:
+    """One destination (rank) of a room: its memory for the room, part by part.
+
+    A part is the memory offered at bootstrap or by one resume; room tokens
+    ``base ..`` live in ``tokens`` (token runs of ``pool``'s buffers).
+    """
+
     peer: str
     session: int
-    region: RegionDescriptor
-    allocated_tokens: int
-    row_bytes: int
-    dtype: str
-    row_shape: tuple[int, ...]
-    ready: bool = True  # holds an empty buffer for the next chunk
+    pool: PeerPool
+    tokens: PageList
+    aux_index: int | None
+    whole: bool = False  # one chunk per memory offered: full after every chunk
+    base: int = 0
     resumed_at: int = -1  # sent_tokens of its last accepted resume (duplicates repeat it)
+
+    @property
+    def capacity(self) -> int:
+        """Room tokens this destination has memory for, in all."""
+        return self.base + len(self.tokens)
 
 
 @dataclass
-class _Data:
-    region: Region
-    total_tokens: int
-    row_bytes: int
-    dtype: str
-    row_shape: tuple[int, ...]
-    aux: bytes
+class _Source:
+    """The room's data: token runs of a registered pool, growing with each send()."""
+
+    entry: Registered
+    tokens: PageList = field(default_factory=PageList)
+    last: bool = False
+    aux_index: int | None = None
+    aux_bytes: bytes = b""
+    owned: bool = False  # a pool kvpoll made for send(room, tensor): released with the room
+
+    @property
+    def total(self) -> int | None:
+        return len(self.tokens) if self.last else None
 
 
 class _SenderRoom(RoomBase):
-    __slots__ = ("chunk_end", "chunk_last", "data", "dests", "in_flight", "required")
+    __slots__ = (
+        "aux_done",
+        "aux_with",
+        "data",
+        "dests",
+        "in_flight",
+        "planned",
+        "planned_aux",
+        "required",
+        "written",
+    )
 
-    def __init__(self, room: int, required: int, history: bool) -> None:
+    def __init__(self, room: int, required: int, history: bool, aux_with: str) -> None:
         super().__init__(room, history)
         self.required = required
+        self.aux_with = aux_with
         self.dests: dict[int, _Dest] = {}
-        self.data: _Data | None = None
+        self.data: _Source | None = None
         self.in_flight: set[int] = set()
-        self.chunk_end = 0
-        self.chunk_last = False
+        self.written = 0  # tokens every destination confirmed (stepped or not yet)
+        self.planned = 0  # where the writes in flight end
+        self.planned_aux = False  # the writes in flight carry the aux row
+        self.aux_done = False
 
     @property
     def total_tokens(self) -> int | None:
-        return self.data.total_tokens if self.data is not None else None
+        return self.data.total if self.data is not None else None
 
 
 @dataclass
@@ -78,9 +113,9 @@ class _Pending:
     bootstraps: list[tuple[str, Bootstrap]] = field(default_factory=list)
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``."""
-    return str(dtype).removeprefix("torch.")
+def _check_int(room: int, name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InvalidArgument(f"room {room}: {name} must be an int >= {low}, not {value!r}")
 
 
 class Sender(Endpoint[_SenderRoom]):
@@ -88,11 +123,14 @@ class Sender(Endpoint[_SenderRoom]):
 
     Receivers open rooms toward :attr:`address`. A room stays Bootstrapping
     until all its ``required_destinations`` have bootstrapped, then
-    WaitingForInput. :meth:`send` writes ``min(remaining, allocated)`` tokens
-    to every destination; when all confirmed the chunk, the room is
-    Transferring, or Success after the last chunk. Each resume from every
-    destination releases the next chunk. See :class:`Endpoint` for the
-    options shared with :class:`~kvpoll.Receiver`.
+    WaitingForInput. Data comes with :meth:`send`: a whole tensor, or pages
+    of a :class:`~kvpoll.PagedPool` in as many calls as the data takes to
+    appear. Whatever the destinations have memory for is written at once, to
+    every destination, and the room steps when all confirmed it: Transferring
+    after a chunk that is not the last, Success after the last. A destination
+    whose memory is full resumes with more; the next chunk goes when every
+    destination has room. See :class:`Endpoint` for the options shared with
+    :class:`~kvpoll.Receiver`.
     """
 
     side = "sender"
@@ -100,10 +138,22 @@ class Sender(Endpoint[_SenderRoom]):
     def _setup(self) -> None:
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
         self._host = boot_id()
+        self._peer_pools: dict[str, OrderedDict[int, PeerPool]] = {}
 
     # -- public ------------------------------------------------------------------
-    def add(self, room: int, *, required_destinations: int = 1) -> None:
+    def add(
+        self,
+        room: int,
+        *,
+        required_destinations: int = 1,
+        aux_with: Literal["first", "last"] = "last",
+    ) -> None:
         """Open a room; receivers may bootstrap before or after this call.
+
+        Args:
+            room: the room id (the receivers use the same).
+            required_destinations: ranks that must each receive the data.
+            aux_with: which chunk carries the room's aux row (see :meth:`send`).
 
         Raises:
             DuplicateRoom: the room is open here already.
@@ -117,67 +167,144 @@ class Sender(Endpoint[_SenderRoom]):
             or required_destinations < 1
         ):
             raise InvalidArgument(f"room {room}: required_destinations must be an int >= 1")
-        self._call(lambda: self._add(room, required_destinations))
+        if aux_with not in ("first", "last"):
+            raise InvalidArgument(f"room {room}: aux_with must be 'first' or 'last'")
+        self._call(lambda: self._add(room, required_destinations, aux_with))
 
-    def send(self, room: int, tensor: torch.Tensor, *, aux: bytes = b"") -> None:
-        """Hand the room its data: a tensor of shape ``[tokens, *row_shape]``.
+    def send(
+        self,
+        room: int,
+        tensor: torch.Tensor | None = None,
+        *,
+        pages: Any = None,
+        pool: PagedPool | None = None,
+        is_last: bool = True,
+        tokens: int | None = None,
+        aux_index: int | None = None,
+        aux: bytes = b"",
+    ) -> None:
+        """Hand the room its data, all at once or piece by piece.
 
-        The tensor must stay unchanged until the room is final (it is written
-        from, not copied). If the room is still Bootstrapping, the data waits
-        for the destinations.
+        Either a tensor of shape ``[tokens, *row_shape]`` (the whole data, in
+        one call), or ``pages`` of ``pool`` (a :class:`~kvpoll.PagedPool`):
+        the next pages of the room's data, in order, as they become available
+        (one call per prefill chunk). ``is_last=False`` says more will follow;
+        the call with ``is_last=True`` completes the data. Every page is full
+        except perhaps the last page of the last call: ``tokens`` gives the
+        tokens these pages hold (default: all of them).
+
+        Memory given is written from, not copied: it must stay unchanged until
+        the room is final. If the room is still Bootstrapping, the data waits
+        for the destinations. Returns at once; watch the room with
+        :meth:`poll` or :meth:`wait`.
+
+        Args:
+            aux_index: the row of the pool's aux buffers that goes to the
+                receiver's aux row (with the chunk ``add(aux_with=...)`` says).
+            aux: small metadata bytes for the receiver (with the first chunk).
 
         Raises:
             UnknownRoom: the room is not open here.
-            IllegalTransition: the room already has data, or is final.
-            InvalidArgument: not a contiguous CPU tensor with at least one token,
-                or ``aux`` too large.
+            IllegalTransition: the room's data is complete already, or it is final.
+            InvalidArgument: a bad tensor, pages outside the pool, a partial
+                page before the end, a different pool than earlier calls, or
+                ``aux`` too large.
         """
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() < 1 or tensor.shape[0] < 1:
-            raise InvalidArgument(
-                f"room {room}: send() needs a tensor with at least one token (shape [tokens, ...])"
-            )
-        if not tensor.is_contiguous():
-            raise InvalidArgument(f"room {room}: the tensor must be contiguous")
         if not isinstance(aux, bytes | bytearray) or len(aux) > MAX_AUX_BYTES:
             raise InvalidArgument(f"room {room}: aux must be bytes of at most {MAX_AUX_BYTES}")
-        self._call(lambda: self._set_data(room, tensor, bytes(aux)))
+        if not isinstance(is_last, bool):
+            raise InvalidArgument(f"room {room}: is_last must be a bool")
+        if tensor is not None:
+            if pages is not None or pool is not None:
+                raise InvalidArgument(f"room {room}: send() takes a tensor or pages, not both")
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() < 1 or tensor.shape[0] < 1:
+                raise InvalidArgument(
+                    f"room {room}: send() needs a tensor with at least one token "
+                    "(shape [tokens, ...])"
+                )
+            if not tensor.is_contiguous():
+                raise InvalidArgument(f"room {room}: the tensor must be contiguous")
+            own = PagedPool([tensor], page_size=1)
+            runs = [(0, int(tensor.shape[0]))]
+            self._call(lambda: self._set_data(room, own, runs, None, True, None, bytes(aux), True))
+            return
+        if pages is None or not isinstance(pool, PagedPool):
+            raise InvalidArgument(
+                f"room {room}: send() needs a tensor, or pages= and pool= (a PagedPool)"
+            )
+        runs = pool.check_pages(pages, what=f"room {room}: pages")
+        if tokens is not None:
+            _check_int(room, "tokens", tokens, 0)
+        if aux_index is not None:
+            _check_int(room, "aux_index", aux_index, 0)
+            if aux_index >= pool.aux_rows:
+                raise InvalidArgument(
+                    f"room {room}: aux_index {aux_index} is outside the pool's {pool.aux_rows} aux rows"
+                )
+        self._call(
+            lambda: self._set_data(room, pool, runs, tokens, is_last, aux_index, bytes(aux), False)
+        )
 
     # -- commands (I/O thread) ------------------------------------------------------
-    def _add(self, room: int, required: int) -> None:
+    def _add(self, room: int, required: int, aux_with: str) -> None:
         if room in self._rooms:
             raise DuplicateRoom(room)
-        rec = _SenderRoom(room, required, self._history)
+        rec = _SenderRoom(room, required, self._history, aux_with)
         self._register(room, rec)
         pending = self._pending.pop(room, None)
         for peer, message in pending.bootstraps if pending else ():
             self._bootstrap(peer, message)
 
-    def _set_data(self, room: int, tensor: torch.Tensor, aux: bytes) -> None:
+    def _set_data(
+        self,
+        room: int,
+        pool: PagedPool,
+        runs: list[tuple[int, int]],
+        tokens: int | None,
+        is_last: bool,
+        aux_index: int | None,
+        aux: bytes,
+        owned: bool,
+    ) -> None:
         rec = self._room(room)
-        if rec.data is not None or rec.state.is_final:
+        data = rec.data
+        if rec.state.is_final or (data is not None and data.last):
             raise IllegalTransition(
                 room,
                 rec.state.status,
                 "send",
-                "the room already has its data"
-                if rec.data is not None
-                else f"{rec.state.status.name} is final",
+                f"{rec.state.status.name} is final"
+                if rec.state.is_final
+                else "the room already has all its data",
             )
-        try:
-            region = self._transport.register(tensor)
-        except TransportError as exc:
-            raise InvalidArgument(f"room {room}: {exc}") from exc
-        rows = tensor.shape[0]
-        rec.data = _Data(
-            region,
-            rows,
-            region.nbytes // rows,
-            dtype_name(tensor.dtype),
-            tuple(tensor.shape[1:]),
-            aux,
-        )
-        if rec.state.can(Event.CHUNK_SENT):  # bootstrapped: the data can go now
-            self._next_chunk(room, rec)
+        if data is not None and data.entry.pool is not pool:
+            raise InvalidArgument(f"room {room}: every send() of a room names the same pool")
+        full = sum(count for _, count in runs) * pool.page_size
+        given = full if tokens is None else tokens
+        if given > full or (given <= full - pool.page_size and runs):
+            raise InvalidArgument(
+                f"room {room}: {given} tokens on {full // pool.page_size} pages of "
+                f"{pool.page_size}: only the last page may be partial"
+            )
+        if given < full and not is_last:
+            raise InvalidArgument(f"room {room}: only the last send() may end in a partial page")
+        if data is not None and len(data.tokens) % pool.page_size:
+            raise InvalidArgument(f"room {room}: the data already ended in a partial page")
+        if given == 0 and is_last and (data is None or not len(data.tokens)):
+            raise InvalidArgument(f"room {room}: a room needs at least one token")
+        if data is None:
+            try:
+                entry = self._pool_entry(pool)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"room {room}: {exc}") from exc
+            data = rec.data = _Source(entry, owned=owned, aux_bytes=aux)
+        data.tokens.extend(token_runs(runs, pool.page_size, given).runs())
+        data.last = is_last
+        if aux_index is not None:
+            data.aux_index = aux_index
+        if aux and not data.aux_bytes:
+            data.aux_bytes = aux
+        self._advance(room, rec)
 
     # -- messages ----------------------------------------------------------------------
     def _on_message(self, peer: str, message: Message) -> None:
@@ -185,6 +312,8 @@ class Sender(Endpoint[_SenderRoom]):
             self._bootstrap(peer, message)
         elif isinstance(message, Resume):
             self._resume(peer, message)
+        elif isinstance(message, PoolOffer):
+            self._pool_offer(peer, message)
         elif isinstance(message, Abort):
             self._on_abort(peer, message)
         elif isinstance(message, AbortAck):
@@ -192,18 +321,65 @@ class Sender(Endpoint[_SenderRoom]):
         else:
             self._drop(peer, message, f"a sender does not take {message.type}")
 
+    def _pool_offer(self, peer: str, offer: PoolOffer) -> None:
+        try:
+            pool = PeerPool.from_offer(peer, offer)
+        except InvalidArgument as exc:
+            self._drop(peer, offer, str(exc))
+            return
+        pools = self._peer_pools.setdefault(peer, OrderedDict())
+        pools[offer.pool] = pool
+        pools.move_to_end(offer.pool)
+        while len(pools) > MAX_PEER_POOLS:
+            pools.popitem(last=False)
+            self._stats["rejected"] += 1
+
+    def _forget_peer(self, address: str) -> None:
+        super()._forget_peer(address)
+        self._peer_pools.pop(address, None)
+
+    def _memory(
+        self, peer: str, message: Bootstrap | Resume, current: PeerPool | None
+    ) -> tuple[PeerPool, PageList] | str:
+        """The memory a bootstrap or resume offers, or why it cannot be used."""
+        if message.pages is not None:
+            if message.pool is not None:
+                found = self._peer_pools.get(peer, {}).get(message.pool)
+                if found is None:
+                    return f"pool {message.pool} was never offered by {peer}"
+                pool = found
+            elif current is None:
+                return "pages for a room that has no pool"
+            else:
+                pool = current
+            runs = [(int(a), int(b)) for a, b in message.pages]
+            why = pool.check_runs(runs)
+            if why is not None:
+                return why
+            return pool, token_runs(runs, pool.page_size)
+        region, tokens = message.region, message.allocated_tokens
+        assert region is not None and tokens is not None
+        if region.endpoint != peer:
+            return f"the region named is memory of {region.endpoint}, not of {peer}"
+        if isinstance(message, Bootstrap):
+            assert message.row_bytes and message.dtype is not None and message.row_shape is not None
+            buffer = PoolBuffer(
+                region=region,
+                row_bytes=message.row_bytes,
+                dtype=message.dtype,
+                row_shape=message.row_shape,
+            )
+        else:
+            if current is None or len(current.buffers) != 1:
+                return "a region for a room whose memory is a pool"
+            buffer = current.buffers[0].model_copy(update={"region": region})
+        if region.nbytes < tokens * buffer.row_bytes:
+            return f"a region of {region.nbytes} bytes cannot hold {tokens} rows of {buffer.row_bytes}"
+        return PeerPool.inline(buffer, tokens), PageList([(0, tokens)])
+
     def _bootstrap(self, peer: str, message: Bootstrap) -> None:
         room = message.room
         rec = self._rooms.get(room)
-        spoken = self._transport.paths()
-        same_host = message.host == self._host if message.host else None
-        path = choose_path(message.transports, spoken, same_host=same_host)
-        if path is None:
-            reason = mismatch(message.transports, spoken, same_host=same_host)
-            self._reject(peer, message, reason)
-            if rec is not None:
-                self._fail(room, rec, f"rank {message.rank} at {peer}: {reason}")
-            return
         if rec is None:
             if room in self._tombstones:
                 self._drop(peer, message, "late")
@@ -216,6 +392,14 @@ class Sender(Endpoint[_SenderRoom]):
                 pending = self._pending[room] = _Pending(time.monotonic())
             pending.bootstraps.append((peer, message))
             return
+        spoken = self._transport.paths()
+        same_host = message.host == self._host if message.host else None
+        path = choose_path(message.transports, spoken, same_host=same_host)
+        if path is None:
+            reason = mismatch(message.transports, spoken, same_host=same_host)
+            self._reject(peer, message, reason)
+            self._fail(room, rec, f"rank {message.rank} at {peer}: {reason}")
+            return
         why = None
         if message.rank >= rec.required:
             why = f"rank {message.rank} is outside the room's {rec.required} destinations"
@@ -223,17 +407,21 @@ class Sender(Endpoint[_SenderRoom]):
             why = f"rank {message.rank} has already bootstrapped (a duplicate room?)"
         elif not rec.state.can(Event.BOOTSTRAPPED):
             why = f"the room is {rec.state.status.name}, not Bootstrapping"
-        if why is not None:
-            self._reject(peer, message, why)
+        memory = self._memory(peer, message, None) if why is None else why
+        if isinstance(memory, str):
+            self._reject(peer, message, memory)
+            return
+        pool, tokens = memory
+        if message.aux_index is not None and message.aux_index >= pool.aux_rows:
+            self._reject(peer, message, f"aux_index {message.aux_index} is outside the pool")
             return
         rec.dests[message.rank] = _Dest(
             peer,
             message.session,
-            message.region,
-            message.allocated_tokens,
-            message.row_bytes,
-            message.dtype,
-            tuple(message.row_shape),
+            pool,
+            tokens,
+            message.aux_index,
+            whole=message.whole or message.region is not None,
         )
         self._watch(room, rec, peer)
         rec.paths.add(path)
@@ -241,12 +429,10 @@ class Sender(Endpoint[_SenderRoom]):
             peer,
             BootstrapAck(room=room, session=message.session, rank=message.rank, transport=path),
         )
-        if (
-            len(rec.dests) == rec.required
-            and self._step(room, rec, "bootstrapped", rec.state.bootstrapped)
-            and rec.data is not None
+        if len(rec.dests) == rec.required and self._step(
+            room, rec, "bootstrapped", rec.state.bootstrapped
         ):
-            self._next_chunk(room, rec)
+            self._advance(room, rec)
 
     def _reject(self, peer: str, message: Bootstrap | Resume, why: str) -> None:
         self._stats["rejected"] += 1
@@ -266,64 +452,128 @@ class Sender(Endpoint[_SenderRoom]):
         if message.sent_tokens == dest.resumed_at:
             self._stats["late"] += 1  # a duplicate resume: harmless, never a second chunk
             return
+        delivered = rec.state.sent_tokens
+        memory = self._memory(peer, message, dest.pool)
         if (
-            message.sent_tokens != rec.state.sent_tokens
-            or dest.ready
+            message.sent_tokens != delivered
+            or dest.capacity > delivered
             or rec.in_flight
             or not rec.state.can(Event.RESUMED)
+            or isinstance(memory, str)
         ):
+            why = f": {memory}" if isinstance(memory, str) else ""
             self._fail(
                 message.room,
                 rec,
                 f"protocol violation: rank {message.rank} resumed with sent_tokens="
                 f"{message.sent_tokens} in {rec.state.status.name} after "
-                f"{rec.state.sent_tokens} tokens were delivered",
+                f"{delivered} tokens were delivered{why}",
             )
             return
         dest.resumed_at = message.sent_tokens
-        dest.region, dest.allocated_tokens, dest.ready = (
-            message.region,
-            message.allocated_tokens,
-            True,
-        )
-        if all(d.ready for d in rec.dests.values()) and self._step(
-            message.room, rec, "resumed", lambda: rec.state.resumed(sent_tokens=message.sent_tokens)
+        dest.pool, dest.tokens, dest.base = memory[0], memory[1], delivered
+        if all(d.capacity > delivered for d in rec.dests.values()) and self._step(
+            message.room, rec, "resumed", lambda: rec.state.resumed(sent_tokens=delivered)
         ):
-            self._next_chunk(message.room, rec)
+            self._advance(message.room, rec)
 
     # -- data ----------------------------------------------------------------------------
-    def _next_chunk(self, room: int, rec: _SenderRoom) -> None:
+    def _layout_error(self, data: _Source, rank: int, dest: _Dest) -> str | None:
+        pool = data.entry.pool
+        if len(dest.pool.buffers) != len(pool.layouts):
+            return (
+                f"rank {rank} offers {len(dest.pool.buffers)} buffers per page; "
+                f"the data has {len(pool.layouts)}"
+            )
+        for i, (theirs, ours) in enumerate(zip(dest.pool.buffers, pool.layouts, strict=True)):
+            if (theirs.row_bytes, theirs.dtype, tuple(theirs.row_shape)) != (
+                ours.row_bytes,
+                ours.dtype,
+                ours.row_shape,
+            ):
+                which = f" in buffer {i}" if len(pool.layouts) > 1 else ""
+                return (
+                    f"rank {rank} expects rows of {list(theirs.row_shape)} {theirs.dtype} "
+                    f"({theirs.row_bytes} bytes){which}; the data has {list(ours.row_shape)} "
+                    f"{ours.dtype}"
+                )
+        if data.aux_index is not None and dest.aux_index is not None:
+            theirs_aux = [(b.row_bytes, b.dtype) for b in dest.pool.aux]
+            ours_aux = [(a.row_bytes, a.dtype) for a in pool.aux_layouts]
+            if theirs_aux != ours_aux:
+                return f"rank {rank}'s aux rows {theirs_aux} differ from the data's {ours_aux}"
+        return None
+
+    def _advance(self, room: int, rec: _SenderRoom) -> None:
+        """Move the room on: write what every destination has memory for, or step.
+
+        Bytes move as soon as data and memory are there. A chunk is *stepped*
+        (the table's chunk_sent, and a ``chunk`` message) only when the data is
+        complete and all written (the last chunk), or when data waits that some
+        destination has no memory for (it must resume). So a chunk is never of
+        zero tokens, even when the last send() brings no new pages.
+        """
+        data = rec.data
+        if data is None or rec.in_flight or len(rec.dests) < rec.required:
+            return
+        if not rec.state.can(Event.CHUNK_SENT):
+            return
+        available, written = len(data.tokens), rec.written
+        end = min([available] + [d.capacity for d in rec.dests.values()])
+        need_aux = (
+            data.aux_index is not None
+            and not rec.aux_done
+            and any(d.aux_index is not None for d in rec.dests.values())
+        )
+        if end > written:
+            last = data.last and end == available
+            aux = need_aux and (rec.aux_with == "first" or last)
+            self._write(room, rec, written, end, aux)
+            return
+        last = data.last and written == available
+        if last and need_aux:
+            self._write(room, rec, written, written, True)  # the aux row alone
+            return
+        if written > rec.state.sent_tokens and (last or available > written):
+            self._chunk_done(room, rec, last)
+
+    def _write(self, room: int, rec: _SenderRoom, start: int, end: int, aux: bool) -> None:
         data = rec.data
         assert data is not None
         for rank, dest in sorted(rec.dests.items()):
-            if (dest.row_bytes, dest.dtype, dest.row_shape) != (
-                data.row_bytes,
-                data.dtype,
-                data.row_shape,
-            ):
-                self._fail(
-                    room,
-                    rec,
-                    f"rank {rank} expects rows of {list(dest.row_shape)} "
-                    f"{dest.dtype} ({dest.row_bytes} bytes); the data has "
-                    f"{list(data.row_shape)} {data.dtype}",
-                )
+            why = self._layout_error(data, rank, dest)
+            if why is not None:
+                self._fail(room, rec, why)
                 return
-        start = rec.state.sent_tokens
-        count = min([data.total_tokens - start] + [d.allocated_tokens for d in rec.dests.values()])
-        rec.chunk_end = start + count
-        rec.chunk_last = rec.chunk_end == data.total_tokens
+        entry = data.entry
+        src_runs = data.tokens.slice(start, end)
+        rec.planned, rec.planned_aux = end, aux
         for rank, dest in sorted(rec.dests.items()):
-            dest.ready = False
+            spans = []
+            if end > start:
+                dst_runs = dest.tokens.slice(start - dest.base, end - dest.base)
+                for src_tok, dst_tok, n in pair_runs(src_runs, dst_runs):
+                    for region, buffer in zip(entry.regions, dest.pool.buffers, strict=True):
+                        rb = buffer.row_bytes
+                        spans.append(Span(region, src_tok * rb, buffer.region, dst_tok * rb, n * rb))
+            if aux and dest.aux_index is not None and data.aux_index is not None:
+                for region, buffer in zip(entry.aux_regions, dest.pool.aux, strict=True):
+                    rb = buffer.row_bytes
+                    spans.append(
+                        Span(region, data.aux_index * rb, buffer.region, dest.aux_index * rb, rb)
+                    )
+            if not spans:
+                continue
             try:
-                write_id = self._transport.write(
-                    data.region, start * data.row_bytes, dest.region, 0, count * data.row_bytes
-                )
+                write_id = self._transport.write_batch(spans)
             except TransportError as exc:
                 self._fail(room, rec, f"cannot write to rank {rank}: {exc}")
                 return
+            rec.bytes_moved += sum(span.nbytes for span in spans)
             self._writes[write_id] = (room, rank)
             rec.in_flight.add(write_id)
+        if not rec.in_flight:  # nothing to move for anyone (no destination takes the aux row)
+            self._confirmed(room, rec)
 
     def _on_write_done(self, room: int, rank: int, done: WriteDone) -> None:
         rec = self._rooms.get(room)
@@ -335,18 +585,27 @@ class Sender(Endpoint[_SenderRoom]):
         if not done.ok:
             self._fail(room, rec, f"the write to rank {rank} failed: {done.error}")
             return
-        if rec.in_flight:
-            return  # other destinations have not confirmed this chunk yet
-        # Every destination has the chunk: the sender steps first, then tells them all,
-        # so no receiver can resume before the sender is Transferring.
+        if not rec.in_flight:  # every destination confirmed this batch
+            self._confirmed(room, rec)
+
+    def _confirmed(self, room: int, rec: _SenderRoom) -> None:
+        rec.written = rec.planned
+        rec.aux_done = rec.aux_done or rec.planned_aux
+        self._advance(room, rec)
+
+    def _chunk_done(self, room: int, rec: _SenderRoom, last: bool) -> None:
+        """Every destination has tokens up to ``written``: step, then tell them all
+        (the sender steps first, so no receiver can resume before it is Transferring)."""
         data = rec.data
         assert data is not None
-        start, end, last = rec.state.sent_tokens, rec.chunk_end, rec.chunk_last
+        start, end = rec.state.sent_tokens, rec.written
         if not self._step(
             room, rec, "chunk_sent", lambda: rec.state.chunk_sent(sent_tokens=end, is_last=last)
         ):
             return
         for dest_rank, dest in sorted(rec.dests.items()):
+            if dest.whole and not last:  # its memory took its chunk: it resumes with more
+                dest.base, dest.tokens = end, PageList()
             self._send(
                 dest.peer,
                 Chunk(
@@ -356,8 +615,8 @@ class Sender(Endpoint[_SenderRoom]):
                     sent_tokens=end,
                     chunk_tokens=end - start,
                     is_last=last,
-                    total_tokens=data.total_tokens,
-                    aux=data.aux if start == 0 else None,
+                    total_tokens=data.total,
+                    aux=data.aux_bytes if start == 0 else None,
                 ),
             )
 
@@ -375,8 +634,19 @@ class Sender(Endpoint[_SenderRoom]):
                 )
 
     def _finished(self, room: int, rec: _SenderRoom) -> None:
-        if rec.data is not None:
-            self._transport.release(rec.data.region)
+        data = rec.data
+        if data is not None and data.owned and not rec.in_flight:
+            self._pools.pop(data.entry.pool.id, None)
+            data.entry.release(self._transport)
+
+    def _released(self, room: int, rec: _SenderRoom) -> None:
+        data = rec.data
+        if data is not None and data.owned and data.entry.regions:
+            self._pools.pop(data.entry.pool.id, None)
+            data.entry.release(self._transport)
+
+    def _uses_pool(self, rec: _SenderRoom, pool: PagedPool) -> bool:
+        return rec.data is not None and rec.data.entry.pool is pool
 
     def _abort_messages(self, room: int, rec: _SenderRoom, reason: str) -> list[tuple[str, Abort]]:
         return [
@@ -387,3 +657,5 @@ class Sender(Endpoint[_SenderRoom]):
     def _session_ok(self, rec: _SenderRoom, peer: str, message: Abort) -> bool:
         dest = rec.dests.get(message.rank)
         return dest is not None and dest.peer == peer and dest.session == message.session
+
+

@@ -1,0 +1,140 @@
+"""Pools registered with an endpoint's transport, and pools peers offered us.
+
+An endpoint registers each :class:`~kvpoll.memory.PagedPool` it uses once
+(one region per buffer). A receiver announces a pool to each sender once
+(:class:`~kvpoll.protocol.messages.PoolOffer`); the sender keeps it as a
+:class:`PeerPool` and from then on takes only page indices for it, each
+checked against the pool's size. A descriptor in an offer must name the peer
+that sent it: a peer can only point at memory it registered itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvpoll.errors import InvalidArgument
+from kvpoll.memory.pages import PageList, Run
+from kvpoll.memory.pool import PagedPool
+from kvpoll.protocol.messages import PoolBuffer, PoolOffer
+from kvpoll.transports.base import Region, Transport, TransportError
+
+__all__ = ["MAX_PEER_POOLS", "PeerPool", "Registered", "register_pool", "token_runs"]
+
+MAX_PEER_POOLS = 64
+"""Pools one peer may announce to a sender (a bound on what a peer can make us hold)."""
+
+
+@dataclass
+class Registered:
+    """A pool registered with this endpoint's transport."""
+
+    pool: PagedPool
+    regions: list[Region]
+    aux_regions: list[Region]
+    offered_to: set[str] = field(default_factory=set)
+
+    def offer(self) -> PoolOffer:
+        pool = self.pool
+
+        def describe(regions: list[Region], layouts: tuple[object, ...]) -> list[PoolBuffer]:
+            return [
+                PoolBuffer(
+                    region=r.descriptor,
+                    row_bytes=layout.row_bytes,  # type: ignore[attr-defined]
+                    dtype=layout.dtype,  # type: ignore[attr-defined]
+                    row_shape=list(layout.row_shape),  # type: ignore[attr-defined]
+                )
+                for r, layout in zip(regions, layouts, strict=True)
+            ]
+
+        return PoolOffer(
+            pool=pool.id,
+            page_size=pool.page_size,
+            num_pages=pool.num_pages,
+            buffers=describe(self.regions, pool.layouts),
+            aux=describe(self.aux_regions, pool.aux_layouts),
+            aux_rows=pool.aux_rows,
+        )
+
+    def release(self, transport: Transport) -> None:
+        for region in (*self.regions, *self.aux_regions):
+            transport.release(region, reuse=False)
+        self.regions.clear()
+        self.aux_regions.clear()
+
+
+def register_pool(transport: Transport, pool: PagedPool) -> Registered:
+    """Register every buffer of ``pool`` with ``transport``.
+
+    Raises:
+        InvalidArgument: the transport cannot reach the pool's memory.
+    """
+    done: list[Region] = []
+    try:
+        for tensor in (*pool.buffers, *pool.aux):
+            done.append(transport.register(tensor))
+    except TransportError as exc:
+        for region in done:
+            transport.release(region, reuse=False)
+        raise InvalidArgument(f"cannot register {pool!r}: {exc}") from exc
+    n = len(pool.buffers)
+    return Registered(pool, done[:n], done[n:])
+
+
+@dataclass
+class PeerPool:
+    """Memory a receiver registered with us: its buffers and its size."""
+
+    page_size: int
+    num_pages: int
+    buffers: list[PoolBuffer]
+    aux: list[PoolBuffer]
+    aux_rows: int
+
+    @classmethod
+    def from_offer(cls, peer: str, offer: PoolOffer) -> PeerPool:
+        """Raises InvalidArgument when a buffer is not the peer's or is too small."""
+        for what, buffers, rows in (
+            ("buffer", offer.buffers, offer.page_size * offer.num_pages),
+            ("aux buffer", offer.aux, offer.aux_rows),
+        ):
+            for i, buffer in enumerate(buffers):
+                if buffer.region.endpoint != peer:
+                    raise InvalidArgument(
+                        f"pool {offer.pool}: {what} {i} names memory of {buffer.region.endpoint}, "
+                        f"not of the peer that offered it ({peer})"
+                    )
+                if buffer.region.nbytes < rows * buffer.row_bytes:
+                    raise InvalidArgument(
+                        f"pool {offer.pool}: {what} {i} holds {buffer.region.nbytes} bytes, "
+                        f"less than {rows} rows of {buffer.row_bytes}"
+                    )
+        return cls(offer.page_size, offer.num_pages, list(offer.buffers), list(offer.aux), offer.aux_rows)
+
+    @classmethod
+    def inline(cls, buffer: PoolBuffer, tokens: int) -> PeerPool:
+        """One contiguous region handed over inline: a pool of one-token pages."""
+        return cls(1, tokens, [buffer], [], 0)
+
+    def check_runs(self, runs: list[Run]) -> str | None:
+        """Why these pages cannot be named (outside the pool), or None."""
+        for first, count in runs:
+            if first + count > self.num_pages:
+                return f"page {first + count - 1} is outside a pool of {self.num_pages} pages"
+        return None
+
+
+def token_runs(runs: list[Run], page_size: int, tokens: int | None = None) -> PageList:
+    """Pages as runs of tokens (the first ``tokens`` of them, when given)."""
+    out = PageList()
+    left = tokens
+    for first, count in runs:
+        n = count * page_size
+        if left is not None:
+            n = min(n, left)
+            left -= n
+        if n:
+            out.extend([(first * page_size, n)])
+        if left == 0:
+            break
+    return out
