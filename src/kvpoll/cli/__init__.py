@@ -64,6 +64,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             json_out=args.json,
             out=sys.stdout,
             log=sys.stderr,
+            paged=args.paged,
+            page_size=args.page_size,
         )
     except DemoError as exc:
         print(f"kvpoll demo: {exc}", file=sys.stderr)
@@ -312,6 +314,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-failure", action="store_true", help="skip the scenario where the encoder dies"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random data")
+    p.add_argument(
+        "--paged",
+        action="store_true",
+        help="use registered paged pools, as serving engines do: two buffers per token "
+        "and an aux row per request; the encoder streams each room's pages in pieces, "
+        "each language-model rank offers --capacity tokens of pages at a time",
+    )
+    p.add_argument(
+        "--page-size",
+        type=_positive,
+        default=16,
+        help="tokens per page with --paged (default: 16)",
+    )
     p.add_argument(
         "--json",
         action="store_true",

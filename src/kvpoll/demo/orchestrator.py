@@ -170,10 +170,13 @@ class _Demo:
     # -- scenarios -----------------------------------------------------------------
     def scenario(self, spec: RoomSpec, scenario: str, expected: str, limit: float) -> _Room:
         room = self.rooms[spec.room] = _Room(spec, scenario, expected)
-        self.say(
-            f"room {spec.room}: {scenario} ({spec.tokens} tokens, buffers of "
-            f"{self.settings.capacity})"
+        memory = (
+            f"pages of {self.settings.page_size} for {self.settings.capacity} tokens at a time, "
+            "streamed in pieces"
+            if self.settings.paged
+            else f"buffers of {self.settings.capacity}"
         )
+        self.say(f"room {spec.room}: {scenario} ({spec.tokens} tokens, {memory})")
         self.commands["encoder"].put(("room", spec))
         for who in self.receivers:
             self.commands[who].put(("room", spec, limit))
@@ -244,6 +247,8 @@ def run_demo(
     json_out: bool,
     out: TextIO,
     log: TextIO,
+    paged: bool = False,
+    page_size: int = 16,
 ) -> int:
     """Run the demo; return 0 when every room behaved, 1 otherwise.
 
@@ -261,8 +266,21 @@ def run_demo(
             f"the {transport!r} transport works within one process; the demo "
             "runs a sender and receivers in separate processes"
         )
+    if paged and (page_size < 1 or capacity < page_size):
+        raise DemoError(f"--capacity ({capacity}) must hold at least one page of {page_size}")
     settings = Settings(
-        transport, options, hidden, dtype, capacity, destinations, heartbeat, misses, seed
+        transport,
+        options,
+        hidden,
+        dtype,
+        capacity,
+        destinations,
+        heartbeat,
+        misses,
+        seed,
+        paged=paged,
+        page_size=page_size,
+        max_tokens=max([*tokens, 3 * capacity]),
     )
     demo = _Demo(settings, log if json_out else out)
     detected: float | None = None

@@ -30,6 +30,9 @@ class Settings:
     heartbeat: float
     misses: int
     seed: int
+    paged: bool = False
+    page_size: int = 16
+    max_tokens: int = 5000
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,41 @@ def make_data(spec: RoomSpec, settings: Settings) -> torch.Tensor:
     """The room's data, the same in every process."""
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + spec.room)
     return torch.randn(spec.tokens, settings.hidden, generator=gen).to(DTYPES[settings.dtype])
+
+
+POSITIONS = 3  # the second buffer of a paged pool: positions per token (like mrope's)
+AUX = 4  # an aux row: room, tokens, seed, a check value
+
+
+def make_positions(spec: RoomSpec) -> torch.Tensor:
+    """The second buffer's data for a paged room."""
+    base = torch.arange(spec.tokens, dtype=torch.int32).unsqueeze(1)
+    return base * POSITIONS + torch.arange(POSITIONS, dtype=torch.int32) + spec.room
+
+
+def make_aux(spec: RoomSpec, settings: Settings) -> torch.Tensor:
+    return torch.tensor(
+        [spec.room, spec.tokens, settings.seed, spec.room * 7919], dtype=torch.int64
+    )
+
+
+def make_pool(settings: Settings, pages: int) -> Any:
+    """A pool like an engine's: embeddings and positions per token, one aux row per request."""
+    from kvpoll.memory import PagedPool
+
+    return PagedPool.allocate(
+        num_pages=pages,
+        page_size=settings.page_size,
+        buffers=[((settings.hidden,), DTYPES[settings.dtype]), ((POSITIONS,), torch.int32)],
+        aux=[(4, (AUX,), torch.int64)],
+        transport=settings.transport,
+    )
+
+
+def scattered_pages(count: int, pages: int, seed: int) -> list[int]:
+    """``count`` distinct pages of ``pages``, mostly not consecutive (as an allocator hands out)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(pages, generator=gen)[:count].tolist()
 
 
 Events = "multiprocessing.queues.Queue[dict[str, Any]]"
@@ -72,6 +110,8 @@ def sender_main(settings: Settings, commands: Any, events: Any) -> None:
     )
     try:
         events.put({"kind": "ready", "who": "encoder", "address": tx.address})
+        ps = settings.page_size
+        pool = make_pool(settings, 2 * -(-settings.max_tokens // ps)) if settings.paged else None
         while True:
             command = commands.get(timeout=600)
             if command[0] == "exit":
@@ -80,9 +120,40 @@ def sender_main(settings: Settings, commands: Any, events: Any) -> None:
             keep[spec.room] = make_data(spec, settings)
             tx.add(spec.room, required_destinations=settings.destinations)
             events.put({"kind": "sending", "who": "encoder", "room": spec.room, "at": time.time()})
-            tx.send(spec.room, keep[spec.room], aux=f"room {spec.room}".encode())
+            if pool is None:
+                tx.send(spec.room, keep[spec.room], aux=f"room {spec.room}".encode())
+            else:
+                _stream(tx, pool, spec, settings, keep[spec.room])
     finally:
         tx.close()
+
+
+def _stream(tx: Any, pool: Any, spec: RoomSpec, settings: Settings, data: torch.Tensor) -> None:
+    """Chunked prefill: the room's pages are computed in pieces and sent as each is ready."""
+    ps = settings.page_size
+    pages = scattered_pages(-(-spec.tokens // ps), pool.num_pages, spec.room)
+    positions = make_positions(spec)
+    pool.aux[0][spec.room % 4] = make_aux(spec, settings)
+    pieces = 3
+    per_piece = -(-len(pages) // pieces)
+    for i in range(0, len(pages), per_piece):
+        chunk = pages[i : i + per_piece]
+        first = i * ps
+        for j, page in enumerate(chunk):  # "compute" the pages
+            lo, hi = first + j * ps, min(first + (j + 1) * ps, spec.tokens)
+            pool.buffers[0][page * ps : page * ps + hi - lo] = data[lo:hi]
+            pool.buffers[1][page * ps : page * ps + hi - lo] = positions[lo:hi]
+        last = i + per_piece >= len(pages)
+        tx.send(
+            spec.room,
+            pages=chunk,
+            pool=pool,
+            is_last=last,
+            tokens=min(len(chunk) * ps, spec.tokens - first),
+            aux_index=spec.room % 4 if last else None,
+            aux=f"room {spec.room}".encode() if i == 0 else b"",
+        )
+        time.sleep(0.02)  # the next prefill chunk takes a while
 
 
 def receiver_main(settings: Settings, rank: int, sender: str, commands: Any, events: Any) -> None:
@@ -111,6 +182,9 @@ def receiver_main(settings: Settings, rank: int, sender: str, commands: Any, eve
             spec: RoomSpec = command[1]
             limit: float = command[2]
             start = time.time()
+            if settings.paged:
+                _receive_paged(rx, spec, settings, rank, sender, limit, start, events, who)
+                continue
             rx.open(
                 spec.room,
                 sender,
@@ -149,3 +223,77 @@ def receiver_main(settings: Settings, rank: int, sender: str, commands: Any, eve
             rx.remove(spec.room)
     finally:
         rx.close()
+
+
+def _receive_paged(
+    rx: Any,
+    spec: RoomSpec,
+    settings: Settings,
+    rank: int,
+    sender: str,
+    limit: float,
+    start: float,
+    events: Any,
+    who: str,
+) -> None:
+    """Offer ``capacity`` tokens of pages; each time they are full, take the data out
+    and offer the same pages again (a decode worker short of memory)."""
+    pool = _RECEIVE_POOLS.get(rank)
+    ps = settings.page_size
+    count = max(1, settings.capacity // ps)
+    if pool is None:
+        pool = _RECEIVE_POOLS[rank] = make_pool(settings, count + 8)
+    pages = scattered_pages(count, pool.num_pages, 1000 + spec.room)
+    aux_row = spec.room % 4
+    pool.aux[0][aux_row] = 0
+    taken: list[tuple[torch.Tensor, torch.Tensor]] = []
+    offered, delivered = count * ps, 0
+    rx.open(spec.room, sender, pool=pool, pages=pages, aux_index=aux_row, rank=rank)
+    deadline = time.monotonic() + limit
+    status = rx.poll(spec.room)
+    while not status.is_final and time.monotonic() < deadline:
+        info = rx.info(spec.room)
+        if info.status.name == "Transferring" and info.sent_tokens == offered and spec.auto_resume:
+            n = info.sent_tokens - delivered
+            taken.append((pool.gather(0, pages, n), pool.gather(1, pages, n)))
+            delivered = info.sent_tokens
+            rx.resume(spec.room, pages=pages)
+            offered += count * ps
+        time.sleep(0.002)
+        status = rx.poll(spec.room)
+    done = time.time()
+    info = rx.info(spec.room)
+    matched = None
+    nbytes = 0
+    if status.name == "Success":
+        n = info.sent_tokens - delivered
+        taken.append((pool.gather(0, pages, n), pool.gather(1, pages, n)))
+        got = torch.cat([t[0] for t in taken])
+        positions = torch.cat([t[1] for t in taken])
+        expected = make_data(spec, settings)
+        matched = (
+            got.shape == expected.shape
+            and torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+            and torch.equal(positions, make_positions(spec))
+            and torch.equal(pool.aux[0][aux_row], make_aux(spec, settings))
+        )
+        nbytes = info.metrics.bytes_moved
+    chunks = sum(1 for t in info.history if t.event.value in ("chunk_sent", "last_chunk_sent"))
+    events.put(
+        {
+            "kind": "done",
+            "who": who,
+            "room": spec.room,
+            "status": status.name,
+            "reason": info.reason,
+            "matched": matched,
+            "bytes": nbytes,
+            "seconds": done - start,
+            "at": done,
+            "chunks": chunks,
+        }
+    )
+    rx.remove(spec.room)
+
+
+_RECEIVE_POOLS: dict[int, Any] = {}

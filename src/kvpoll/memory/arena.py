@@ -58,7 +58,9 @@ class Lease:
 
     def view(self, tokens: int | None = None) -> torch.Tensor:
         """The run (or its first ``tokens``) as a view of the arena's buffer."""
-        return self.pool.buffers[0][self.start : self.start + (self.count if tokens is None else tokens)]
+        return self.pool.buffers[0][
+            self.start : self.start + (self.count if tokens is None else tokens)
+        ]
 
 
 class Arenas:
@@ -87,7 +89,9 @@ class Arenas:
         self._by_pool: dict[int, _Arena] = {}
         self._held: deque[tuple[float, Lease]] = deque()
 
-    def take(self, row_shape: tuple[int, ...], dtype: torch.dtype, count: int) -> tuple[Lease, bool]:
+    def take(
+        self, row_shape: tuple[int, ...], dtype: torch.dtype, count: int
+    ) -> tuple[Lease, bool]:
         """A run of ``count`` rows; True when a new arena was made for it
         (the caller registers its pool).
 

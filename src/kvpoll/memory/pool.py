@@ -48,7 +48,9 @@ class BufferLayout:
     @classmethod
     def of(cls, tensor: torch.Tensor) -> BufferLayout:
         row_shape = tuple(int(d) for d in tensor.shape[1:])
-        return cls(row_shape, dtype_name(tensor.dtype), math.prod(row_shape) * tensor.element_size())
+        return cls(
+            row_shape, dtype_name(tensor.dtype), math.prod(row_shape) * tensor.element_size()
+        )
 
     def describe(self) -> str:
         return f"rows of {list(self.row_shape)} {self.dtype} ({self.row_bytes} bytes)"
@@ -93,7 +95,9 @@ class PagedPool:
             raise InvalidArgument("a pool needs at least one buffer")
         tokens = {int(b.shape[0]) for b in self.buffers}
         if len(tokens) != 1:
-            raise InvalidArgument(f"every buffer needs the same number of tokens, not {sorted(tokens)}")
+            raise InvalidArgument(
+                f"every buffer needs the same number of tokens, not {sorted(tokens)}"
+            )
         (self.tokens,) = tokens
         if self.tokens % page_size:
             raise InvalidArgument(
@@ -230,7 +234,7 @@ def _shape(shape: Sequence[int] | int) -> tuple[int, ...]:
     if isinstance(shape, int) and not isinstance(shape, bool):
         shape = (shape,)
     try:
-        out = tuple(shape)
+        out = tuple(shape)  # type: ignore[arg-type]
     except TypeError:
         raise InvalidArgument(f"a row shape is a sequence of ints, not {shape!r}") from None
     for d in out:

@@ -84,7 +84,12 @@ class SegmentInfo:
         self.pid, self.fd, self.inode, self.size = pid, fd, inode, size
 
     def as_dict(self) -> dict[str, int]:
-        return {"shm_pid": self.pid, "shm_fd": self.fd, "shm_inode": self.inode, "shm_size": self.size}
+        return {
+            "shm_pid": self.pid,
+            "shm_fd": self.fd,
+            "shm_inode": self.inode,
+            "shm_size": self.size,
+        }
 
     @classmethod
     def from_dict(cls, extra: dict[str, object]) -> SegmentInfo:

@@ -23,7 +23,6 @@ from typing import Any, ClassVar, Generic, TypeVar
 from kvpoll.config import Config, load_config
 from kvpoll.errors import IllegalTransition, InvalidArgument, KvpollError, UnknownRoom
 from kvpoll.memory.pool import PagedPool
-from kvpoll.protocol.pools import Registered, register_pool
 from kvpoll.protocol.messages import (
     Abort,
     AbortAck,
@@ -34,6 +33,7 @@ from kvpoll.protocol.messages import (
     decode,
     encode,
 )
+from kvpoll.protocol.pools import Registered, register_pool
 from kvpoll.statemachine.deadlines import Deadlines, Timeouts, check_timeouts
 from kvpoll.statemachine.state import TransferState, Transition
 from kvpoll.statemachine.status import TransferStatus
@@ -124,7 +124,16 @@ class RoomInfo:
 class RoomBase:
     """The part of a room record every side has."""
 
-    __slots__ = ("bytes_moved", "done_at", "opened_at", "paths", "peers", "ready_at", "staged", "state")
+    __slots__ = (
+        "bytes_moved",
+        "done_at",
+        "opened_at",
+        "paths",
+        "peers",
+        "ready_at",
+        "staged",
+        "state",
+    )
 
     def __init__(self, room: int, history: bool) -> None:
         self.state = TransferState(room, history=history)

@@ -51,7 +51,9 @@ RoomId = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 Count = Annotated[int, Field(ge=0, lt=2**62)]
 Positive = Annotated[int, Field(ge=1, lt=2**40)]
 MAX_RUNS = 1 << 16
-Runs = Annotated[list[tuple[Annotated[int, Field(ge=0, lt=2**40)], Positive]], Field(max_length=MAX_RUNS)]
+Runs = Annotated[
+    list[tuple[Annotated[int, Field(ge=0, lt=2**40)], Positive]], Field(max_length=MAX_RUNS)
+]
 """Page indices as ``[first, count]`` runs."""
 
 
@@ -122,8 +124,10 @@ class Bootstrap(_RoomMessage):
             if any(v is not None for v in inline):
                 raise ValueError("a bootstrap names pool pages or a region, not both")
         elif any(v is None for v in inline) or self.pool is not None or self.pages is not None:
-            raise ValueError("a bootstrap needs pool and pages, or region, allocated_tokens, "
-                             "row_bytes, dtype and row_shape")
+            raise ValueError(
+                "a bootstrap needs pool and pages, or region, allocated_tokens, "
+                "row_bytes, dtype and row_shape"
+            )
         return self
 
 
@@ -168,7 +172,9 @@ class Resume(_RoomMessage):
 
     @model_validator(mode="after")
     def _one_form(self) -> Resume:
-        if (self.pages is not None) == (self.region is not None or self.allocated_tokens is not None):
+        if (self.pages is not None) == (
+            self.region is not None or self.allocated_tokens is not None
+        ):
             raise ValueError("a resume offers pages, or a region and allocated_tokens")
         if self.pages is None and (self.region is None or self.allocated_tokens is None):
             raise ValueError("a resume offers pages, or a region and allocated_tokens")

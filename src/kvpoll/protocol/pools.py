@@ -109,7 +109,9 @@ class PeerPool:
                         f"pool {offer.pool}: {what} {i} holds {buffer.region.nbytes} bytes, "
                         f"less than {rows} rows of {buffer.row_bytes}"
                     )
-        return cls(offer.page_size, offer.num_pages, list(offer.buffers), list(offer.aux), offer.aux_rows)
+        return cls(
+            offer.page_size, offer.num_pages, list(offer.buffers), list(offer.aux), offer.aux_rows
+        )
 
     @classmethod
     def inline(cls, buffer: PoolBuffer, tokens: int) -> PeerPool:

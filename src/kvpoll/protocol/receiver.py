@@ -77,9 +77,9 @@ class _Part:
 
 class _ReceiverRoom(RoomBase):
     __slots__ = (
+        "auto_resume",
         "aux",
         "aux_index",
-        "auto_resume",
         "chunks",
         "dtype",
         "parts",
@@ -243,9 +243,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
             )
         )
 
-    def resume(
-        self, room: int, *, pages: Any = None, buffer: torch.Tensor | None = None
-    ) -> None:
+    def resume(self, room: int, *, pages: Any = None, buffer: torch.Tensor | None = None) -> None:
         """Offer more memory once the room's memory is full and data remains.
 
         ``pages`` (of the room's pool) for a room opened on a pool; for a

@@ -239,7 +239,8 @@ class Sender(Endpoint[_SenderRoom]):
             _check_int(room, "aux_index", aux_index, 0)
             if aux_index >= pool.aux_rows:
                 raise InvalidArgument(
-                    f"room {room}: aux_index {aux_index} is outside the pool's {pool.aux_rows} aux rows"
+                    f"room {room}: aux_index {aux_index} is outside the pool's "
+                    f"{pool.aux_rows} aux rows"
                 )
         self._call(
             lambda: self._set_data(room, pool, runs, tokens, is_last, aux_index, bytes(aux), False)
@@ -344,7 +345,8 @@ class Sender(Endpoint[_SenderRoom]):
         """The memory a bootstrap or resume offers, or why it cannot be used."""
         if message.pages is not None:
             if message.pool is not None:
-                found = self._peer_pools.get(peer, {}).get(message.pool)
+                offered = self._peer_pools.get(peer)
+                found = offered.get(message.pool) if offered is not None else None
                 if found is None:
                     return f"pool {message.pool} was never offered by {peer}"
                 pool = found
@@ -358,11 +360,14 @@ class Sender(Endpoint[_SenderRoom]):
                 return why
             return pool, token_runs(runs, pool.page_size)
         region, tokens = message.region, message.allocated_tokens
-        assert region is not None and tokens is not None
+        assert region is not None
+        assert tokens is not None
         if region.endpoint != peer:
             return f"the region named is memory of {region.endpoint}, not of {peer}"
         if isinstance(message, Bootstrap):
-            assert message.row_bytes and message.dtype is not None and message.row_shape is not None
+            assert message.row_bytes is not None
+            assert message.dtype is not None
+            assert message.row_shape is not None
             buffer = PoolBuffer(
                 region=region,
                 row_bytes=message.row_bytes,
@@ -374,12 +379,23 @@ class Sender(Endpoint[_SenderRoom]):
                 return "a region for a room whose memory is a pool"
             buffer = current.buffers[0].model_copy(update={"region": region})
         if region.nbytes < tokens * buffer.row_bytes:
-            return f"a region of {region.nbytes} bytes cannot hold {tokens} rows of {buffer.row_bytes}"
+            return (
+                f"a region of {region.nbytes} bytes cannot hold {tokens} rows of {buffer.row_bytes}"
+            )
         return PeerPool.inline(buffer, tokens), PageList([(0, tokens)])
 
     def _bootstrap(self, peer: str, message: Bootstrap) -> None:
         room = message.room
         rec = self._rooms.get(room)
+        spoken = self._transport.paths()
+        same_host = message.host == self._host if message.host else None
+        path = choose_path(message.transports, spoken, same_host=same_host)
+        if path is None:
+            reason = mismatch(message.transports, spoken, same_host=same_host)
+            self._reject(peer, message, reason)
+            if rec is not None:
+                self._fail(room, rec, f"rank {message.rank} at {peer}: {reason}")
+            return
         if rec is None:
             if room in self._tombstones:
                 self._drop(peer, message, "late")
@@ -391,14 +407,6 @@ class Sender(Endpoint[_SenderRoom]):
                     return
                 pending = self._pending[room] = _Pending(time.monotonic())
             pending.bootstraps.append((peer, message))
-            return
-        spoken = self._transport.paths()
-        same_host = message.host == self._host if message.host else None
-        path = choose_path(message.transports, spoken, same_host=same_host)
-        if path is None:
-            reason = mismatch(message.transports, spoken, same_host=same_host)
-            self._reject(peer, message, reason)
-            self._fail(room, rec, f"rank {message.rank} at {peer}: {reason}")
             return
         why = None
         if message.rank >= rec.required:
@@ -555,7 +563,9 @@ class Sender(Endpoint[_SenderRoom]):
                 for src_tok, dst_tok, n in pair_runs(src_runs, dst_runs):
                     for region, buffer in zip(entry.regions, dest.pool.buffers, strict=True):
                         rb = buffer.row_bytes
-                        spans.append(Span(region, src_tok * rb, buffer.region, dst_tok * rb, n * rb))
+                        spans.append(
+                            Span(region, src_tok * rb, buffer.region, dst_tok * rb, n * rb)
+                        )
             if aux and dest.aux_index is not None and data.aux_index is not None:
                 for region, buffer in zip(entry.aux_regions, dest.pool.aux, strict=True):
                     rb = buffer.row_bytes
@@ -657,5 +667,3 @@ class Sender(Endpoint[_SenderRoom]):
     def _session_ok(self, rec: _SenderRoom, peer: str, message: Abort) -> bool:
         dest = rec.dests.get(message.rank)
         return dest is not None and dest.peer == peer and dest.session == message.session
-
-

@@ -247,7 +247,9 @@ def _batch(a: Transport, b: Transport) -> None:
         touched = torch.zeros(16 * page, dtype=torch.bool)
         for sp, dp, n in moves:
             _expect(
-                torch.equal(d.data[dp * page : (dp + n) * page], s.data[sp * page : (sp + n) * page]),
+                torch.equal(
+                    d.data[dp * page : (dp + n) * page], s.data[sp * page : (sp + n) * page]
+                ),
                 f"a batch range (page {sp} -> {dp}) did not arrive",
             )
             touched[dp * page : (dp + n) * page] = True
@@ -265,9 +267,7 @@ def _batch(a: Transport, b: Transport) -> None:
     _expect(all(bool((d.data == 3).all()) for d in dst), "a refused batch changed the destination")
     # A forged range (the destination's real size is smaller) fails the whole write.
     forged = dst[1].descriptor.model_copy(update={"nbytes": 32 * page})
-    done = wait_for_write(
-        a, b, a.write_batch([spans[0], Span(src[1], 0, forged, 20 * page, page)])
-    )
+    done = wait_for_write(a, b, a.write_batch([spans[0], Span(src[1], 0, forged, 20 * page, page)]))
     _expect(not done.ok, "a batch with a forged range succeeded")
     try:
         a.write_batch([])

@@ -200,7 +200,9 @@ def check_batch(spans: Sequence[Span]) -> str:
         raise TransportError("a batch needs at least one range")
     peer = spans[0].dst.endpoint
     for i, span in enumerate(spans):
-        check_range(f"range {i} of the batch: source", span.src_offset, span.nbytes, span.src.nbytes)
+        check_range(
+            f"range {i} of the batch: source", span.src_offset, span.nbytes, span.src.nbytes
+        )
         check_range(
             f"range {i} of the batch: destination", span.dst_offset, span.nbytes, span.dst.nbytes
         )

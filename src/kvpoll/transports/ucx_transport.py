@@ -24,13 +24,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import ipaddress
+import itertools
 import logging
 import os
 import secrets
 import socket
 import struct
 import time
-import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -386,9 +386,7 @@ class UcxTransport(ZmqTransport):
         deadline = time.monotonic() + 1.0
         while self._in_flight() and time.monotonic() < deadline:
             self._worker.progress_once()
-            self._sends = {
-                k: r for k, r in self._sends.items() if not all(x.completed for x in r)
-            }
+            self._sends = {k: r for k, r in self._sends.items() if not all(x.completed for x in r)}
             self._receives = [r for r in self._receives if not r.request.completed]
         for endpoint in self._endpoints.values():
             with contextlib.suppress(Exception):

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import torch
 import zmq
 
+from kvpoll.memory.shm import find_shared
 from kvpoll.transports.base import (
     Capabilities,
     MessageReceived,
@@ -62,7 +63,6 @@ from kvpoll.transports.shm import (
     check_stamp,
     stamp,
 )
-from kvpoll.memory.shm import find_shared
 
 __all__ = ["ZmqTransport"]
 
@@ -261,7 +261,9 @@ class ZmqTransport(Transport):
                 info = SegmentInfo.from_dict(extra)
                 offset = extra["shm_offset"]
                 if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-                    raise SegmentError(f"a shared memory offset must be an int >= 0, not {offset!r}")
+                    raise SegmentError(
+                        f"a shared memory offset must be an int >= 0, not {offset!r}"
+                    )
                 segment = self._attachments.get(info)
             except SegmentError as exc:
                 self.stats["rejected_writes"] += 1
@@ -301,9 +303,7 @@ class ZmqTransport(Transport):
             while sent < span.nbytes:
                 n = min(self._max_frame, span.nbytes - sent)
                 last = i == len(todo) - 1 and sent + n >= span.nbytes
-                header = _PIECE.pack(
-                    write_id, span.dst.region_id, span.dst_offset + sent, n, last
-                )
+                header = _PIECE.pack(write_id, span.dst.region_id, span.dst_offset + sent, n, last)
                 lo = span.src_offset + sent
                 dealer.send_multipart([_WRITE, header, view[lo : lo + n]], copy=False)
                 sent += n
