@@ -8,6 +8,8 @@ The public API:
 * :mod:`kvpoll.compat.sglang`: SGLang's status codes.
 * :class:`Sender`, :class:`Receiver`: real transfers over a transport
   (:mod:`kvpoll.protocol`, :mod:`kvpoll.transports`).
+* :class:`PagedPool`: page-indexed memory registered once, as serving engines
+  hold it (:mod:`kvpoll.memory`).
 * :class:`Config`, :func:`load_config`: which transport a cluster uses (a TOML
   file and ``KVPOLL_*`` variables; :mod:`kvpoll.config`).
 * :mod:`kvpoll.testing`: the conformance suite runner and the transport test kit.
@@ -33,10 +35,13 @@ from kvpoll.statemachine import (
 )
 
 if TYPE_CHECKING:  # type checkers see the transfer API; at run time it loads lazily
+    from kvpoll.memory import PagedPool
     from kvpoll.protocol import (
         EndpointClosed,
         Received,
         Receiver,
+        RoomInfo,
+        RoomMetrics,
         Sender,
         StatusChange,
         TransferIncomplete,
@@ -52,6 +57,9 @@ _LAZY = {
     "StatusChange": "kvpoll.protocol",
     "TransferIncomplete": "kvpoll.protocol",
     "EndpointClosed": "kvpoll.protocol",
+    "RoomInfo": "kvpoll.protocol",
+    "RoomMetrics": "kvpoll.protocol",
+    "PagedPool": "kvpoll.memory",
 }
 
 
@@ -81,8 +89,11 @@ __all__ = [  # noqa: RUF022 - grouped: the state machine, then the transfer API
     "UnknownRoom",
     "__version__",
     "EndpointClosed",
+    "PagedPool",
     "Received",
     "Receiver",
+    "RoomInfo",
+    "RoomMetrics",
     "Sender",
     "StatusChange",
     "TransferIncomplete",

@@ -72,6 +72,10 @@ class PagedPool:
             with the same number of tokens, on one device.
         page_size: tokens per page (>= 1).
         aux: tensors of shape ``[rows, *row_shape]``: one row per request.
+        stage: move the data through a host-memory copy of the pool (True),
+            never (False), or when the transport cannot reach the pool's
+            memory itself (None: a GPU pool on a transport without device
+            memory). Staging is reported in each room's ``info().metrics``.
 
     Raises:
         InvalidArgument: no buffers, token counts that differ or are not a
@@ -84,6 +88,7 @@ class PagedPool:
         *,
         page_size: int,
         aux: Sequence[torch.Tensor] = (),
+        stage: bool | None = None,
     ) -> None:
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
             raise InvalidArgument(f"page_size must be an int >= 1, not {page_size!r}")
@@ -113,6 +118,19 @@ class PagedPool:
         self.aux_layouts = tuple(BufferLayout.of(a) for a in self.aux)
         self.id = secrets.randbits(62)
         self.segment: Segment | None = None
+        if stage is not None and not isinstance(stage, bool):
+            raise InvalidArgument(f"stage must be True, False or None, not {stage!r}")
+        self.stage = stage
+
+    def mirror(self, memory: str) -> PagedPool:
+        """A pool of the same layout in host memory (``memory``: shm, pinned or host)."""
+        return PagedPool.allocate(
+            num_pages=self.num_pages,
+            page_size=self.page_size,
+            buffers=[(tuple(b.shape[1:]), b.dtype) for b in self.buffers],
+            aux=[(int(a.shape[0]), tuple(a.shape[1:]), a.dtype) for a in self.aux],
+            memory=memory,
+        )
 
     # -- making one ----------------------------------------------------------------
     @classmethod

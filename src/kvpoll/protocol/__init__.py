@@ -4,7 +4,13 @@ Imports both :mod:`kvpoll.statemachine` and :mod:`kvpoll.transports`, which
 never import each other.
 """
 
-from kvpoll.protocol.endpoint import EndpointClosed, RoomInfo, StatusChange, TransferIncomplete
+from kvpoll.protocol.endpoint import (
+    EndpointClosed,
+    RoomInfo,
+    RoomMetrics,
+    StatusChange,
+    TransferIncomplete,
+)
 from kvpoll.protocol.receiver import Received, Receiver
 from kvpoll.protocol.sender import Sender
 
@@ -13,6 +19,7 @@ __all__ = [
     "Received",
     "Receiver",
     "RoomInfo",
+    "RoomMetrics",
     "Sender",
     "StatusChange",
     "TransferIncomplete",

@@ -12,13 +12,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from kvpoll.errors import InvalidArgument
 from kvpoll.memory.pages import PageList, Run
 from kvpoll.memory.pool import PagedPool
 from kvpoll.protocol.messages import PoolBuffer, PoolOffer
 from kvpoll.transports.base import Region, Transport, TransportError
 
-__all__ = ["MAX_PEER_POOLS", "PeerPool", "Registered", "register_pool", "token_runs"]
+__all__ = [
+    "MAX_PEER_POOLS",
+    "PeerPool",
+    "Registered",
+    "needs_staging",
+    "register_pool",
+    "token_runs",
+]
 
 MAX_PEER_POOLS = 64
 """Pools one peer may announce to a sender (a bound on what a peer can make us hold)."""
@@ -26,12 +35,29 @@ MAX_PEER_POOLS = 64
 
 @dataclass
 class Registered:
-    """A pool registered with this endpoint's transport."""
+    """A pool registered with this endpoint's transport.
+
+    With ``staging`` (a host-memory mirror of a pool the transport cannot
+    reach, such as GPU memory without a device-capable transport), the regions
+    are the mirror's: the sender copies pages out to it before writing, the
+    receiver copies pages in from it before a chunk counts.
+    """
 
     pool: PagedPool
     regions: list[Region]
     aux_regions: list[Region]
     offered_to: set[str] = field(default_factory=set)
+    staging: PagedPool | None = None
+
+    def stage_out(self, runs: list[Run], aux_row: int | None) -> None:
+        """Copy these token runs (and aux row) from the pool to its mirror."""
+        if self.staging is not None:
+            _copy_runs(self.pool, self.staging, runs, aux_row)
+
+    def stage_in(self, runs: list[Run], aux_row: int | None) -> None:
+        """Copy these token runs (and aux row) from the mirror into the pool."""
+        if self.staging is not None:
+            _copy_runs(self.staging, self.pool, runs, aux_row)
 
     def offer(self) -> PoolOffer:
         pool = self.pool
@@ -61,24 +87,52 @@ class Registered:
             transport.release(region, reuse=False)
         self.regions.clear()
         self.aux_regions.clear()
+        if self.staging is not None:
+            self.staging.close()
+
+
+def _copy_runs(src: PagedPool, dst: PagedPool, runs: list[Run], aux_row: int | None) -> None:
+    for a, b in zip(src.buffers, dst.buffers, strict=True):
+        for first, count in runs:
+            b[first : first + count].copy_(a[first : first + count])
+    if aux_row is not None:
+        for a, b in zip(src.aux, dst.aux, strict=True):
+            b[aux_row].copy_(a[aux_row])
+    if dst.device.type == "cuda" or src.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def needs_staging(transport: Transport, pool: PagedPool) -> bool:
+    """Whether ``pool``'s data must go through host memory on ``transport``."""
+    if pool.stage is not None:
+        return pool.stage
+    return pool.device.type != "cpu" and not transport.capabilities.device_memory
 
 
 def register_pool(transport: Transport, pool: PagedPool) -> Registered:
-    """Register every buffer of ``pool`` with ``transport``.
+    """Register every buffer of ``pool`` (or of its host mirror, when it must be
+    staged) with ``transport``.
 
     Raises:
         InvalidArgument: the transport cannot reach the pool's memory.
     """
+    staging = None
+    if needs_staging(transport, pool):
+        kind = transport.memory_kind()
+        if kind != "shm":
+            kind = "pinned" if torch.cuda.is_available() else "host"
+        staging = pool.mirror(kind)
+    reach = staging if staging is not None else pool
     done: list[Region] = []
     try:
-        for tensor in (*pool.buffers, *pool.aux):
+        for tensor in (*reach.buffers, *reach.aux):
             done.append(transport.register(tensor))
     except TransportError as exc:
         for region in done:
             transport.release(region, reuse=False)
         raise InvalidArgument(f"cannot register {pool!r}: {exc}") from exc
     n = len(pool.buffers)
-    return Registered(pool, done[:n], done[n:])
+    return Registered(pool, done[:n], done[n:], staging=staging)
 
 
 @dataclass

@@ -556,7 +556,12 @@ class Receiver(Endpoint[_ReceiverRoom]):
             rec.aux = message.aux
         part = rec.parts[-1]
         data = part.pool.buffers[0]
-        for first, count in part.tokens.slice(before - part.base, message.sent_tokens - part.base):
+        runs = part.tokens.slice(before - part.base, message.sent_tokens - part.base)
+        entry = self._pools.get(part.pool.id)
+        if entry is not None and entry.staging is not None:  # into device memory, then count it
+            rec.staged = True
+            entry.stage_in(runs, rec.aux_index)  # the aux row may come with any chunk
+        for first, count in runs:
             rec.chunks.append(data[first : first + count])
         if rec.whole and not message.is_last:  # this buffer took its chunk
             part.tokens = PageList(part.tokens.slice(0, message.sent_tokens - part.base))

@@ -556,6 +556,9 @@ class Sender(Endpoint[_SenderRoom]):
         entry = data.entry
         src_runs = data.tokens.slice(start, end)
         rec.planned, rec.planned_aux = end, aux
+        if entry.staging is not None:  # device memory the transport cannot reach
+            rec.staged = True
+            entry.stage_out(src_runs, data.aux_index if aux else None)
         for rank, dest in sorted(rec.dests.items()):
             spans = []
             if end > start:
