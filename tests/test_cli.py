@@ -251,6 +251,35 @@ def test_bench_transfer_every_transport_with_its_raw_engine_and_a_plot(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
+def test_bench_transfer_paged_beside_each_engines_batch_call(kvpoll_cmd: list[str]) -> None:
+    from kvpoll.transports import TransportUnavailable, resolve
+
+    transports = ["zmq"]
+    for name in ("ucx", "nixl", "mooncake"):
+        try:
+            resolve(name)
+            transports.append(name)
+        except TransportUnavailable as exc:
+            if os.environ.get("CI_REQUIRE_ENGINES") == "1":
+                pytest.fail(str(exc))
+    args = [a for t in transports for a in ("--transport", t)]
+    out = run(kvpoll_cmd, "bench", "transfer", "--paged", *args, "--repeat", "1", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["layout"]["layers"] == 16
+    assert result["layout"]["page_size"] == 16
+    assert result["layout"]["tokens"] == 4096
+    assert result["ranges_per_destination"] > 32  # scattered pages: many ranges per room
+    raws = {"zmq-shm": "copy-loop", "ucx": "raw-ucxx", "nixl": "raw-nixl"}
+    raws["mooncake"] = "raw-mooncake"
+    for path, raw in raws.items():
+        if path.split("-")[0] in transports:
+            assert result["gib_per_s"][path]["median"] > 0, path
+            assert result["gib_per_s"][raw]["median"] > 0, raw
+            assert f"{path}/{raw}" in result["ratios"]
+
+
 def test_bench_transfer_refuses_an_unknown_transport(kvpoll_cmd: list[str]) -> None:
     out = run(kvpoll_cmd, "bench", "transfer", "--transport", "carrier-pigeon")
     assert out.returncode == 2

@@ -194,6 +194,8 @@ def _cmd_bench_transfer(args: argparse.Namespace) -> int:
                 resolve(path)
             except TransportUnavailable as exc:
                 raise KvpollError(str(exc)) from exc
+    if args.paged:
+        return _bench_paged(args, transports)
     bar = None
     if not args.json and sys.stderr.isatty():
         from tqdm import tqdm
@@ -223,6 +225,20 @@ def _cmd_bench_transfer(args: argparse.Namespace) -> int:
     if args.plot:
         plot(result, args.plot)
         print(f"plot saved to {args.plot}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _bench_paged(args: argparse.Namespace, transports: list[str]) -> int:
+    from kvpoll.bench.paged import paged_paths, run_paged
+
+    if args.plot:
+        raise KvpollError("--plot draws the contiguous sizes; it does not go with --paged")
+
+    def progress(msg: str) -> None:
+        print(f"  ... {msg}", file=sys.stderr, flush=True)
+
+    result = run_paged(paths=paged_paths(transports), repeats=args.repeat, progress=progress)
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.report())
     return EXIT_OK
 
 
@@ -450,6 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1000,
         help="concurrent one-chunk rooms to push through one endpoint pair "
         "(default: 1000; 0 skips)",
+    )
+    b.add_argument(
+        "--paged",
+        action="store_true",
+        help="measure paged rooms instead: a 16-layer KV pool (K and V, pages of 16 "
+        "tokens, 4096 tokens per room, pages scattered on both sides) over each "
+        "transport, beside each engine's own batch call",
     )
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.set_defaults(func=_cmd_bench_transfer)
