@@ -18,7 +18,7 @@ import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -119,10 +119,9 @@ class Region:
         return f"Region({d.transport}, id={d.region_id}, {d.nbytes} bytes)"
 
 
-@dataclass(frozen=True, slots=True)
-class Span:
+class Span(NamedTuple):
     """One range of a batched write: ``nbytes`` from ``src`` at ``src_offset`` into
-    the peer's ``dst`` at ``dst_offset``."""
+    the peer's ``dst`` at ``dst_offset`` (a tuple: thousands are made per chunk)."""
 
     src: Region
     src_offset: int

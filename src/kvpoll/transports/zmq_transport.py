@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import zmq
 
@@ -49,7 +50,6 @@ from kvpoll.transports.base import (
     WriteDone,
     as_bytes,
     check_batch,
-    copy_bytes,
     new_region_id,
 )
 from kvpoll.transports.shm import (
@@ -249,48 +249,69 @@ class ZmqTransport(Transport):
 
     def _write_shm(self, write_id: int, spans: Sequence[Span]) -> bool:
         """Copy every range straight into the peer's shared memory; False when
-        some destination is not in shared memory of this host."""
+        some destination is not in shared memory of this host.
+
+        Each destination is resolved and checked once per batch (spans of one
+        buffer share its descriptor), then the ranges are a loop of memcpys
+        over NumPy views: per range, only arithmetic and one copy.
+        """
         if not self._shm:
             return False
-        targets = []
+        resolved: dict[int, tuple[Any, int, int] | str] = {}  # id(descriptor) -> target
         for span in spans:
-            extra = span.dst.extra
-            if "shm_pid" not in extra or extra.get("boot_id") != self._boot:
-                return False
-            try:
-                info = SegmentInfo.from_dict(extra)
-                offset = extra["shm_offset"]
-                if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-                    raise SegmentError(
-                        f"a shared memory offset must be an int >= 0, not {offset!r}"
-                    )
-                segment = self._attachments.get(info)
-            except SegmentError as exc:
+            if id(span.dst) not in resolved:
+                extra = span.dst.extra
+                if "shm_pid" not in extra or extra.get("boot_id") != self._boot:
+                    return False
+                resolved[id(span.dst)] = self._shm_target(span.dst)
+        sources: dict[int, Any] = {}
+        todo = []
+        for span in spans:
+            target = resolved[id(span.dst)]
+            if isinstance(target, str):
                 self.stats["rejected_writes"] += 1
-                self._events.append(WriteDone(write_id, f"cannot reach the destination: {exc}"))
+                self._events.append(WriteDone(write_id, target))
                 return True
-            self.stats["attached_segments"] = len(self._attachments)
+            memory, offset, limit = target
             start = offset + span.dst_offset
-            error = None
-            if extra.get("shm_stamped") is True:
-                error = check_stamp(segment, span.dst.region_id, span.dst_offset + span.nbytes)
-            if error is None and (
-                offset + span.dst.nbytes > segment.size or start + span.nbytes > segment.size
-            ):
-                error = f"the destination lies outside its segment of {segment.size} bytes"
-            if error is not None:
+            if span.dst_offset + span.nbytes > limit:
                 self.stats["rejected_writes"] += 1
-                self._events.append(WriteDone(write_id, error))
+                self._events.append(
+                    WriteDone(write_id, "the destination lies outside its shared memory")
+                )
                 return True
-            targets.append((segment, start))
-        for span, (segment, start) in zip(spans, targets, strict=True):
-            copy_bytes(
-                segment.data[start : start + span.nbytes],
-                span.src.data[span.src_offset : span.src_offset + span.nbytes],
-            )
+            source = sources.get(id(span.src))
+            if source is None:
+                source = sources[id(span.src)] = span.src.data.numpy()
+            todo.append((memory, start, source, span.src_offset, span.nbytes))
+        for memory, start, source, src_offset, n in todo:
+            np.copyto(memory[start : start + n], source[src_offset : src_offset + n])
         self.stats["shm_writes"] += 1
         self._events.append(WriteDone(write_id))
         return True
+
+    def _shm_target(self, dst: RegionDescriptor) -> tuple[Any, int, int] | str:
+        """(the segment's bytes, the region's offset there, bytes writable) or why not."""
+        extra = dst.extra
+        try:
+            info = SegmentInfo.from_dict(extra)
+            offset = extra.get("shm_offset")
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                raise SegmentError(f"a shared memory offset must be an int >= 0, not {offset!r}")
+            segment = self._attachments.get(info)
+        except SegmentError as exc:
+            return f"cannot reach the destination: {exc}"
+        self.stats["attached_segments"] = len(self._attachments)
+        if offset + dst.nbytes > segment.size:
+            return f"the destination lies outside its segment of {segment.size} bytes"
+        limit = dst.nbytes
+        if extra.get("shm_stamped") is True:
+            error = check_stamp(segment, dst.region_id, 0)
+            if error is not None:
+                return error
+            stamped = int(segment.data[16:24].view(torch.int64).item())
+            limit = min(limit, stamped)
+        return segment.data.numpy(), offset, limit
 
     def _write_remote(self, write_id: int, spans: Sequence[Span]) -> None:
         """The network path: pieces over ZMQ TCP (an engine subclass replaces it)."""
