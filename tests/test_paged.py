@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import torch
 
 from kvpoll import IllegalTransition, InvalidArgument, PagedPool, Receiver, Sender
 from kvpoll import TransferStatus as S
+from tests.conftest import FAST
 from tests.helpers import wait_until
 
-FAST: dict[str, Any] = {"heartbeat_interval": 0.2, "heartbeat_misses": 3}
 PS = 16  # tokens per page
 HIDDEN = 32
 
@@ -49,16 +47,6 @@ def fill(pool: PagedPool, pages: list[int], tokens: int, seed: int) -> tuple[tor
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.view(torch.uint8))
-
-
-@pytest.fixture(params=[True, False], ids=["shm", "tcp"])
-def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Sender, Receiver]]:
-    options = {"shm": request.param}
-    tx = Sender("zmq", transport_options=options, **FAST)
-    rx = Receiver("zmq", transport_options=options, **FAST)
-    yield tx, rx
-    tx.close()
-    rx.close()
 
 
 def statuses(endpoint: Sender | Receiver, room: int) -> list[str]:

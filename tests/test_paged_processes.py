@@ -3,10 +3,8 @@ constant descriptors and mappings, views that survive everything, hostile memory
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,23 +23,6 @@ from tests.paged_peers import (
     streaming_sender,
     views_after_everything,
 )
-
-
-@pytest.fixture
-def spawn() -> Iterator[Any]:
-    ctx = mp.get_context("spawn")
-    procs: list[Any] = []
-
-    def start(target: Any, *args: Any) -> Any:
-        proc = ctx.Process(target=target, args=args, daemon=True)
-        proc.start()
-        procs.append(proc)
-        return proc
-
-    yield ctx, start
-    for proc in procs:
-        proc.kill()
-        proc.join(10)
 
 
 def transports() -> list[Any]:

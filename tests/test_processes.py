@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import torch
 
 from kvpoll import Receiver, Sender
@@ -17,23 +14,6 @@ from tests.peers import HIDDEN, payload, receiver_process, sender_process
 
 HEARTBEAT = 0.2
 WINDOW = HEARTBEAT * 3
-
-
-@pytest.fixture
-def spawn() -> Iterator[Any]:
-    ctx = mp.get_context("spawn")
-    procs: list[Any] = []
-
-    def start(target: Any, *args: Any) -> Any:
-        proc = ctx.Process(target=target, args=args, daemon=True)
-        proc.start()
-        procs.append(proc)
-        return proc
-
-    yield ctx, start
-    for proc in procs:
-        proc.kill()
-        proc.join(10)
 
 
 def test_a_dead_sender_fails_every_unfinished_room_and_only_those(spawn: Any) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import torch
@@ -34,10 +33,10 @@ from kvpoll.protocol.messages import (
     Resume,
 )
 from kvpoll.protocol.sender import dtype_name
+from tests.conftest import FAST
 from tests.helpers import ScriptedPeer, own_segments, wait_until
 
 HIDDEN = 64
-FAST: dict[str, Any] = {"heartbeat_interval": 0.2, "heartbeat_misses": 3}
 
 
 def kvpoll_threads() -> list[str]:
@@ -51,16 +50,6 @@ def no_leaks() -> Iterator[None]:
     yield
     wait_until(lambda: not kvpoll_threads(), 10, f"threads to stop: {kvpoll_threads()}")
     assert own_segments() <= segments, "shared memory segments were left behind"
-
-
-@pytest.fixture(params=[True, False], ids=["shm", "tcp"])
-def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Sender, Receiver]]:
-    options = {"shm": request.param}
-    tx = Sender("zmq", transport_options=options, **FAST)
-    rx = Receiver("zmq", transport_options=options, **FAST)
-    yield tx, rx
-    tx.close()
-    rx.close()
 
 
 def data(tokens: int, seed: int = 0, hidden: int = HIDDEN) -> torch.Tensor:

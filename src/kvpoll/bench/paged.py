@@ -20,7 +20,6 @@ batch from the command to the last byte landing.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvpoll.bench.child import ask, sending_child
+from kvpoll.bench.raw_engines import start_mooncake
 from kvpoll.bench.stats import Figure, figure, ratio
 
 __all__ = ["LAYOUT", "PAGED_PATHS", "PagedBench", "paged_paths", "run_paged"]
@@ -155,13 +156,6 @@ def _child(conn: Any) -> None:
             sender.close()
 
 
-def _ask(conn: Any, command: object, timeout: float = 300.0) -> Any:
-    conn.send(command)
-    if not conn.poll(timeout):
-        raise RuntimeError(f"the sending process did not answer {command[0]!r}")  # type: ignore[index]
-    return conn.recv()
-
-
 class _RawSender:
     """One engine used directly, moving the room's ranges in one batch call."""
 
@@ -193,12 +187,7 @@ class _RawSender:
             self.peer = self.agent.add_remote_agent(setup[0])
             self.ranges = ranges(mine, setup[1])
         else:
-            os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
-            from mooncake.engine import TransferEngine
-
-            self.engine = TransferEngine()
-            if self.engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
-                raise RuntimeError("raw mooncake: the engine did not start")
+            self.engine = start_mooncake()
             self.engine.register_memory(self.base, span)
             self.session = setup[0]
             self.ranges = ranges(mine, setup[1])
@@ -283,12 +272,7 @@ class _RawReceiver:
             self.registration = self.agent.register_memory([(self.base, self.span, 0, "")], "DRAM")
             self.setup = (self.agent.get_agent_metadata(), self.bases)
         else:
-            os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
-            from mooncake.engine import TransferEngine
-
-            self.engine = TransferEngine()
-            if self.engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
-                raise RuntimeError("raw mooncake: the engine did not start")
+            self.engine = start_mooncake()
             self.engine.register_memory(self.base, self.span)
             self.setup = (f"127.0.0.1:{self.engine.get_rpc_port()}", self.bases)
 
@@ -354,13 +338,9 @@ def run_paged(
 ) -> PagedBench:
     """Measure a paged room over each path, and each path's baseline, back to back."""
     say = progress or (lambda _msg: None)
-    ctx = mp.get_context("spawn")
-    conn, child_conn = ctx.Pipe()
-    child = ctx.Process(target=_child, args=(child_conn,), name="kvpoll-bench-paged", daemon=True)
-    child.start()
     result = PagedBench(repeats, paths)
     rooms = iter(range(1, 1 << 40))
-    try:
+    with sending_child(_child, "kvpoll-bench-paged") as conn:
         for path in paths:
             baseline = BASELINE[path]
             samples: dict[str, list[float]] = {}
@@ -376,13 +356,6 @@ def run_paged(
                 result.ratios[f"{path}/{baseline}"] = ratio(
                     [1 / s for s in samples[path]], [1 / s for s in samples[baseline]]
                 )
-    finally:
-        if child.is_alive():
-            conn.send(("exit",))
-        child.join(30)
-        if child.is_alive():
-            child.kill()
-            child.join(5)
     return result
 
 
@@ -410,14 +383,14 @@ def _session(conn: Any, name: str, rooms: Iterator[int]) -> Iterator[Callable[[]
         from kvpoll.protocol import Receiver
 
         transport, options = _OPTIONS[name]
-        address = _ask(conn, ("start", name), 120)
+        address = ask(conn, ("start", name), 120)
         pool = _pool(name)
         rx = Receiver(transport, transport_options=options, history=False)
         rx.register(pool)
 
         def room() -> float:
             number = next(rooms)
-            _ask(conn, ("room", number))
+            ask(conn, ("room", number))
             start = time.perf_counter()
             rx.open(number, address, pool=pool, pages=DST_PAGES)
             status = rx.wait(number, _DEADLINE)
@@ -427,19 +400,19 @@ def _session(conn: Any, name: str, rooms: Iterator[int]) -> Iterator[Callable[[]
                     f"{name}: room {number} ended {status.name}: {rx.info(number).reason}"
                 )
             rx.remove(number)
-            _ask(conn, ("forget", number))
+            ask(conn, ("forget", number))
             return took
 
         try:
             yield room
         finally:
             rx.close()
-            _ask(conn, ("stop",), 60)
+            ask(conn, ("stop",), 60)
             pool.close()
     else:
         half = _RawReceiver(name)
         try:
-            _ask(conn, ("raw-setup", name, half.setup), 120)
+            ask(conn, ("raw-setup", name, half.setup), 120)
 
             def batch() -> float:
                 half.arm()
@@ -452,5 +425,5 @@ def _session(conn: Any, name: str, rooms: Iterator[int]) -> Iterator[Callable[[]
 
             yield batch
         finally:
-            _ask(conn, ("raw-close",), 60)
+            ask(conn, ("raw-close",), 60)
             half.close()

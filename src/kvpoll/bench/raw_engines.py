@@ -161,7 +161,7 @@ class _NixlSender:
         self.agent.remove_remote_agent(self.peer)
 
 
-def _mooncake() -> Any:
+def start_mooncake() -> Any:
     os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
     from mooncake.engine import TransferEngine
 
@@ -173,7 +173,7 @@ def _mooncake() -> Any:
 
 class _MooncakeReceiver:
     def __init__(self, nbytes: int) -> None:
-        self.engine = _mooncake()
+        self.engine = start_mooncake()
         self.buffer = _buffer(nbytes)
         self.engine.register_memory(self.buffer.data_ptr(), nbytes)
 
@@ -193,7 +193,7 @@ class _MooncakeReceiver:
 class _MooncakeSender:
     def __init__(self, setup: Any, nbytes: int) -> None:
         self.session, self.remote = setup
-        self.engine = _mooncake()
+        self.engine = start_mooncake()
         self.buffer = _buffer(nbytes)
         self.nbytes = nbytes
         self.engine.register_memory(self.buffer.data_ptr(), nbytes)

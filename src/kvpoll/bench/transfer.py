@@ -18,7 +18,6 @@ Then 1,000 concurrent one-chunk rooms through one endpoint pair per path.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 import zmq
 
+from kvpoll.bench.child import ask, sending_child
 from kvpoll.bench.raw_engines import RAW, receiving_half, sending_half
 from kvpoll.bench.stats import Figure, figure, ratio
 
@@ -65,14 +65,6 @@ def _source(nbytes: int) -> torch.Tensor:
     after the call and slow what is measured next on a two-core machine."""
     with _single_thread():
         return torch.randint(0, 256, (nbytes // ROW, ROW), dtype=torch.uint8)
-
-
-def _ask(conn: Any, command: object, timeout: float = 300.0) -> Any:
-    """Send a command to the child and wait (bounded) for its answer."""
-    conn.send(command)
-    if not conn.poll(timeout):
-        raise RuntimeError(f"the sending process did not answer {command!r} within {timeout:g} s")
-    return conn.recv()
 
 
 def _child(conn: Any) -> None:
@@ -307,13 +299,9 @@ def run(
     """
     paths = paths_of(transports or ["zmq"])
     say = progress or (lambda _msg: None)
-    ctx = mp.get_context("spawn")
-    conn, child_conn = ctx.Pipe()
-    child = ctx.Process(target=_child, args=(child_conn,), name="kvpoll-bench-sender", daemon=True)
-    child.start()
     result = TransferBench(repeats, sizes, paths)
     rooms = iter(range(1, 1 << 40))
-    try:
+    with sending_child(_child, "kvpoll-bench-sender") as conn:
         for group, baselines in _groups(paths):
             names = [*baselines, *group, *(f"{p}.write" for p in group)]
             for size in sizes:
@@ -332,13 +320,6 @@ def run(
                         result.concurrent[path] = _concurrent(
                             conn, rx, address, path, concurrent_rooms, rooms
                         )
-    finally:
-        if child.is_alive():
-            conn.send(("exit",))
-        child.join(30)
-        if child.is_alive():
-            child.kill()
-            child.join(5)
     return result
 
 
@@ -347,14 +328,14 @@ def _endpoints(conn: Any, path: str) -> Iterator[tuple[Any, str]]:
     """A Receiver here and a Sender in the child for ``path``, closed after."""
     from kvpoll.protocol import Receiver
 
-    address = _ask(conn, ("start", path), 120)
+    address = ask(conn, ("start", path), 120)
     transport, options = _OPTIONS[path]
     rx = Receiver(transport, transport_options=options, history=False)
     try:
         yield rx, address
     finally:
         rx.close()
-        _ask(conn, ("stop", path), 60)
+        ask(conn, ("stop", path), 60)
 
 
 @contextmanager
@@ -378,7 +359,7 @@ def _session(
         pull = zctx.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
         port = pull.bind_to_random_port("tcp://127.0.0.1")
-        _ask(conn, ("raw", f"tcp://127.0.0.1:{port}", size))
+        ask(conn, ("raw", f"tcp://127.0.0.1:{port}", size))
 
         def pyzmq() -> float:
             start = time.perf_counter()
@@ -401,7 +382,7 @@ def _session(
 
             def room() -> float:
                 room = next(rooms)
-                _ask(conn, ("rooms", name, size, [room]))
+                ask(conn, ("rooms", name, size, [room]))
                 start = time.perf_counter()
                 rx.open(
                     room, address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=size // ROW
@@ -413,14 +394,14 @@ def _session(
                         f"{name}: room {room} ended {status.name}: {rx.info(room).reason}"
                     )
                 rx.remove(room)
-                _ask(conn, ("forget", name, [room]))
+                ask(conn, ("forget", name, [room]))
                 return took
 
             yield room
     else:  # a raw engine or a single write: two halves
         half = receiving_half(name, size)
         try:
-            _ask(conn, ("raw-setup", name, half.setup(), size), 120)
+            ask(conn, ("raw-setup", name, half.setup(), size), 120)
 
             def engine() -> float:
                 half.arm()
@@ -433,7 +414,7 @@ def _session(
 
             yield engine
         finally:
-            _ask(conn, ("raw-close", name), 60)
+            ask(conn, ("raw-close", name), 60)
             half.close()
 
 
@@ -523,7 +504,7 @@ def _concurrent(
 ) -> dict[str, float]:
     rooms = [next(ids) for _ in range(count)]
     nbytes = 4 * ROW
-    _ask(conn, ("rooms", path, nbytes, rooms))
+    ask(conn, ("rooms", path, nbytes, rooms))
     start = time.perf_counter()
     for room in rooms:
         rx.open(room, address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=4)
@@ -531,6 +512,6 @@ def _concurrent(
     took = time.perf_counter() - start
     for room in rooms:
         rx.remove(room)
-    _ask(conn, ("forget", path, rooms))
+    ask(conn, ("forget", path, rooms))
     ok = finals.count("Success")
     return {"rooms": count, "succeeded": ok, "seconds": took, "rooms_per_s": count / took}

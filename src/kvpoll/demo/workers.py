@@ -206,23 +206,50 @@ def receiver_main(settings: Settings, rank: int, sender: str, commands: Any, eve
                     got.contiguous().view(torch.uint8), expected.view(torch.uint8)
                 )
                 nbytes = got.numel() * got.element_size()
-            events.put(
-                {
-                    "kind": "done",
-                    "who": who,
-                    "room": spec.room,
-                    "status": status.name,
-                    "reason": info.reason,
-                    "matched": matched,
-                    "bytes": nbytes,
-                    "seconds": done - start,
-                    "at": done,
-                    "chunks": len(rx.chunks(spec.room)),
-                }
+            _done(
+                events,
+                who,
+                spec,
+                status.name,
+                info.reason,
+                matched,
+                nbytes,
+                start,
+                done,
+                len(rx.chunks(spec.room)),
             )
             rx.remove(spec.room)
     finally:
         rx.close()
+
+
+def _done(
+    events: Any,
+    who: str,
+    spec: RoomSpec,
+    status: str,
+    reason: str | None,
+    matched: bool | None,
+    nbytes: int,
+    start: float,
+    done: float,
+    chunks: int,
+) -> None:
+    """Tell the orchestrator how a room ended on this side."""
+    events.put(
+        {
+            "kind": "done",
+            "who": who,
+            "room": spec.room,
+            "status": status,
+            "reason": reason,
+            "matched": matched,
+            "bytes": nbytes,
+            "seconds": done - start,
+            "at": done,
+            "chunks": chunks,
+        }
+    )
 
 
 def _receive_paged(
@@ -279,20 +306,7 @@ def _receive_paged(
         )
         nbytes = info.metrics.bytes_moved
     chunks = sum(1 for t in info.history if t.event.value in ("chunk_sent", "last_chunk_sent"))
-    events.put(
-        {
-            "kind": "done",
-            "who": who,
-            "room": spec.room,
-            "status": status.name,
-            "reason": info.reason,
-            "matched": matched,
-            "bytes": nbytes,
-            "seconds": done - start,
-            "at": done,
-            "chunks": chunks,
-        }
-    )
+    _done(events, who, spec, status.name, info.reason, matched, nbytes, start, done, chunks)
     rx.remove(spec.room)
 
 
