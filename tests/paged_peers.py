@@ -217,3 +217,43 @@ def hostile_receiver(sender: str, rooms: dict[str, int], info: Any) -> None:
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         peer.progress(0.05)
+
+
+def out_of_descriptors(out: Any) -> None:
+    """Open rooms until the file descriptor limit is hit: a typed error, nothing
+    else harmed, and rooms work again once descriptors are free."""
+    import resource
+
+    from kvpoll import Receiver, ResourceExhausted, Sender
+    from kvpoll import TransferStatus as S
+
+    tx, rx = Sender("zmq"), Receiver("zmq")
+    data = torch.arange(64 * 8, dtype=torch.float32).view(64, 8)
+    tx.add(0)
+    tx.send(0, data)
+    rx.open(0, tx.address, row_shape=(8,), dtype=torch.float32, allocated_tokens=64)
+    assert rx.wait(0, 30) is S.Success
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 6, hard))
+    error = None
+    opened = []
+    for room in range(1, 40):  # each needs an arena of its own (rows of 1 MiB x 80)
+        try:
+            rx.open(room, tx.address, row_shape=(1 << 20,), dtype=torch.uint8, allocated_tokens=80)
+            opened.append(room)
+        except ResourceExhausted as exc:
+            error = str(exc)
+            break
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert error is not None, "the descriptor limit was never hit"
+    assert rx.poll(0) is S.Success  # nothing else was touched
+    for room in opened:
+        rx.remove(room)
+    tx.add(99)
+    tx.send(99, data)
+    rx.open(99, tx.address, row_shape=(8,), dtype=torch.float32, allocated_tokens=64)
+    assert rx.wait(99, 30) is S.Success
+    assert torch.equal(rx.result(99).tensor(), data)
+    rx.close()
+    tx.close()
+    out.put(("ok", error, len(opened)))

@@ -18,6 +18,7 @@ from tests.paged_peers import (
     PS,
     hostile_receiver,
     many_rooms_sender,
+    out_of_descriptors,
     pool_of,
     room_data,
     streaming_sender,
@@ -168,3 +169,15 @@ def test_hostile_memory_fails_only_its_room_and_the_sender_lives(spawn: Any) -> 
         assert rx.wait(99, 30) is S.Success
         assert torch.equal(rx.result(99).tensor(), data)
         assert tx.stats["internal_errors"] == 0
+
+
+def test_running_out_of_descriptors_is_a_typed_error_and_harms_nothing(spawn: Any) -> None:
+    ctx, start = spawn
+    out = ctx.Queue()
+    proc = start(out_of_descriptors, out)
+    status, error, opened = out.get(timeout=120)
+    proc.join(30)
+    assert proc.exitcode == 0
+    assert status == "ok"
+    assert "exhausted" in error
+    assert opened >= 1

@@ -23,6 +23,7 @@ from kvpoll.errors import (
     IllegalTransition,
     InvalidArgument,
     KvpollError,
+    ResourceExhausted,
     SpecError,
     UnknownRoom,
 )
@@ -81,6 +82,7 @@ __all__ = [  # noqa: RUF022 - grouped: the state machine, then the transfer API
     "IllegalTransition",
     "InvalidArgument",
     "KvpollError",
+    "ResourceExhausted",
     "RoomRegistry",
     "SpecError",
     "TransferState",

@@ -17,6 +17,7 @@ __all__ = [
     "IllegalTransition",
     "InvalidArgument",
     "KvpollError",
+    "ResourceExhausted",
     "SpecError",
     "UnknownRoom",
 ]
@@ -28,6 +29,10 @@ class KvpollError(Exception):
 
 class InvalidArgument(KvpollError, ValueError):
     """An argument has the wrong type or value; nothing was changed."""
+
+
+class ResourceExhausted(KvpollError):
+    """The process ran out of file descriptors, mappings or memory; nothing was changed."""
 
 
 class SpecError(KvpollError):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from kvpoll import errors
 from kvpoll.errors import KvpollError
 
 __all__ = [
@@ -54,8 +55,8 @@ class SegmentError(KvpollError):
     """Shared memory named by a peer cannot be used (missing, foreign, too small, ...)."""
 
 
-class ResourceExhausted(SegmentError):
-    """The process ran out of file descriptors or mappings."""
+class ResourceExhausted(SegmentError, errors.ResourceExhausted):
+    """Out of file descriptors or mappings while making or attaching shared memory."""
 
 
 def boot_id() -> str:
@@ -124,7 +125,10 @@ class Segment:
                 else torch.empty(0, dtype=torch.uint8)
             )
         except RuntimeError as exc:
-            raise ResourceExhausted(f"cannot map {size} bytes of shared memory: {exc}") from exc
+            raise ResourceExhausted(
+                f"cannot map {size} bytes of shared memory (file descriptors, mappings or "
+                f"memory exhausted): {exc}"
+            ) from exc
         self._fd = fd
         self.size = size
         self.info = info

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kvpoll.errors import DuplicateRoom, IllegalTransition, InvalidArgument
+from kvpoll.errors import DuplicateRoom, IllegalTransition, InvalidArgument, ResourceExhausted
 from kvpoll.memory.arena import Arenas, Lease
 from kvpoll.memory.pages import PageList
 from kvpoll.memory.pool import PagedPool, dtype_name
@@ -77,6 +77,7 @@ class _Part:
 
 class _ReceiverRoom(RoomBase):
     __slots__ = (
+        "allocated",
         "auto_resume",
         "aux",
         "aux_index",
@@ -107,6 +108,7 @@ class _ReceiverRoom(RoomBase):
         self.total: int | None = None
         self.aux = b""
         self.whole = False  # each buffer takes one chunk (buffer rooms)
+        self.allocated = 1  # rows of each buffer kvpoll allocates (buffer rooms)
 
     @property
     def total_tokens(self) -> int | None:
@@ -196,6 +198,8 @@ class Receiver(Endpoint[_ReceiverRoom]):
         Raises:
             DuplicateRoom: the room is open here already.
             InvalidArgument: a bad argument.
+            ResourceExhausted: no file descriptor, mapping or memory left for a
+                buffer (nothing was changed).
         """
         if isinstance(room, bool) or not isinstance(room, int):
             raise InvalidArgument(f"room must be an int, not {type(room).__name__}")
@@ -315,7 +319,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
     ) -> None:
         rec = self._new_room(room, sender, rank)
         rec.row_shape, rec.dtype, rec.auto_resume = shape, dtype, auto_resume
-        rec.whole = True
+        rec.whole, rec.allocated = True, allocated
         part = self._buffer(rec, buffer, allocated, 0)
         rec.parts.append(part)
         try:
@@ -403,6 +407,10 @@ class Receiver(Endpoint[_ReceiverRoom]):
             return _Part(base, own, PageList([(0, int(buffer.shape[0]))]), region=region)
         try:
             lease, new = self._arenas.take(rec.row_shape, rec.dtype, allocated)
+        except ResourceExhausted as exc:
+            raise ResourceExhausted(
+                f"room {room}: cannot allocate {allocated} rows: {exc}"
+            ) from exc
         except (SegmentError, InvalidArgument, RuntimeError) as exc:
             raise InvalidArgument(f"room {room}: cannot allocate {allocated} rows: {exc}") from exc
         if new:
@@ -455,10 +463,9 @@ class Receiver(Endpoint[_ReceiverRoom]):
 
     def _resume(self, room: int, rec: _ReceiverRoom, buffer: torch.Tensor | None) -> None:
         delivered = rec.state.sent_tokens
-        allocated = len(rec.parts[-1].tokens) if rec.parts else 1
         try:
-            part = self._buffer(rec, buffer, allocated, delivered)
-        except InvalidArgument as exc:
+            part = self._buffer(rec, buffer, rec.allocated, delivered)
+        except (InvalidArgument, ResourceExhausted) as exc:
             self._fail(room, rec, str(exc))
             return
         rec.parts.append(part)
