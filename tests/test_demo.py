@@ -80,3 +80,89 @@ def test_the_demo_names_an_unknown_transport() -> None:
     out = demo("--transport", "smoke-signals")
     assert out.returncode == 2
     assert "unknown transport 'smoke-signals'" in out.stderr
+
+
+def paged_transports() -> list[Any]:
+    import os
+
+    from kvpoll.transports import TransportUnavailable, resolve
+
+    out: list[Any] = [
+        pytest.param(["--option", "shm=true"], id="zmq-shm"),
+        pytest.param(["--option", "shm=false"], id="zmq-tcp"),
+    ]
+    for name in ("ucx", "nixl", "mooncake"):
+        try:
+            resolve(name)
+            out.append(pytest.param(["--transport", name], id=name))
+        except TransportUnavailable as exc:
+            if os.environ.get("CI_REQUIRE_ENGINES") == "1":
+                raise
+            out.append(pytest.param([], id=name, marks=pytest.mark.skip(reason=str(exc))))
+    return out
+
+
+def check_paged(summary: dict[str, Any], destinations: int, tokens: list[int]) -> None:
+    assert summary["ok"], summary["problems"]
+    rooms = summary["rooms"]
+    assert summary["settings"]["paged"] is True
+    assert [r["tokens"] for r in rooms[:-1]] == tokens
+    for room in rooms[:-1]:
+        for who in (f"lm rank {r}" for r in range(destinations)):
+            side = room["sides"][who]
+            assert side["data_matched"] is True  # both buffers and the aux row
+            assert side["final"] == "Success"
+            row_bytes = 256 * 2 + 3 * 4  # embeddings and positions
+            assert side["bytes"] == room["tokens"] * row_bytes + 4 * 8  # and the aux row
+            assert "WaitingForInput" in side["statuses"]
+    failed = rooms[-1]
+    assert failed["sides"]["encoder"]["final"] == "killed"
+    assert all(failed["sides"][w]["final"] == "Failed" for w in failed["sides"] if w != "encoder")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", paged_transports())
+def test_the_paged_demo_over_every_transport(transport: list[str]) -> None:
+    out = demo("--paged", "--json", "--hidden", "256", *transport)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    check_paged(summary, 1, [500, 2000, 5000])
+    rooms = summary["rooms"]
+    # 500 tokens fit the 1024 offered: one step; 2000 and 5000 need resumes
+    assert rooms[0]["sides"]["lm rank 0"]["statuses"] == [
+        "Bootstrapping",
+        "WaitingForInput",
+        "Success",
+    ]
+    assert rooms[1]["sides"]["lm rank 0"]["events"].count("resumed") == 1
+    assert rooms[2]["sides"]["lm rank 0"]["events"].count("resumed") == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", [["--option", "shm=true"], ["--transport", "ucx"]])
+def test_the_paged_demo_with_two_ranks_and_small_memory(transport: list[str]) -> None:
+    if transport[-1] == "ucx":
+        from kvpoll.transports import TransportUnavailable, resolve
+
+        try:
+            resolve("ucx")
+        except TransportUnavailable as exc:
+            pytest.skip(str(exc))
+    out = demo(
+        "--paged",
+        "--json",
+        "--hidden",
+        "256",
+        "--tokens",
+        "3000",
+        "--capacity",
+        "512",
+        "--destinations",
+        "2",
+        *transport,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    check_paged(summary, 2, [3000])
+    for who in ("lm rank 0", "lm rank 1"):
+        assert summary["rooms"][0]["sides"][who]["events"].count("resumed") == 5

@@ -286,3 +286,19 @@ def test_unregistering_a_pool_fails_its_rooms_only(pair: tuple[Sender, Receiver]
     assert rx.poll(2) is S.Bootstrapping
     with pytest.raises(InvalidArgument, match="not registered"):
         rx.unregister(a)
+
+
+def test_the_aux_row_can_travel_with_the_first_chunk(pair: tuple[Sender, Receiver]) -> None:
+    tx, rx = pair
+    src, dst = make_pool(8), make_pool(8)
+    fill(src, list(range(4)), 4 * PS, seed=7)
+    src.aux[0][3] = torch.tensor([4, 5, 6])
+    tx.add(1, aux_with="first")
+    tx.send(1, pages=[0, 1, 2, 3], pool=src, aux_index=3)
+    rx.open(1, tx.address, pool=dst, pages=[5, 6], aux_index=0)  # half of the data
+    wait_until(lambda: rx.poll(1) is S.Transferring, what="the first chunk")
+    assert dst.aux[0][0].tolist() == [4, 5, 6]  # here with the first chunk already
+    rx.resume(1, pages=[7, 4])
+    assert rx.wait(1, 10) is S.Success
+    with pytest.raises(InvalidArgument, match="aux_with"):
+        tx.add(2, aux_with="middle")  # type: ignore[arg-type]

@@ -3,6 +3,10 @@
 A sender process ("encoder") and one receiver process per destination
 ("language model" ranks) move random data through the chosen transport:
 
+With ``paged``, the same scenarios on registered pools as engines hold them:
+the sender streams each room's pages in pieces; each receiver offers
+``capacity`` tokens of pages at a time and offers them again when full.
+
 1. ``tokens[0]`` (500) into a ``capacity`` (1024) buffer: one chunk;
 2. ``tokens[1]`` (2000): a chunk, a resume, the rest;
 3. ``tokens[2]`` (5000): several resumes;
@@ -24,7 +28,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-from kvpoll.demo.workers import DTYPES, RoomSpec, Settings, receiver_main, sender_main
+from kvpoll.demo.workers import (
+    AUX,
+    DTYPES,
+    POSITIONS,
+    RoomSpec,
+    Settings,
+    receiver_main,
+    sender_main,
+)
 from kvpoll.statemachine.trace import TraceChecker
 from kvpoll.transports import TransportError, resolve
 
@@ -317,6 +329,10 @@ def _report(
 ) -> int:
     rooms_json: list[dict[str, Any]] = []
     row_bytes = settings.hidden * DTYPES[settings.dtype].itemsize
+    aux_bytes = 0
+    if settings.paged:  # the second buffer (positions) and the aux row travel too
+        row_bytes += POSITIONS * 4
+        aux_bytes = AUX * 8
     for number, room in demo.rooms.items():
         room_problems = []
         for who, side in room.sides.items():
@@ -326,7 +342,7 @@ def _report(
                 if room.sending_at and side.done_at:
                     side.seconds = side.done_at - room.sending_at
                 if final == "Success":
-                    side.bytes = room.spec.tokens * row_bytes * settings.destinations
+                    side.bytes = (room.spec.tokens * row_bytes + aux_bytes) * settings.destinations
                 if room.killed_at is None and final != room.expected:
                     room_problems.append(f"encoder ended {final}, expected {room.expected}")
             elif final != room.expected:
