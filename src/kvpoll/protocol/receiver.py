@@ -524,6 +524,9 @@ class Receiver(Endpoint[_ReceiverRoom]):
             else:
                 self._stats["late"] += 1
         elif isinstance(message, Reject):
+            if "was never offered" in message.reason:  # it forgot us (a restart): offer again
+                for entry in self._pools.values():
+                    entry.offered_to.discard(peer)
             self._fail(room, rec, f"the sender refused: {message.reason}", tell=False)
         elif isinstance(message, Chunk):
             self._chunk(room, rec, message)
