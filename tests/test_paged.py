@@ -159,7 +159,7 @@ def test_send_checks_its_pages() -> None:
             tx.send(1, pages=[0], pool=pool, tokens=10, is_last=False)
         with pytest.raises(InvalidArgument, match="aux_index 9"):
             tx.send(1, pages=[0], pool=pool, aux_index=9)
-        with pytest.raises(InvalidArgument, match="pages= and pool="):
+        with pytest.raises(InvalidArgument, match="unless exactly one pool is registered"):
             tx.send(1, pages=[0])
         tx.send(1, pages=[0], pool=pool, is_last=False)
         with pytest.raises(InvalidArgument, match="the same pool"):
@@ -302,3 +302,29 @@ def test_the_aux_row_can_travel_with_the_first_chunk(pair: tuple[Sender, Receive
     assert rx.wait(1, 10) is S.Success
     with pytest.raises(InvalidArgument, match="aux_with"):
         tx.add(2, aux_with="middle")  # type: ignore[arg-type]
+
+
+def test_the_one_registered_pool_is_the_default(pair: tuple[Sender, Receiver]) -> None:
+    tx, rx = pair
+    src, dst = make_pool(4), make_pool(4)
+    k, _ = fill(src, [0, 1], 2 * PS, seed=8)
+    tx.add(1)
+    with pytest.raises(InvalidArgument, match="unless exactly one pool is registered"):
+        tx.send(1, pages=[0, 1])
+    tx.register(src)
+    rx.register(dst)
+    tx.register(src)  # again: nothing happens
+    tx.send(1, pages=[0, 1])
+    rx.open(1, tx.address, pages=[2, 3])
+    assert rx.wait(1, 10) is S.Success
+    assert same(dst.gather(0, [2, 3]), k)
+    info = rx.info(1)
+    assert info.bytes_moved == info.metrics.bytes_moved > 0
+    assert info.bootstrap_s is not None
+    assert info.transfer_s is not None
+    assert not info.staged
+    rx.register(make_pool(2))
+    with pytest.raises(InvalidArgument, match="2 are"):
+        rx.open(2, tx.address, pages=[0])
+    with pytest.raises(InvalidArgument, match="register\\(\\) takes a PagedPool"):
+        rx.register(torch.zeros(3))  # type: ignore[arg-type]

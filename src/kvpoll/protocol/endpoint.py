@@ -120,6 +120,26 @@ class RoomInfo:
     metrics: RoomMetrics = RoomMetrics()
     """Bytes moved and time per phase."""
 
+    @property
+    def bytes_moved(self) -> int:
+        """``metrics.bytes_moved``."""
+        return self.metrics.bytes_moved
+
+    @property
+    def bootstrap_s(self) -> float | None:
+        """``metrics.bootstrap_s``."""
+        return self.metrics.bootstrap_s
+
+    @property
+    def transfer_s(self) -> float | None:
+        """``metrics.transfer_s``."""
+        return self.metrics.transfer_s
+
+    @property
+    def staged(self) -> bool:
+        """``metrics.staged``."""
+        return self.metrics.staged
+
 
 class RoomBase:
     """The part of a room record every side has."""
@@ -339,6 +359,23 @@ class Endpoint(Generic[R]):
         if not isinstance(pool, PagedPool):
             raise InvalidArgument(f"register() takes a PagedPool, not {type(pool).__name__}")
         self._call(lambda: self._pool_entry(pool))
+
+    def _default_pool(self, pool: PagedPool | None, what: str) -> PagedPool:
+        """``pool``, or the one pool the application registered here."""
+        if pool is not None:
+            if not isinstance(pool, PagedPool):
+                raise InvalidArgument(
+                    f"{what}: pool must be a PagedPool, not {type(pool).__name__}"
+                )
+            return pool
+        with self._lock:
+            mine = [e.pool for e in self._pools.values() if not e.internal]
+        if len(mine) != 1:
+            raise InvalidArgument(
+                f"{what}: pages= needs pool= (a PagedPool), unless exactly one pool is "
+                f"registered here ({len(mine)} are)"
+            )
+        return mine[0]
 
     def unregister(self, pool: PagedPool) -> None:
         """Deregister a pool; rooms still using it fail first.

@@ -48,6 +48,8 @@ class Registered:
     aux_regions: list[Region]
     offered_to: set[str] = field(default_factory=set)
     staging: PagedPool | None = None
+    internal: bool = False
+    """A pool kvpoll made for itself (an arena, a tensor's room), not the application's."""
 
     def stage_out(self, runs: list[Run], aux_row: int | None) -> None:
         """Copy these token runs (and aux row) from the pool to its mirror."""

@@ -181,7 +181,8 @@ class Receiver(Endpoint[_ReceiverRoom]):
             room: the room id (the sender must use the same).
             sender: the sender's address.
             pool, pages: memory for the data: these pages of the application's
-                pool (in room order). When they are full and data remains, the
+                pool (in room order; by default the one pool registered here
+                with :meth:`register`). When they are full and data remains, the
                 room waits in Transferring for :meth:`resume` with more pages.
             aux_index: the row of the pool's aux buffers the sender's aux row
                 goes to.
@@ -208,8 +209,9 @@ class Receiver(Endpoint[_ReceiverRoom]):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise InvalidArgument(f"room {room}: allocated_tokens must be >= 1 and rank >= 0")
         if pool is not None or pages is not None:
-            if not isinstance(pool, PagedPool) or pages is None:
-                raise InvalidArgument(f"room {room}: open() needs pool= (a PagedPool) with pages=")
+            if pages is None:
+                raise InvalidArgument(f"room {room}: open() needs pages= with pool=")
+            pool = self._default_pool(pool, f"room {room}")
             if buffer is not None:
                 raise InvalidArgument(f"room {room}: open() takes pool pages or a buffer, not both")
             runs = pool.check_pages(pages, what=f"room {room}: pages")
@@ -415,7 +417,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
             raise InvalidArgument(f"room {room}: cannot allocate {allocated} rows: {exc}") from exc
         if new:
             try:
-                self._pool_entry(lease.pool)
+                self._pool_entry(lease.pool).internal = True
             except InvalidArgument:
                 self._arenas.give(lease)
                 raise

@@ -186,7 +186,8 @@ class Sender(Endpoint[_SenderRoom]):
         """Hand the room its data, all at once or piece by piece.
 
         Either a tensor of shape ``[tokens, *row_shape]`` (the whole data, in
-        one call), or ``pages`` of ``pool`` (a :class:`~kvpoll.PagedPool`):
+        one call), or ``pages`` of ``pool`` (a :class:`~kvpoll.PagedPool`; by
+        default the one pool registered here with :meth:`register`):
         the next pages of the room's data, in order, as they become available
         (one call per prefill chunk). ``is_last=False`` says more will follow;
         the call with ``is_last=True`` completes the data. Every page is full
@@ -228,10 +229,9 @@ class Sender(Endpoint[_SenderRoom]):
             runs = [(0, int(tensor.shape[0]))]
             self._call(lambda: self._set_data(room, own, runs, None, True, None, bytes(aux), True))
             return
-        if pages is None or not isinstance(pool, PagedPool):
-            raise InvalidArgument(
-                f"room {room}: send() needs a tensor, or pages= and pool= (a PagedPool)"
-            )
+        if pages is None:
+            raise InvalidArgument(f"room {room}: send() needs a tensor, or pages= of a pool")
+        pool = self._default_pool(pool, f"room {room}")
         runs = pool.check_pages(pages, what=f"room {room}: pages")
         if tokens is not None:
             _check_int(room, "tokens", tokens, 0)
@@ -298,6 +298,7 @@ class Sender(Endpoint[_SenderRoom]):
                 entry = self._pool_entry(pool)
             except InvalidArgument as exc:
                 raise InvalidArgument(f"room {room}: {exc}") from exc
+            entry.internal = entry.internal or owned
             data = rec.data = _Source(entry, owned=owned, aux_bytes=aux)
         data.tokens.extend(token_runs(runs, pool.page_size, given).runs())
         data.last = is_last
