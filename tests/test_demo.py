@@ -139,15 +139,8 @@ def test_the_paged_demo_over_every_transport(transport: list[str]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", [["--option", "shm=true"], ["--transport", "ucx"]])
+@pytest.mark.parametrize("transport", paged_transports())
 def test_the_paged_demo_with_two_ranks_and_small_memory(transport: list[str]) -> None:
-    if transport[-1] == "ucx":
-        from kvpoll.transports import TransportUnavailable, resolve
-
-        try:
-            resolve("ucx")
-        except TransportUnavailable as exc:
-            pytest.skip(str(exc))
     out = demo(
         "--paged",
         "--json",
