@@ -328,3 +328,24 @@ def test_the_one_registered_pool_is_the_default(pair: tuple[Sender, Receiver]) -
         rx.open(2, tx.address, pages=[0])
     with pytest.raises(InvalidArgument, match="register\\(\\) takes a PagedPool"):
         rx.register(torch.zeros(3))  # type: ignore[arg-type]
+
+
+def test_an_error_escaping_the_write_path_fails_the_room_at_once() -> None:
+    from collections.abc import Sequence
+
+    from kvpoll.transports.base import Span
+    from kvpoll.transports.zmq_transport import ZmqTransport
+
+    class Faulty(ZmqTransport):  # fault injection: a transport with a bug in its write path
+        def write_batch(self, spans: Sequence[Span]) -> int:
+            raise ValueError("a bad size in a descriptor")
+
+    with Sender(Faulty(), **FAST) as tx, Receiver("zmq", **FAST) as rx:
+        src, dst = make_pool(2), make_pool(2)
+        tx.add(1)
+        tx.send(1, pages=[0], pool=src)
+        rx.open(1, tx.address, pool=dst, pages=[1])
+        assert tx.wait(1, 5) is S.Failed  # at once, not after a 300 s time-out
+        assert "internal error" in (tx.info(1).reason or "")
+        assert rx.wait(1, 5) is S.Failed
+        assert tx.stats["internal_errors"] == 1

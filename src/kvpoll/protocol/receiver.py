@@ -572,7 +572,11 @@ class Receiver(Endpoint[_ReceiverRoom]):
         entry = self._pools.get(part.pool.id)
         if entry is not None and entry.staging is not None:  # into device memory, then count it
             rec.staged = True
-            entry.stage_in(runs, rec.aux_index)  # the aux row may come with any chunk
+            try:
+                entry.stage_in(runs, rec.aux_index)  # the aux row may come with any chunk
+            except RuntimeError as exc:
+                self._fail(room, rec, f"cannot copy the chunk into device memory: {exc}")
+                return
         for first, count in runs:
             rec.chunks.append(data[first : first + count])
         if rec.whole and not message.is_last:  # this buffer took its chunk

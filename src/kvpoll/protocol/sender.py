@@ -3,6 +3,7 @@ the memory its receivers offer, chunk by chunk, as the data becomes available.""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from kvpoll.transports.shm import boot_id
 __all__ = ["Sender", "dtype_name"]
 
 _PENDING_ROOMS = 10_000
+log = logging.getLogger("kvpoll.protocol")
 
 
 @dataclass
@@ -559,7 +561,11 @@ class Sender(Endpoint[_SenderRoom]):
         rec.planned, rec.planned_aux = end, aux
         if entry.staging is not None:  # device memory the transport cannot reach
             rec.staged = True
-            entry.stage_out(src_runs, data.aux_index if aux else None)
+            try:
+                entry.stage_out(src_runs, data.aux_index if aux else None)
+            except RuntimeError as exc:
+                self._fail(room, rec, f"cannot stage the data through host memory: {exc}")
+                return
         for rank, dest in sorted(rec.dests.items()):
             spans = []
             if end > start:
@@ -582,6 +588,11 @@ class Sender(Endpoint[_SenderRoom]):
                 write_id = self._transport.write_batch(spans)
             except TransportError as exc:
                 self._fail(room, rec, f"cannot write to rank {rank}: {exc}")
+                return
+            except Exception as exc:  # a transport's bug must fail this room, not leave it stuck
+                self._stats["internal_errors"] += 1
+                log.exception("%s: writing room %s to rank %s failed", self.side, room, rank)
+                self._fail(room, rec, f"cannot write to rank {rank}: internal error: {exc!r}")
                 return
             rec.bytes_moved += sum(span.nbytes for span in spans)
             self._writes[write_id] = (room, rank)
