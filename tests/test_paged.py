@@ -314,7 +314,8 @@ def test_the_one_registered_pool_is_the_default(pair: tuple[Sender, Receiver]) -
     tx.register(src)
     rx.register(dst)
     tx.register(src)  # again: nothing happens
-    tx.send(1, pages=[0, 1])
+    tx.send(1, src, pages=[0], is_last=False)  # the pool may come second, positionally
+    tx.send(1, pages=[1])
     rx.open(1, tx.address, pages=[2, 3])
     assert rx.wait(1, 10) is S.Success
     assert same(dst.gather(0, [2, 3]), k)

@@ -128,10 +128,11 @@ class Sender(Endpoint[_SenderRoom]):
     WaitingForInput. Data comes with :meth:`send`: a whole tensor, or pages
     of a :class:`~kvpoll.PagedPool` in as many calls as the data takes to
     appear. Whatever the destinations have memory for is written at once, to
-    every destination, and the room steps when all confirmed it: Transferring
-    after a chunk that is not the last, Success after the last. A destination
-    whose memory is full resumes with more; the next chunk goes when every
-    destination has room. See :class:`Endpoint` for the options shared with
+    every destination. The room steps (once every destination confirmed the
+    writes) to Success when the data is complete and written, or to
+    Transferring when data waits that a destination has no memory for; that
+    destination resumes with more, and the next chunk goes when every
+    destination has room (see docs/memory.md). See :class:`Endpoint` for the options shared with
     :class:`~kvpoll.Receiver`.
     """
 
@@ -176,7 +177,7 @@ class Sender(Endpoint[_SenderRoom]):
     def send(
         self,
         room: int,
-        tensor: torch.Tensor | None = None,
+        tensor: torch.Tensor | PagedPool | None = None,
         *,
         pages: Any = None,
         pool: PagedPool | None = None,
@@ -215,6 +216,8 @@ class Sender(Endpoint[_SenderRoom]):
         """
         if not isinstance(aux, bytes | bytearray) or len(aux) > MAX_AUX_BYTES:
             raise InvalidArgument(f"room {room}: aux must be bytes of at most {MAX_AUX_BYTES}")
+        if isinstance(tensor, PagedPool) and pool is None:  # send(room, pool, pages=...)
+            tensor, pool = None, tensor
         if not isinstance(is_last, bool):
             raise InvalidArgument(f"room {room}: is_last must be a bool")
         if tensor is not None:
