@@ -56,8 +56,10 @@ def wait_until(condition: Any, timeout: float = 10.0, what: str = "a condition")
 
 
 def own_segments() -> set[str]:
-    """This process's shared-memory segments."""
-    return {n for n in os.listdir("/dev/shm") if n.startswith(f"kvpoll-{os.getpid()}-")}
+    """This process's shared memory: files in /dev/shm (none are made any more)
+    and kvpoll's memfds (by inode)."""
+    files = {n for n in os.listdir("/dev/shm") if n.startswith(f"kvpoll-{os.getpid()}-")}
+    return files | {f"memfd:{inode}" for inode in own_memfds().values()}
 
 
 def own_memfds() -> dict[int, int]:

@@ -350,3 +350,21 @@ def test_an_error_escaping_the_write_path_fails_the_room_at_once() -> None:
         assert "internal error" in (tx.info(1).reason or "")
         assert rx.wait(1, 5) is S.Failed
         assert tx.stats["internal_errors"] == 1
+
+
+def test_closing_a_receiver_gives_back_its_shared_memory(pair: tuple[Sender, Receiver]) -> None:
+    from tests.helpers import own_memfds
+
+    tx, _ = pair
+    before = set(own_memfds().values())
+    rx = Receiver("zmq", **FAST)
+    payload = torch.randn(100, 8)
+    tx.add(1)
+    tx.send(1, payload)
+    rx.open(1, tx.address, row_shape=(8,), dtype=torch.float32, allocated_tokens=64)
+    assert rx.wait(1, 10) is S.Success
+    view = rx.result(1).chunks[0]
+    assert set(own_memfds().values()) - before  # an arena in shared memory
+    rx.close()
+    assert set(own_memfds().values()) <= before  # its descriptor is gone ...
+    assert torch.equal(view, payload[:64])  # ... and the view still reads its data

@@ -436,6 +436,7 @@ class Endpoint(Generic[R]):
             )
             return
         self._transport.close()
+        self._teardown()
 
     def __enter__(self: Any) -> Any:
         return self
@@ -728,6 +729,9 @@ class Endpoint(Generic[R]):
     # -- hooks -------------------------------------------------------------------------
     def _setup(self) -> None:
         """Prepare a subclass's own state, before the I/O thread starts."""
+
+    def _teardown(self) -> None:
+        """Release a subclass's own resources, after the transport closed."""
 
     def _on_message(self, peer: str, message: Message) -> None:
         raise NotImplementedError

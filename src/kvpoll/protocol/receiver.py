@@ -159,6 +159,9 @@ class Receiver(Endpoint[_ReceiverRoom]):
     def _setup(self) -> None:
         self._arenas = Arenas(self._transport.memory_kind())
 
+    def _teardown(self) -> None:
+        self._arenas.close()  # descriptors go now; views keep their memory mapped
+
     # -- public ------------------------------------------------------------------
     def open(
         self,
