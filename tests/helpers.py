@@ -72,3 +72,18 @@ def own_memfds() -> dict[int, int]:
         except OSError:
             continue
     return out
+
+
+def need_transport(name: str) -> None:
+    """Skip the test, naming why, when transport ``name`` cannot be loaded here;
+    under CI_REQUIRE_ENGINES=1 (CI installs every engine) fail it instead."""
+    import pytest
+
+    from kvpoll.transports import TransportUnavailable, resolve
+
+    try:
+        resolve(name)
+    except TransportUnavailable as exc:
+        if os.environ.get("CI_REQUIRE_ENGINES") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvpoll.statemachine.diagram import mermaid
+from tests.helpers import need_transport
 
 
 def run(cmd: list[str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -223,15 +224,8 @@ def test_bench_transfer_json(kvpoll_cmd: list[str]) -> None:
 def test_bench_transfer_every_transport_with_its_raw_engine_and_a_plot(
     kvpoll_cmd: list[str], tmp_path: Path
 ) -> None:
-    from kvpoll.transports import TransportUnavailable, resolve
-
     for name in ("ucx", "nixl", "mooncake"):
-        try:
-            resolve(name)
-        except TransportUnavailable as exc:
-            if os.environ.get("CI_REQUIRE_ENGINES") == "1":
-                pytest.fail(str(exc))
-            pytest.skip(str(exc))
+        need_transport(name)
     png = tmp_path / "transfer.png"
     out = run(
         kvpoll_cmd,

@@ -11,7 +11,7 @@ import torch
 from kvpoll import InvalidArgument
 from kvpoll.protocol import Receiver, Sender
 from kvpoll.protocol.negotiation import choose_path, mismatch
-from kvpoll.transports import TransportUnavailable, resolve
+from tests.helpers import need_transport
 
 FAST: dict[str, Any] = {"heartbeat_interval": 0.2, "heartbeat_misses": 5}
 
@@ -60,10 +60,7 @@ def test_both_sides_record_the_agreed_path(shm: bool) -> None:
 
 @pytest.mark.parametrize("add_first", [True, False], ids=["room-added", "room-not-yet-added"])
 def test_a_mismatch_fails_at_bootstrap_not_after_a_time_out(add_first: bool) -> None:
-    try:
-        resolve("ucx")
-    except TransportUnavailable as exc:
-        pytest.skip(str(exc))
+    need_transport("ucx")
     with Sender("zmq", **FAST) as tx, Receiver("ucx", **FAST) as rx:
         if add_first:
             tx.add(1)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpoll.transports import TransportUnavailable, resolve
+from tests.helpers import need_transport
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE = Path(__file__).resolve().parent / "netns_node.py"
@@ -61,12 +61,7 @@ def in_ns(ns: str, *args: str) -> list[str]:
 @pytest.mark.parametrize("transport", ["zmq", "ucx"])
 def test_transfer_between_two_namespaces_over_tcp(namespaces: None, transport: str) -> None:
     if transport == "ucx":
-        try:
-            resolve("ucx")
-        except TransportUnavailable as exc:
-            if os.environ.get("CI_REQUIRE_ENGINES") == "1":
-                pytest.fail(str(exc))
-            pytest.skip(str(exc))
+        need_transport("ucx")
     sizes = ["100", "700", "1500"]
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}")
     sender = subprocess.Popen(

@@ -12,7 +12,7 @@ import torch
 
 from kvpoll import Receiver, Sender
 from kvpoll import TransferStatus as S
-from kvpoll.transports import TransportUnavailable, resolve
+from tests.helpers import need_transport
 from tests.paged_peers import (
     HIDDEN,
     PS,
@@ -26,20 +26,11 @@ from tests.paged_peers import (
 )
 
 
-def transports() -> list[Any]:
-    out: list[Any] = ["zmq"]
-    try:
-        resolve("ucx")
-        out.append("ucx")
-    except TransportUnavailable as exc:
-        out.append(pytest.param("ucx", marks=pytest.mark.skip(reason=str(exc))))
-    return out
-
-
-@pytest.mark.parametrize("transport", transports())
+@pytest.mark.parametrize("transport", ["zmq", "ucx"])
 def test_streamed_pages_interleave_with_resumes_between_processes(
     spawn: Any, transport: str
 ) -> None:
+    need_transport(transport)
     ctx, start = spawn
     info = ctx.Queue()
     rooms = {1: 300, 2: 170, 3: 16}  # 19, 11 and 1 pages, streamed 3 pages at a time
