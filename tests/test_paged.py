@@ -368,3 +368,27 @@ def test_closing_a_receiver_gives_back_its_shared_memory(pair: tuple[Sender, Rec
     rx.close()
     assert set(own_memfds().values()) <= before  # its descriptor is gone ...
     assert torch.equal(view, payload[:64])  # ... and the view still reads its data
+
+
+def test_a_sender_that_forgot_a_pool_gets_it_offered_again() -> None:
+    from kvpoll.protocol.messages import Bootstrap, PoolOffer, Reject
+    from tests.helpers import ScriptedPeer
+
+    peer = ScriptedPeer()  # a sender that restarted on the same address
+    rx = Receiver("zmq", **FAST)
+    try:
+        pool = make_pool(4)
+        rx.open(1, peer.address, pool=pool, pages=[0])
+        assert peer.receive(PoolOffer).pool == pool.id
+        boot = peer.receive(Bootstrap)
+        peer.send(
+            rx.address,
+            Reject(room=1, session=boot.session, reason="pool never offered", unknown_pool=True),
+        )
+        assert rx.wait(1, 5) is S.Failed
+        rx.open(2, peer.address, pool=pool, pages=[1])
+        assert peer.receive(PoolOffer).pool == pool.id  # offered again before the bootstrap
+        assert peer.receive(Bootstrap).room == 2
+    finally:
+        rx.close()
+        peer.close()

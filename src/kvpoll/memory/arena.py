@@ -56,12 +56,6 @@ class Lease:
     start: int
     count: int
 
-    def view(self, tokens: int | None = None) -> torch.Tensor:
-        """The run (or its first ``tokens``) as a view of the arena's buffer."""
-        return self.pool.buffers[0][
-            self.start : self.start + (self.count if tokens is None else tokens)
-        ]
-
 
 class Arenas:
     """Arenas by row layout: ``take`` a run, ``give`` it back (maybe after a quarantine).
@@ -144,9 +138,6 @@ class Arenas:
         while self._held and self._held[0][0] <= now:
             dropped += self._give(self._held.popleft()[1])
         return dropped
-
-    def pools(self) -> list[PagedPool]:
-        return [arena.pool for arena in self._by_pool.values()]
 
     def close(self) -> None:
         for arena in self._by_pool.values():

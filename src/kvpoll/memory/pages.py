@@ -114,10 +114,6 @@ class PageList:
             i += 1
         return out
 
-    def max_page(self) -> int:
-        """The highest page index listed (-1 when empty)."""
-        return max((first + count - 1 for first, count in self._runs), default=-1)
-
 
 def pair_runs(src: Sequence[Run], dst: Sequence[Run]) -> list[tuple[int, int, int]]:
     """Walk two run lists of equal length together: ``(src_first, dst_first, count)``

@@ -52,9 +52,6 @@ class BufferLayout:
             row_shape, dtype_name(tensor.dtype), math.prod(row_shape) * tensor.element_size()
         )
 
-    def describe(self) -> str:
-        return f"rows of {list(self.row_shape)} {self.dtype} ({self.row_bytes} bytes)"
-
 
 def _check_buffer(tensor: Any, what: str) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor) or tensor.dim() < 1:

@@ -295,11 +295,6 @@ class Attachments:
         if segment is not None:
             segment.close()
 
-    def forget_pid(self, pid: int) -> None:
-        """Drop every segment of process ``pid`` (a peer that went away)."""
-        for key in [k for k in self._segments if k[0] == pid]:
-            self.forget(key)
-
     def close(self) -> None:
         for segment in self._segments.values():
             segment.close()

@@ -144,6 +144,9 @@ class Reject(_RoomMessage):
 
     type: Literal["reject"] = "reject"
     reason: str = Field(max_length=1000)
+    unknown_pool: bool = False
+    """The bootstrap named a pool the sender does not know (it restarted, say):
+    the receiver offers its pools again before its next bootstrap."""
 
 
 class Chunk(_RoomMessage):

@@ -16,7 +16,7 @@ import torch
 
 from kvpoll.errors import InvalidArgument
 from kvpoll.memory.pages import PageList, Run
-from kvpoll.memory.pool import PagedPool
+from kvpoll.memory.pool import BufferLayout, PagedPool
 from kvpoll.protocol.messages import PoolBuffer, PoolOffer
 from kvpoll.transports.base import Region, Transport, TransportError
 
@@ -64,13 +64,13 @@ class Registered:
     def offer(self) -> PoolOffer:
         pool = self.pool
 
-        def describe(regions: list[Region], layouts: tuple[object, ...]) -> list[PoolBuffer]:
+        def describe(regions: list[Region], layouts: tuple[BufferLayout, ...]) -> list[PoolBuffer]:
             return [
                 PoolBuffer(
                     region=r.descriptor,
-                    row_bytes=layout.row_bytes,  # type: ignore[attr-defined]
-                    dtype=layout.dtype,  # type: ignore[attr-defined]
-                    row_shape=list(layout.row_shape),  # type: ignore[attr-defined]
+                    row_bytes=layout.row_bytes,
+                    dtype=layout.dtype,
+                    row_shape=list(layout.row_shape),
                 )
                 for r, layout in zip(regions, layouts, strict=True)
             ]

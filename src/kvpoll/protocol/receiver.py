@@ -3,7 +3,6 @@ the status of its room, and hands the application views of what arrived."""
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -529,7 +528,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
             else:
                 self._stats["late"] += 1
         elif isinstance(message, Reject):
-            if "was never offered" in message.reason:  # it forgot us (a restart): offer again
+            if message.unknown_pool:  # the sender forgot us (a restart): offer again
                 for entry in self._pools.values():
                     entry.offered_to.discard(peer)
             self._fail(room, rec, f"the sender refused: {message.reason}", tell=False)
@@ -641,7 +640,3 @@ class Receiver(Endpoint[_ReceiverRoom]):
 
     def _session_ok(self, rec: _ReceiverRoom, peer: str, message: Abort) -> bool:
         return peer == rec.sender and message.session == rec.session and message.rank == rec.rank
-
-
-def _row_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()

@@ -72,7 +72,11 @@ class _Source:
     last: bool = False
     aux_index: int | None = None
     aux_bytes: bytes = b""
-    owned: bool = False  # a pool kvpoll made for send(room, tensor): released with the room
+
+    @property
+    def owned(self) -> bool:
+        """A pool kvpoll made for send(room, tensor): released with the room."""
+        return self.entry.internal
 
     @property
     def total(self) -> int | None:
@@ -164,12 +168,7 @@ class Sender(Endpoint[_SenderRoom]):
         """
         if isinstance(room, bool) or not isinstance(room, int):
             raise InvalidArgument(f"room must be an int, not {type(room).__name__}")
-        if (
-            isinstance(required_destinations, bool)
-            or not isinstance(required_destinations, int)
-            or required_destinations < 1
-        ):
-            raise InvalidArgument(f"room {room}: required_destinations must be an int >= 1")
+        _check_int(room, "required_destinations", required_destinations, 1)
         if aux_with not in ("first", "last"):
             raise InvalidArgument(f"room {room}: aux_with must be 'first' or 'last'")
         self._call(lambda: self._add(room, required_destinations, aux_with))
@@ -304,7 +303,7 @@ class Sender(Endpoint[_SenderRoom]):
             except InvalidArgument as exc:
                 raise InvalidArgument(f"room {room}: {exc}") from exc
             entry.internal = entry.internal or owned
-            data = rec.data = _Source(entry, owned=owned, aux_bytes=aux)
+            data = rec.data = _Source(entry, aux_bytes=aux)
         data.tokens.extend(token_runs(runs, pool.page_size, given).runs())
         data.last = is_last
         if aux_index is not None:
@@ -423,7 +422,9 @@ class Sender(Endpoint[_SenderRoom]):
             why = f"the room is {rec.state.status.name}, not Bootstrapping"
         memory = self._memory(peer, message, None) if why is None else why
         if isinstance(memory, str):
-            self._reject(peer, message, memory)
+            known = self._peer_pools.get(peer)
+            unknown = message.pool is not None and (known is None or message.pool not in known)
+            self._reject(peer, message, memory, unknown_pool=unknown)
             return
         pool, tokens = memory
         if message.aux_index is not None and message.aux_index >= pool.aux_rows:
@@ -448,10 +449,19 @@ class Sender(Endpoint[_SenderRoom]):
         ):
             self._advance(room, rec)
 
-    def _reject(self, peer: str, message: Bootstrap | Resume, why: str) -> None:
+    def _reject(
+        self, peer: str, message: Bootstrap | Resume, why: str, *, unknown_pool: bool = False
+    ) -> None:
         self._stats["rejected"] += 1
         self._send(
-            peer, Reject(room=message.room, session=message.session, rank=message.rank, reason=why)
+            peer,
+            Reject(
+                room=message.room,
+                session=message.session,
+                rank=message.rank,
+                reason=why,
+                unknown_pool=unknown_pool,
+            ),
         )
 
     def _resume(self, peer: str, message: Resume) -> None:

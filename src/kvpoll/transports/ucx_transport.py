@@ -32,7 +32,7 @@ import socket
 import struct
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -162,7 +162,6 @@ class _Receive:
     request: Any
     region_id: int | None  # None: a scratch receive that drops a refused write
     keep: Any  # the buffer UCX writes into, alive until the receive ends
-    done: bool = field(default=False)
 
 
 class UcxTransport(ZmqTransport):

@@ -257,7 +257,9 @@ class ZmqTransport(Transport):
         """
         if not self._shm:
             return False
-        resolved: dict[int, tuple[Any, int, int] | str] = {}  # id(descriptor) -> target
+        # Ranges were checked against their descriptors (check_batch); a descriptor is
+        # checked against the segment it names here, once per batch.
+        resolved: dict[int, tuple[Any, int] | str] = {}  # id(descriptor) -> target
         for span in spans:
             if id(span.dst) not in resolved:
                 extra = span.dst.extra
@@ -272,26 +274,19 @@ class ZmqTransport(Transport):
                 self.stats["rejected_writes"] += 1
                 self._events.append(WriteDone(write_id, target))
                 return True
-            memory, offset, limit = target
-            start = offset + span.dst_offset
-            if span.dst_offset + span.nbytes > limit:
-                self.stats["rejected_writes"] += 1
-                self._events.append(
-                    WriteDone(write_id, "the destination lies outside its shared memory")
-                )
-                return True
+            memory, offset = target
             source = sources.get(id(span.src))
             if source is None:
                 source = sources[id(span.src)] = span.src.data.numpy()
-            todo.append((memory, start, source, span.src_offset, span.nbytes))
+            todo.append((memory, offset + span.dst_offset, source, span.src_offset, span.nbytes))
         for memory, start, source, src_offset, n in todo:
             np.copyto(memory[start : start + n], source[src_offset : src_offset + n])
         self.stats["shm_writes"] += 1
         self._events.append(WriteDone(write_id))
         return True
 
-    def _shm_target(self, dst: RegionDescriptor) -> tuple[Any, int, int] | str:
-        """(the segment's bytes, the region's offset there, bytes writable) or why not."""
+    def _shm_target(self, dst: RegionDescriptor) -> tuple[Any, int] | str:
+        """(the segment's bytes, the region's offset there), or why it cannot be written."""
         extra = dst.extra
         try:
             info = SegmentInfo.from_dict(extra)
@@ -304,14 +299,11 @@ class ZmqTransport(Transport):
         self.stats["attached_segments"] = len(self._attachments)
         if offset + dst.nbytes > segment.size:
             return f"the destination lies outside its segment of {segment.size} bytes"
-        limit = dst.nbytes
-        if extra.get("shm_stamped") is True:
-            error = check_stamp(segment, dst.region_id, 0)
+        if extra.get("shm_stamped") is True:  # the region living there must be this one, whole
+            error = check_stamp(segment, dst.region_id, dst.nbytes)
             if error is not None:
                 return error
-            stamped = int(segment.data[16:24].view(torch.int64).item())
-            limit = min(limit, stamped)
-        return segment.data.numpy(), offset, limit
+        return segment.data.numpy(), offset
 
     def _write_remote(self, write_id: int, spans: Sequence[Span]) -> None:
         """The network path: pieces over ZMQ TCP (an engine subclass replaces it)."""
