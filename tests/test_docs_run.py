@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = ["README.md", "docs/memory.md", "docs/transfers.md"]
+PAGES = [
+    "README.md",
+    "docs/memory.md",
+    "docs/transfers.md",
+    "docs/transports.md",
+    "docs/transports/third-party.md",
+]
 
 
 def blocks() -> list[object]:
