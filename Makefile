@@ -6,10 +6,15 @@ STAMP  := $(VENV)/.kvpoll-installed
 
 .PHONY: demo test lint check bench clean
 
-$(STAMP): pyproject.toml requirements-dev.txt
+SGLANG := sglang==0.5.23 compressed-tensors==0.20.1
+
+$(STAMP): pyproject.toml requirements-dev.txt requirements-sglang.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	# SGLang for the backend's tests, without its CUDA requirements (see requirements-sglang.txt)
+	$(BIN)/python -m pip install --quiet --no-deps $(SGLANG)
+	$(BIN)/python -m pip install --quiet -r requirements-sglang.txt
 	touch $(STAMP)
 
 demo: $(STAMP)          ## run the main job

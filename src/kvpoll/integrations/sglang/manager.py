@@ -1,0 +1,164 @@
+"""The KV manager: one kvpoll endpoint per SGLang scheduler rank, over SGLang's pool.
+
+A prefill rank runs a :class:`~kvpoll.Sender`, a decode rank a
+:class:`~kvpoll.Receiver`; both register SGLang's KV buffers (and aux rows)
+as one :class:`~kvpoll.PagedPool` (see :mod:`.memory`). The transport is
+kvpoll's configuration's (``kvpoll.toml``, ``KVPOLL_*``), as for any kvpoll
+program. Discovery stays SGLang's: prefill ranks register at the bootstrap
+server (with their kvpoll address added), decode ranks look them up there.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.common.conn import CommonKVManager
+from sglang.srt.disaggregation.utils import DisaggregationMode
+
+from kvpoll.errors import InvalidArgument
+from kvpoll.integrations.sglang.memory import describe, pool_from_buffers
+from kvpoll.protocol import Receiver, Sender
+
+if TYPE_CHECKING:
+    from kvpoll.integrations.sglang.receiver import KvpollKVReceiver
+    from kvpoll.integrations.sglang.sender import KvpollKVSender
+    from kvpoll.memory import PagedPool
+
+__all__ = ["KvpollKVManager", "UnsupportedByKvpoll"]
+
+log = logging.getLogger("kvpoll.integrations.sglang")
+
+
+class UnsupportedByKvpoll(InvalidArgument):
+    """A deployment option the kvpoll backend does not support (yet)."""
+
+
+def _kv_device(server_args: Any) -> str:
+    device = str(getattr(server_args, "device", None) or "cuda")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise UnsupportedByKvpoll(
+            f"the kvpoll backend moves CPU and CUDA memory; --device {device} is not supported"
+        )
+    return device
+
+
+class KvpollKVManager(CommonKVManager):  # type: ignore[misc]
+    """Registers SGLang's KV and aux buffers with a kvpoll endpoint.
+
+    Members the scheduler uses beyond ``BaseKVManager`` (``kv_args``,
+    ``prefill_info_table``, ``try_ensure_parallel_info``, ...) come from
+    ``CommonKVManager``. Every room's status is kvpoll's: :meth:`check_status`
+    reads it and :meth:`update_status` turns the shared code's writes into
+    kvpoll steps (only ``Failed`` and the decode handshake are ever written).
+
+    Raises (at construction):
+        UnsupportedByKvpoll: state buffers (mamba, SWA, ...), host KV
+            destinations, the ``prefill_complete`` allocation policy, or
+            memory kvpoll cannot reach.
+    """
+
+    kv_status_msg_tag = b"KVPOLL"  # never sent: kvpoll carries every status itself
+    reports_transfer_latency = True
+    supports_host_destination = False
+    supports_role_switch = True
+
+    def __init__(
+        self,
+        args: Any,
+        disaggregation_mode: DisaggregationMode,
+        server_args: Any,
+        is_mla_backend: bool | None = False,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs:
+            log.debug("kvpoll manager ignores keywords %s", sorted(kwargs))
+        if list(getattr(args, "state_types", None) or []):
+            raise UnsupportedByKvpoll(
+                "the kvpoll backend moves KV pages and aux rows; models with state "
+                f"buffers ({[str(s) for s in args.state_types]}) are not supported yet"
+            )
+        device = _kv_device(server_args)
+        self.kv_pool: PagedPool = pool_from_buffers(
+            list(args.kv_data_ptrs),
+            list(args.kv_data_lens),
+            list(args.kv_item_lens),
+            device=device,
+            aux_ptrs=list(args.aux_data_ptrs),
+            aux_lens=list(args.aux_data_lens),
+            aux_item_lens=list(args.aux_item_lens),
+        )
+        self.endpoint: Sender | Receiver
+        if disaggregation_mode == DisaggregationMode.PREFILL:
+            self.endpoint = Sender()
+        elif disaggregation_mode == DisaggregationMode.DECODE:
+            self.endpoint = Receiver()
+        else:
+            raise UnsupportedByKvpoll(f"no kvpoll side for mode {disaggregation_mode}")
+        self._adapters: dict[int, KvpollKVSender | KvpollKVReceiver] = {}
+        self._adapters_lock = threading.Lock()
+        try:
+            self.endpoint.register(self.kv_pool)
+            super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
+            if self.defer_decode_allocation:
+                raise UnsupportedByKvpoll(
+                    "the kvpoll backend needs --disaggregation-decode-allocation-policy early"
+                )
+        except BaseException:
+            self.endpoint.close()
+            raise
+        log.info(
+            "kvpoll %s on %s: %s",
+            self.endpoint.side,
+            self.endpoint.address,
+            describe(self.kv_pool),
+        )
+
+    # -- discovery ------------------------------------------------------------------
+    def _register_topology_row(self, url: str, payload: dict[str, Any]) -> None:
+        """Register this prefill rank at the bootstrap server, with its kvpoll address."""
+        super()._register_topology_row(url, {**payload, "kvpoll_address": self.endpoint.address})
+
+    # -- rooms ----------------------------------------------------------------------
+    def attach(self, room: int, adapter: KvpollKVSender | KvpollKVReceiver) -> None:
+        """Route the shared code's status writes for ``room`` to ``adapter``."""
+        with self._adapters_lock:
+            self._adapters[room] = adapter
+
+    def detach(self, room: int, adapter: KvpollKVSender | KvpollKVReceiver) -> None:
+        with self._adapters_lock:
+            if self._adapters.get(room) is adapter:
+                del self._adapters[room]
+
+    def check_status(self, bootstrap_room: int) -> KVPoll:
+        with self._adapters_lock:
+            adapter = self._adapters.get(bootstrap_room)
+        return KVPoll.Failed if adapter is None else adapter.poll()
+
+    def update_status(self, bootstrap_room: int, status: int) -> None:
+        """A status written by SGLang's shared code, applied as a kvpoll step.
+
+        Failed fails the room (with the reason recorded by ``record_failure``);
+        WaitingForInput ends a decode handshake; anything else is kvpoll's to
+        decide and changes nothing. A room not open here is never created.
+        """
+        with self._adapters_lock:
+            adapter = self._adapters.get(bootstrap_room)
+        if adapter is None:
+            return
+        with self.failure_lock:
+            reason = self.failure_records.get(bootstrap_room)
+        adapter.shared_code_status(int(status), reason)
+
+    # -- life -------------------------------------------------------------------------
+    def teardown(self) -> None:
+        """Close the kvpoll endpoint (unfinished rooms fail, peers are told)."""
+        self.close()
+
+    def close(self) -> None:
+        self.endpoint.close()
+        socket = getattr(self, "server_socket", None)
+        if socket is not None:
+            socket.close(linger=0)

@@ -1,0 +1,245 @@
+"""The decode side of one request: a room of the rank's :class:`~kvpoll.Receiver`.
+
+A decode request lives in two phases, each stepped by kvpoll's table:
+
+1. The handshake, before SGLang has pages for the request: a
+   :class:`~kvpoll.TransferState` that is Bootstrapping until ``init()`` has
+   found the prefill rank (through SGLang's bootstrap server), then
+   WaitingForInput; or Failed.
+2. The room, from ``send_metadata()``: the receiver's room over the offered
+   pages and aux row. The room's own Bootstrapping (its offer on the way to
+   the prefill rank) is still "waiting for input" to SGLang; from there the
+   room's status is reported as it is: Transferring, Success once every page
+   and the aux row are written, Failed on a time-out, a dead prefill rank or
+   an abort.
+
+A status never moves back: phase 1 ends in WaitingForInput (or Failed, and
+then there is no phase 2), and phase 2 starts there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from sglang.srt.disaggregation.base.conn import KVPoll, KVTransferDestination
+from sglang.srt.disaggregation.common.conn import CommonKVReceiver, KVTransferError
+
+from kvpoll.compat.sglang import to_sglang
+from kvpoll.errors import DuplicateRoom, IllegalTransition, KvpollError, UnknownRoom
+from kvpoll.integrations.sglang.manager import KvpollKVManager
+from kvpoll.statemachine import TransferState, TransferStatus
+
+__all__ = ["KvpollKVReceiver"]
+
+log = logging.getLogger("kvpoll.integrations.sglang")
+
+
+class KvpollKVReceiver(CommonKVReceiver):  # type: ignore[misc]
+    """One request's KV on the decode side (SGLang's receiver interface)."""
+
+    def __init__(
+        self,
+        mgr: KvpollKVManager,
+        bootstrap_addr: str,
+        bootstrap_room: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # CommonKVReceiver's constructor writes statuses into its own table: not called.
+        self.kv_mgr = mgr
+        self.bootstrap_room = bootstrap_room
+        self.bootstrap_addr = bootstrap_addr
+        self.conclude_state: int | None = None
+        self.require_staging = False
+        self.abort_notified = False
+        self.bootstrap_infos: list[dict[str, Any]] | None = None
+        self.init_time: float | None = None
+        self._prefill_wait_start: float | None = None
+        self._abort_generation: int | None = None
+        self._connection_pool_entries: dict[str, list[dict[str, Any]]] = {}
+        self._handshake = TransferState(int(bootstrap_room or 0))
+        self._opened = False
+        self._reason: str | None = None
+        if bootstrap_room is None:
+            self._handshake_failed("a kvpoll transfer needs a bootstrap room")
+            return
+        mgr.attach(bootstrap_room, self)
+
+    @property
+    def _receiver(self) -> Any:
+        return self.kv_mgr.endpoint
+
+    # -- SGLang's interface --------------------------------------------------------------
+    def init(self, prefill_dp_rank: int, **kwargs: Any) -> None:
+        """Find the prefill rank(s) for this request at the bootstrap server."""
+        if self._handshake.is_final:
+            return
+        try:
+            super().init(prefill_dp_rank)  # SGLang's rank mapping and look-up
+        except Exception as exc:  # a look-up that raises must not take the scheduler down
+            self._handshake_failed(f"bootstrap look-up failed: {exc}")
+            return
+        if self._handshake.is_final:
+            return
+        real = [info for info in self.bootstrap_infos or () if not info.get("is_dummy")]
+        if len(real) != 1:
+            self._handshake_failed(
+                f"this decode rank would receive from {len(real)} prefill ranks; the kvpoll "
+                "backend needs exactly one (the same attention TP size on both sides, PP 1)"
+            )
+            return
+        address = real[0].get("kvpoll_address")
+        if not isinstance(address, str) or not address:
+            self._handshake_failed(
+                f"the bootstrap server at {self.bootstrap_addr} gave no kvpoll address: "
+                "is the prefill server running the kvpoll transfer backend?"
+            )
+            return
+        self.kvpoll_address = address
+        if self._handshake.status is TransferStatus.Bootstrapping:
+            self._handshake.bootstrapped()
+
+    def send_metadata(
+        self,
+        kv_indices: Any,
+        aux_index: int | None = None,
+        state_indices: Any = None,
+        decode_prefix_len: int | None = None,
+        destination: Any = KVTransferDestination.DEVICE,
+        **kwargs: Any,
+    ) -> None:
+        """Open the room over these pages and this aux row: the prefill may write."""
+        if self.conclude_state is not None or self._handshake.is_final or self._opened:
+            return
+        if self._handshake.status is not TransferStatus.WaitingForInput:
+            self._handshake_failed("send_metadata() before init() found the prefill rank")
+            return
+        unsupported = self._unsupported(state_indices, decode_prefix_len, destination)
+        if unsupported:
+            self._handshake_failed(unsupported)
+            return
+        pages = np.asarray(kv_indices, dtype=np.int64).reshape(-1).tolist()
+        room = int(self.bootstrap_room)  # type: ignore[arg-type]
+        try:
+            try:
+                self._open(room, pages, aux_index)
+            except DuplicateRoom:
+                if not self._receiver.poll(room).is_final:
+                    raise
+                self._receiver.remove(room)  # left by an earlier request
+                self._open(room, pages, aux_index)
+        except KvpollError as exc:
+            self._handshake_failed(f"cannot open room {room}: {exc}")
+            return
+        self._opened = True
+        self.init_time = time.time()
+
+    def poll(self) -> int:
+        if self.conclude_state is not None:
+            return self.conclude_state
+        if not self._opened:
+            status = self._handshake.status
+        else:
+            try:
+                status = self._receiver.poll(self.bootstrap_room)
+            except UnknownRoom:
+                self._reason = self._reason or "the room was removed"
+                status = TransferStatus.Failed
+            if status is TransferStatus.Bootstrapping:
+                status = TransferStatus.WaitingForInput  # the offer is on its way (phase 2)
+        if status.is_final:
+            self.conclude_state = to_sglang(status)
+        return to_sglang(status)
+
+    def failure_exception(self) -> None:
+        reason = self.reason()
+        self.conclude_state = KVPoll.Failed
+        self.clear()
+        raise KVTransferError(self.bootstrap_room, reason)
+
+    def abort(self) -> None:
+        """Fail the request here and at the prefill rank (it is told at once)."""
+        self._fail("aborted by the decode scheduler (AbortReq)")
+        self.abort_notified = True
+
+    def ensure_abort_notified(self, *, force_arm: bool = False) -> None:
+        """The prefill rank hears of every failure from kvpoll itself: nothing more to send."""
+        self.abort_notified = True
+
+    def is_abort_release_safe(self) -> bool:
+        """True once the room is final: kvpoll writes only device pages it was offered."""
+        return self.poll() in (KVPoll.Failed, KVPoll.Success)
+
+    @property
+    def supports_host_destination(self) -> bool:
+        return False
+
+    def clear(self) -> None:
+        """Forget the room (its record and table entry); late messages are dropped."""
+        if self.conclude_state is None:
+            self.poll()
+        if self.bootstrap_room is not None:
+            self.kv_mgr.detach(self.bootstrap_room, self)
+        if self._opened:
+            with contextlib.suppress(UnknownRoom, KvpollError):
+                self._receiver.remove(self.bootstrap_room)
+
+    # -- SGLang's shared code ---------------------------------------------------------------
+    def _register_kv_args(self) -> bool:
+        """Nothing to register: kvpoll offers the pool with the first room."""
+        return bool(self.bootstrap_infos is not None)
+
+    def shared_code_status(self, status: int, reason: str | None) -> None:
+        if status == KVPoll.Failed:
+            self._fail(reason or "failed by SGLang's shared code")
+
+    # -- kvpoll's side -------------------------------------------------------------------------
+    def reason(self) -> str:
+        """Why the request failed (kvpoll's reason, or SGLang's recorded one)."""
+        with self.kv_mgr.failure_lock:
+            recorded = self.kv_mgr.failure_records.pop(self.bootstrap_room, None)
+        if self._reason is None and self._opened:
+            with contextlib.suppress(UnknownRoom):
+                self._reason = self._receiver.info(self.bootstrap_room).reason
+        return self._reason or self._handshake.reason or recorded or "the transfer failed"
+
+    def _open(self, room: int, pages: list[int], aux_index: int | None) -> None:
+        self._receiver.open(
+            room,
+            self.kvpoll_address,
+            pool=self.kv_mgr.kv_pool,
+            pages=pages,
+            aux_index=aux_index,
+        )
+
+    @staticmethod
+    def _unsupported(state_indices: Any, decode_prefix_len: int | None, destination: Any) -> str:
+        if state_indices is not None and any(s is not None and len(s) for s in state_indices):
+            return "state indices were offered, but the kvpoll backend moves no state buffers"
+        if decode_prefix_len:
+            return "a decode-side prefix cache hit is not supported by the kvpoll backend yet"
+        if destination != KVTransferDestination.DEVICE:
+            return "host KV destinations are not supported by the kvpoll backend"
+        return ""
+
+    def _fail(self, reason: str) -> None:
+        """Fail the request (and its room, telling the prefill) unless it is final."""
+        if not self._opened:
+            self._handshake_failed(reason)
+            return
+        self._reason = reason
+        try:
+            if not self._receiver.poll(self.bootstrap_room).is_final:
+                self._receiver.abort(self.bootstrap_room, reason)
+        except UnknownRoom:
+            pass
+        self.poll()
+
+    def _handshake_failed(self, reason: str) -> None:
+        with contextlib.suppress(IllegalTransition):  # final already: keeps its outcome
+            self._handshake.failed(reason)
+        self._reason = self._reason or reason
+        self.poll()

@@ -1,0 +1,348 @@
+"""The SGLang transfer backend against SGLang 0.5.23's real code, on the CPU.
+
+SGLang is installed with --no-deps (the Makefile); triton and torchvision are
+stood in for (tests/sglang_stubs.py). End-to-end runs start a real prefill and
+a real decode scheduler rank (tests/sglang_peers.py) on loopback.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from importlib import metadata
+from typing import Any
+
+import pytest
+import torch
+
+from kvpoll.errors import InvalidArgument
+from kvpoll.integrations.sglang import SGLANG_VERSION
+from kvpoll.integrations.sglang.memory import buffer_view, pool_from_buffers
+from tests.conftest import ROOT
+
+try:
+    INSTALLED: str | None = metadata.version("sglang")
+except metadata.PackageNotFoundError:
+    INSTALLED = None
+
+
+def need_sglang() -> None:
+    if INSTALLED == SGLANG_VERSION:
+        return
+    why = f"sglang=={SGLANG_VERSION} is not installed (found {INSTALLED})"
+    if os.environ.get("CI_REQUIRE_ENGINES") == "1":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def sglang() -> Any:
+    """SGLang's disaggregation package, imported for real (GPU-only imports stood in for)."""
+    need_sglang()
+    from tests import sglang_stubs
+
+    sglang_stubs.install()
+    from sglang.srt.disaggregation import utils
+
+    return utils
+
+
+# -- memory: SGLang's pointers as a pool (no SGLang needed) ------------------------------------
+def test_pool_views_sglang_buffers_without_copying() -> None:
+    layers = [torch.arange(4 * 6, dtype=torch.int16).reshape(4, 6) + i for i in range(3)]
+    aux = torch.zeros(5, 3, dtype=torch.int64)
+    pool = pool_from_buffers(
+        [t.data_ptr() for t in layers],
+        [t.nbytes for t in layers],
+        [t[0].nbytes for t in layers],
+        aux_ptrs=[aux.data_ptr()],
+        aux_lens=[aux.nbytes],
+        aux_item_lens=[aux[0].nbytes],
+    )
+    assert (pool.num_pages, pool.page_size, pool.aux_rows) == (4, 1, 5)
+    assert bytes(pool.buffers[1][2].numpy()) == bytes(layers[1][2].numpy())
+    layers[2][3] = 99  # the pool is SGLang's memory, not a copy
+    assert bytes(pool.buffers[2][3].numpy()) == bytes(layers[2][3].numpy())
+    pool.aux[0][4] = 7
+    assert aux[4].view(torch.uint8).tolist() == [7] * 24  # bytes of the row
+
+
+def test_pool_refuses_lists_that_do_not_pair_up() -> None:
+    t = torch.zeros(4, 8, dtype=torch.uint8)
+    with pytest.raises(InvalidArgument, match="do not pair up"):
+        pool_from_buffers([t.data_ptr()], [t.nbytes, t.nbytes], [8])
+    with pytest.raises(InvalidArgument, match="hold no item"):
+        pool_from_buffers([t.data_ptr()], [4], [8])
+    with pytest.raises(InvalidArgument, match="item length"):
+        pool_from_buffers([t.data_ptr()], [t.nbytes], [0])
+    with pytest.raises(InvalidArgument, match="no KV buffer"):
+        pool_from_buffers([], [], [])
+    with pytest.raises(InvalidArgument, match="address"):
+        buffer_view(0, 8, "cpu")
+    with pytest.raises(InvalidArgument, match="not supported"):
+        buffer_view(t.data_ptr(), 8, "meta")
+
+
+# -- the classes against SGLang's interfaces ------------------------------------------------------
+PAIRS = [
+    ("KvpollKVManager", "CommonKVManager", "BaseKVManager"),
+    ("KvpollKVSender", "CommonKVSender", "BaseKVSender"),
+    ("KvpollKVReceiver", "CommonKVReceiver", "BaseKVReceiver"),
+    ("KvpollKVBootstrapServer", "CommonKVBootstrapServer", "BaseKVBootstrapServer"),
+]
+
+# What SGLang's scheduler passes beyond the base signatures (prefill.py, decode.py).
+SCHEDULER_KEYWORDS = {
+    ("KvpollKVSender", "send"): {"indices_event"},
+    ("KvpollKVReceiver", "send_metadata"): {"device_kv_indices"},
+    ("KvpollKVReceiver", "ensure_abort_notified"): {"force_arm"},
+}
+
+
+@pytest.mark.parametrize(("ours", "common", "base"), PAIRS, ids=[p[0] for p in PAIRS])
+def test_classes_subclass_sglangs_and_accept_every_parameter(
+    sglang: Any, ours: str, common: str, base: str
+) -> None:
+    import sglang.srt.disaggregation.base.conn as base_conn
+    import sglang.srt.disaggregation.common.conn as common_conn
+
+    from kvpoll.integrations import sglang as backend
+
+    cls = getattr(backend, ours)
+    common_cls, base_cls = getattr(common_conn, common), getattr(base_conn, base)
+    assert issubclass(cls, common_cls)
+    assert issubclass(cls, base_cls)
+    assert not inspect.isabstract(cls), sorted(getattr(cls, "__abstractmethods__", ()))
+    for parent in (base_cls, common_cls):
+        for name, member in vars(parent).items():
+            if not callable(member) or (name.startswith("_") and name != "__init__"):
+                continue
+            theirs = inspect.signature(member).parameters
+            mine = inspect.signature(getattr(cls, name)).parameters
+            takes_any = any(p.kind is p.VAR_KEYWORD for p in mine.values())
+            missing = [p for p in theirs if p not in mine and p not in ("args", "kwargs")]
+            assert takes_any or not missing, f"{ours}.{name} lacks {missing}"
+    for (owner, method), keywords in SCHEDULER_KEYWORDS.items():
+        if owner == ours:
+            params = inspect.signature(getattr(cls, method)).parameters
+            accepted = set(params) | (
+                keywords if any(p.kind is p.VAR_KEYWORD for p in params.values()) else set()
+            )
+            assert keywords <= accepted, f"{ours}.{method} refuses {keywords - accepted}"
+
+
+PLUGIN_CHECK = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from tests import sglang_stubs
+sglang_stubs.install()
+from sglang.srt.plugins import load_plugins
+load_plugins()
+from sglang.srt.arg_groups.choices import DISAGG_TRANSFER_BACKEND_CHOICES
+from sglang.srt.disaggregation.utils import KVClassType, TransferBackend, get_kv_class
+import sglang.srt.managers.disagg_service as service
+out = {"choices": DISAGG_TRANSFER_BACKEND_CHOICES,
+       "rebound": (service.TransferBackend is TransferBackend
+                   and service.get_kv_class is get_kv_class),
+       "backends": {}}
+for name in ("kvpoll", "fake", "mooncake", "nixl"):
+    try:
+        backend = TransferBackend(name)
+        out["backends"][name] = {t.value: getattr(get_kv_class(backend, t), "__qualname__", None)
+                                 for t in KVClassType}
+    except Exception as exc:
+        out["backends"][name] = repr(exc)
+print(json.dumps(out))
+"""
+
+
+def test_plugin_makes_kvpoll_a_backend_and_keeps_the_builtin_ones(sglang: Any) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", PLUGIN_CHECK, str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "kvpoll" in out["choices"]
+    assert out["rebound"]
+    assert out["backends"]["kvpoll"] == {
+        "kvargs": "KVArgs",
+        "manager": "KvpollKVManager",
+        "sender": "KvpollKVSender",
+        "receiver": "KvpollKVReceiver",
+        "bootstrap_server": "KvpollKVBootstrapServer",
+    }
+    assert out["backends"]["fake"]["sender"] == "FakeKVSender"
+    for name in ("mooncake", "nixl"):
+        assert out["backends"][name]["manager"] == f"{name.capitalize()}KVManager", out
+
+
+# -- the bootstrap server --------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+ROW: dict[str, Any] = {
+    "attn_tp_size": 1, "attn_tp_rank": 0, "attn_cp_size": 1, "attn_cp_rank": 0,
+    "attn_dp_size": 1, "attn_dp_rank": 0, "pp_size": 1, "pp_rank": 0,
+    "system_dp_size": 1, "system_dp_rank": 0, "rank_ip": "127.0.0.1", "rank_port": 1,
+    "page_size": 16, "kv_cache_dtype": "bfloat16",
+}  # fmt: skip
+
+
+def test_bootstrap_server_hands_out_each_ranks_kvpoll_address(sglang: Any) -> None:
+    import requests
+
+    from kvpoll.integrations.sglang import KvpollKVBootstrapServer
+
+    port = _free_port()
+    server = KvpollKVBootstrapServer(host="127.0.0.1", port=port)
+    try:
+        url = f"http://127.0.0.1:{port}/route"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                refused = requests.put(url, json=ROW, timeout=5)  # a built-in backend's rank
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert refused.status_code == 400
+        assert "kvpoll_address" in refused.text
+        address = "tcp://127.0.0.1:5555"
+        assert requests.put(url, json={**ROW, "kvpoll_address": address}, timeout=5).ok
+        query = "prefill_dp_rank=0&prefill_cp_rank=0&target_tp_rank=0&target_pp_rank=0"
+        got = requests.get(f"{url}?{query}", timeout=5).json()
+        assert got == {"rank_ip": "127.0.0.1", "rank_port": 1, "kvpoll_address": address}
+        info = requests.get(url.replace("/route", "/route?") + query.replace("0", "-1"), timeout=5)
+        assert info.ok
+        assert info.json()["page_size"] == 16
+    finally:
+        server.close()
+
+
+# -- end to end: a prefill and a decode scheduler rank in real processes -----------------------
+HEARTBEAT = {"KVPOLL_HEARTBEAT_INTERVAL": "0.2", "KVPOLL_HEARTBEAT_MISSES": "3"}
+WINDOW = 0.2 * 3
+
+
+class Peers:
+    """The two scheduler ranks of one scenario; their JSON lines, by event."""
+
+    def __init__(self, scenario: str, room: int) -> None:
+        port = _free_port()
+        env = {**os.environ, **HEARTBEAT, "SGLANG_HOST_IP": "127.0.0.1"}
+        env.pop("KVPOLL_CONFIG", None)
+
+        def start(role: str) -> subprocess.Popen[str]:
+            return subprocess.Popen(
+                [sys.executable, "-m", "tests.sglang_peers", role, scenario, str(port), str(room)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+
+        self.prefill = start("prefill")
+        self.decode = start("decode")
+        self.lines: dict[str, list[dict[str, Any]]] = {"prefill": [], "decode": []}
+
+    def event(self, role: str, name: str, timeout: float = 90) -> dict[str, Any]:
+        proc = self.prefill if role == "prefill" else self.decode
+        for seen in self.lines[role]:
+            if seen["event"] == name:
+                return seen
+        deadline = time.monotonic() + timeout
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            raw = proc.stdout.readline()
+            if not raw:
+                stderr = proc.stderr.read() if proc.stderr else ""
+                raise AssertionError(f"{role} ended before {name!r}:\n{stderr[-4000:]}")
+            line: dict[str, Any] = json.loads(raw)
+            self.lines[role].append(line)
+            if line["event"] == name:
+                return line
+        raise AssertionError(f"{role} sent no {name!r} within {timeout} s")
+
+    def close(self) -> None:
+        for proc in (self.prefill, self.decode):
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=30)
+
+
+@pytest.fixture
+def peers(sglang: Any) -> Iterator[Any]:
+    made: list[Peers] = []
+
+    def start(scenario: str, room: int) -> Peers:
+        made.append(Peers(scenario, room))
+        return made[-1]
+
+    yield start
+    for p in made:
+        p.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_request_moves_page_by_page_with_its_aux_row(peers: Any) -> None:
+    room = 2**62 + 12345
+    run = peers("ok", room)
+    sent = run.event("prefill", "data")
+    got = run.event("decode", "done")
+    done = run.event("prefill", "done")
+    assert got["status"] == done["status"] == 4, (got, done)
+    assert got["pages"] == sent["pages"]  # every page of every layer's K and V, in order
+    assert got["aux"] == sent["aux"]
+    assert got["room_row"] == room
+    # before init() the prefill saw only Bootstrapping / WaitingForInput; the decode side
+    # never saw Transferring (its pages held all the data) nor a step back
+    assert set(done["polls"]) <= {1, 2}
+    assert got["polls"] == [1, 2, 4]
+    metric = done["metric"]
+    page_bytes = 4 * 2 * 16 * 2 * 8 * 2  # buffers x page: tokens x heads x dim x bf16
+    assert metric["transfer_total_bytes"] >= 5 * page_bytes
+    assert metric["transfer_latency_s"] > 0
+    assert metric["alloc_latency_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_killed_prefill_fails_the_decode_within_the_heartbeat_window(peers: Any) -> None:
+    run = peers("kill", 77)
+    run.event("prefill", "first_chunk_sent")
+    run.prefill.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    got = run.event("decode", "done")
+    assert got["status"] == 0
+    assert got["pages"] is None
+    assert got["failed_at"] - killed_at < WINDOW + 2.0, got["failed_at"] - killed_at
+    assert got["reason"].startswith("KVTransferError")
+    assert "silent" in got["reason"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("side", ["prefill", "decode"])
+def test_an_abort_from_either_side_reaches_the_other(peers: Any, side: str) -> None:
+    run = peers(f"abort-{side}", 78)
+    other = "decode" if side == "prefill" else "prefill"
+    theirs, mine = run.event(other, "done"), run.event(side, "done")
+    assert theirs["status"] == mine["status"] == 0
+    assert f"aborted by the {side} scheduler" in theirs["reason"]
+    assert theirs["reason"].startswith("KVTransferError")
