@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -159,6 +160,10 @@ for name in ("kvpoll", "fake", "mooncake", "nixl"):
                                  for t in KVClassType}
     except Exception as exc:
         out["backends"][name] = repr(exc)
+from sglang.srt.server_args import prepare_server_args
+args = prepare_server_args(["--model-path", "dummy", "--device", "cpu", "--disaggregation-mode",
+                            "prefill", "--disaggregation-transfer-backend", "kvpoll"])
+out["cli"] = args.disaggregation_transfer_backend
 print(json.dumps(out))
 """
 
@@ -174,7 +179,8 @@ def test_plugin_makes_kvpoll_a_backend_and_keeps_the_builtin_ones(sglang: Any) -
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert "kvpoll" in out["choices"]
-    assert out["rebound"]
+    assert out["rebound"]  # modules that imported the names see the new ones
+    assert out["cli"] == "kvpoll"  # --disaggregation-transfer-backend kvpoll parses
     assert out["backends"]["kvpoll"] == {
         "kvargs": "KVArgs",
         "manager": "KvpollKVManager",
@@ -241,9 +247,9 @@ WINDOW = 0.2 * 3
 class Peers:
     """The two scheduler ranks of one scenario; their JSON lines, by event."""
 
-    def __init__(self, scenario: str, room: int) -> None:
+    def __init__(self, scenario: str, room: int, **env_extra: str) -> None:
         port = _free_port()
-        env = {**os.environ, **HEARTBEAT, "SGLANG_HOST_IP": "127.0.0.1"}
+        env = {**os.environ, **HEARTBEAT, "SGLANG_HOST_IP": "127.0.0.1", **env_extra}
         env.pop("KVPOLL_CONFIG", None)
 
         def start(role: str) -> subprocess.Popen[str]:
@@ -280,17 +286,19 @@ class Peers:
 
     def close(self) -> None:
         for proc in (self.prefill, self.decode):
-            if proc.poll() is None:
+            try:
+                proc.communicate(timeout=20)  # each ends by itself once its request is done
+            except subprocess.TimeoutExpired:
                 proc.kill()
-            proc.communicate(timeout=30)
+                proc.communicate(timeout=30)
 
 
 @pytest.fixture
 def peers(sglang: Any) -> Iterator[Any]:
     made: list[Peers] = []
 
-    def start(scenario: str, room: int) -> Peers:
-        made.append(Peers(scenario, room))
+    def start(scenario: str, room: int, **env: str) -> Peers:
+        made.append(Peers(scenario, room, **env))
         return made[-1]
 
     yield start
@@ -300,9 +308,12 @@ def peers(sglang: Any) -> Iterator[Any]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_a_request_moves_page_by_page_with_its_aux_row(peers: Any) -> None:
+def test_a_request_moves_page_by_page_with_its_aux_row(
+    peers: Any, tmp_path: Path, kvpoll_cmd: list[str]
+) -> None:
     room = 2**62 + 12345
-    run = peers("ok", room)
+    log = tmp_path / "status-{side}.jsonl"
+    run = peers("ok", room, KVPOLL_SGLANG_STATUS_LOG=str(log))
     sent = run.event("prefill", "data")
     got = run.event("decode", "done")
     done = run.event("prefill", "done")
@@ -319,6 +330,19 @@ def test_a_request_moves_page_by_page_with_its_aux_row(peers: Any) -> None:
     assert metric["transfer_total_bytes"] >= 5 * page_bytes
     assert metric["transfer_latency_s"] > 0
     assert metric["alloc_latency_s"] > 0
+    run.close()
+    for side in ("sender", "receiver"):  # each rank's status log passes the audit
+        path = str(log).format(side=side)
+        steps = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        assert [s["status"] for s in steps] == ["WaitingForInput", "Success"], steps
+        audit = subprocess.run(
+            [*kvpoll_cmd, "check-trace", path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
 @pytest.mark.slow
@@ -346,3 +370,23 @@ def test_an_abort_from_either_side_reaches_the_other(peers: Any, side: str) -> N
     assert theirs["status"] == mine["status"] == 0
     assert f"aborted by the {side} scheduler" in theirs["reason"]
     assert theirs["reason"].startswith("KVTransferError")
+
+
+def test_host_memory_is_found_on_the_cpu() -> None:
+    from kvpoll.integrations.sglang.memory import pointer_device
+
+    t = torch.zeros(16, dtype=torch.uint8)
+    assert pointer_device(t.data_ptr()) == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_memory_is_viewed_where_it_lives() -> None:
+    from kvpoll.integrations.sglang.memory import pointer_device
+
+    t = torch.arange(64, dtype=torch.uint8, device="cuda")
+    assert pointer_device(t.data_ptr()) == f"cuda:{t.device.index or 0}"
+    view = buffer_view(t.data_ptr(), 64, pointer_device(t.data_ptr()))
+    assert view.device == t.device
+    assert torch.equal(view, t)  # the same memory, no copy
+    t[0] = 200
+    assert int(view[0]) == 200

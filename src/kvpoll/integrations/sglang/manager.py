@@ -10,9 +10,11 @@ server (with their kvpoll address added), decode ranks look them up there.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.common.conn import CommonKVManager
@@ -20,14 +22,19 @@ from sglang.srt.disaggregation.utils import DisaggregationMode
 
 from kvpoll.errors import InvalidArgument
 from kvpoll.integrations.sglang.memory import describe, pool_from_buffers
-from kvpoll.protocol import Receiver, Sender
+from kvpoll.protocol import Receiver, Sender, StatusChange
 
 if TYPE_CHECKING:
     from kvpoll.integrations.sglang.receiver import KvpollKVReceiver
     from kvpoll.integrations.sglang.sender import KvpollKVSender
     from kvpoll.memory import PagedPool
 
-__all__ = ["KvpollKVManager", "UnsupportedByKvpoll"]
+__all__ = ["STATUS_LOG_ENV", "KvpollKVManager", "UnsupportedByKvpoll"]
+
+STATUS_LOG_ENV = "KVPOLL_SGLANG_STATUS_LOG"
+"""A path: every step of every room is appended to it as a JSON line that
+``kvpoll check-trace`` reads. ``{side}``, ``{rank}`` and ``{pid}`` in it are
+replaced (``/var/log/kvpoll-{side}-{rank}.jsonl``)."""
 
 log = logging.getLogger("kvpoll.integrations.sglang")
 
@@ -36,13 +43,12 @@ class UnsupportedByKvpoll(InvalidArgument):
     """A deployment option the kvpoll backend does not support (yet)."""
 
 
-def _kv_device(server_args: Any) -> str:
+def _check_device(server_args: Any) -> None:
     device = str(getattr(server_args, "device", None) or "cuda")
     if device.split(":")[0] not in ("cpu", "cuda"):
         raise UnsupportedByKvpoll(
             f"the kvpoll backend moves CPU and CUDA memory; --device {device} is not supported"
         )
-    return device
 
 
 class KvpollKVManager(CommonKVManager):  # type: ignore[misc]
@@ -80,23 +86,25 @@ class KvpollKVManager(CommonKVManager):  # type: ignore[misc]
                 "the kvpoll backend moves KV pages and aux rows; models with state "
                 f"buffers ({[str(s) for s in args.state_types]}) are not supported yet"
             )
-        device = _kv_device(server_args)
+        _check_device(server_args)
         self.kv_pool: PagedPool = pool_from_buffers(
             list(args.kv_data_ptrs),
             list(args.kv_data_lens),
             list(args.kv_item_lens),
-            device=device,
             aux_ptrs=list(args.aux_data_ptrs),
             aux_lens=list(args.aux_data_lens),
             aux_item_lens=list(args.aux_item_lens),
         )
-        self.endpoint: Sender | Receiver
-        if disaggregation_mode == DisaggregationMode.PREFILL:
-            self.endpoint = Sender()
-        elif disaggregation_mode == DisaggregationMode.DECODE:
-            self.endpoint = Receiver()
-        else:
+        if disaggregation_mode not in (DisaggregationMode.PREFILL, DisaggregationMode.DECODE):
             raise UnsupportedByKvpoll(f"no kvpoll side for mode {disaggregation_mode}")
+        prefill = disaggregation_mode == DisaggregationMode.PREFILL
+        self._status_log = _open_status_log(
+            "sender" if prefill else "receiver", getattr(args, "engine_rank", 0)
+        )
+        on_status = self._log_status if self._status_log is not None else None
+        self.endpoint: Sender | Receiver = (
+            Sender(on_status=on_status) if prefill else Receiver(on_status=on_status)
+        )
         self._adapters: dict[int, KvpollKVSender | KvpollKVReceiver] = {}
         self._adapters_lock = threading.Lock()
         try:
@@ -107,7 +115,7 @@ class KvpollKVManager(CommonKVManager):  # type: ignore[misc]
                     "the kvpoll backend needs --disaggregation-decode-allocation-policy early"
                 )
         except BaseException:
-            self.endpoint.close()
+            self.close()
             raise
         log.info(
             "kvpoll %s on %s: %s",
@@ -162,3 +170,29 @@ class KvpollKVManager(CommonKVManager):  # type: ignore[misc]
         socket = getattr(self, "server_socket", None)
         if socket is not None:
             socket.close(linger=0)
+        if self._status_log is not None:
+            self._status_log.close()
+
+    def _log_status(self, change: StatusChange) -> None:
+        """One step, as a line of the status log (on the I/O thread: one small write)."""
+        assert self._status_log is not None
+        line = {
+            "room": change.room,
+            "status": change.dest.name,
+            "sent_tokens": change.sent_tokens,
+            "side": change.side,
+            "event": change.event,
+            "at": change.at,
+        }
+        if change.reason:
+            line["reason"] = change.reason
+        self._status_log.write(json.dumps(line) + "\n")
+
+
+def _open_status_log(side: str, rank: int) -> IO[str] | None:
+    path = os.environ.get(STATUS_LOG_ENV)
+    if not path:
+        return None
+    return open(
+        path.format(side=side, rank=rank, pid=os.getpid()), "a", buffering=1, encoding="utf-8"
+    )

@@ -23,7 +23,7 @@ import torch
 from kvpoll.errors import InvalidArgument
 from kvpoll.memory import PagedPool
 
-__all__ = ["buffer_view", "pool_from_buffers"]
+__all__ = ["buffer_view", "describe", "pointer_device", "pool_from_buffers"]
 
 log = logging.getLogger("kvpoll.integrations.sglang")
 
@@ -38,6 +38,34 @@ class _DeviceMemory:
             "data": (ptr, False),
             "version": 3,
         }
+
+
+_CU_POINTER_ATTRIBUTE_MEMORY_TYPE = 2
+_CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9
+_CU_MEMORYTYPE_DEVICE = 2
+
+
+def pointer_device(ptr: int) -> str:
+    """Where the memory at ``ptr`` lives: ``"cpu"``, or ``"cuda:N"`` for device memory.
+
+    Asked of the CUDA driver (``cuPointerGetAttribute``) when CUDA is available;
+    host memory (malloc'd, pinned or managed) is ``"cpu"``.
+    """
+    if not torch.cuda.is_available():
+        return "cpu"
+    torch.cuda.current_device()  # makes the context the driver needs to answer
+    driver = ctypes.CDLL("libcuda.so.1")
+    kind, ordinal = ctypes.c_uint(0), ctypes.c_int(0)
+    if driver.cuPointerGetAttribute(
+        ctypes.byref(kind), _CU_POINTER_ATTRIBUTE_MEMORY_TYPE, ctypes.c_uint64(ptr)
+    ):  # CUDA_ERROR_INVALID_VALUE: memory CUDA does not know, i.e. plain host memory
+        return "cpu"
+    if kind.value != _CU_MEMORYTYPE_DEVICE:
+        return "cpu"
+    driver.cuPointerGetAttribute(
+        ctypes.byref(ordinal), _CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, ctypes.c_uint64(ptr)
+    )
+    return f"cuda:{ordinal.value}"
 
 
 def buffer_view(ptr: int, nbytes: int, device: str) -> torch.Tensor:
@@ -91,13 +119,16 @@ def pool_from_buffers(
     lens: Sequence[int],
     item_lens: Sequence[int],
     *,
-    device: str = "cpu",
+    device: str | None = None,
     aux_ptrs: Sequence[int] = (),
     aux_lens: Sequence[int] = (),
     aux_item_lens: Sequence[int] = (),
-    aux_device: str = "cpu",
+    aux_device: str | None = None,
 ) -> PagedPool:
     """A :class:`~kvpoll.PagedPool` (``page_size=1``) over SGLang's buffers.
+
+    ``device`` / ``aux_device``: where the buffers live (default: asked of the
+    CUDA driver for the first buffer, see :func:`pointer_device`).
 
     Every buffer holds ``len // item_len`` items; a pool's buffers must hold
     the same number (the smallest is used, with a warning, when they differ:
@@ -107,7 +138,11 @@ def pool_from_buffers(
         InvalidArgument: lists that do not pair up, an item larger than its
             buffer, a null address, or memory on an unsupported device.
     """
-    buffers = _items("KV buffer", ptrs, lens, item_lens, device)
+    if device is None and len(ptrs):
+        device = pointer_device(int(ptrs[0]))
+    if aux_device is None and len(aux_ptrs):
+        aux_device = pointer_device(int(aux_ptrs[0]))
+    buffers = _items("KV buffer", ptrs, lens, item_lens, device or "cpu")
     if not buffers:
         raise InvalidArgument("SGLang registered no KV buffer")
     counts = {int(b.shape[0]) for b in buffers}
@@ -118,7 +153,7 @@ def pool_from_buffers(
             min(counts),
         )
         buffers = [b[: min(counts)] for b in buffers]
-    aux = _items("aux buffer", aux_ptrs, aux_lens, aux_item_lens, aux_device)
+    aux = _items("aux buffer", aux_ptrs, aux_lens, aux_item_lens, aux_device or "cpu")
     return PagedPool(buffers, page_size=1, aux=aux)
 
 
