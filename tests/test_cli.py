@@ -278,3 +278,14 @@ def test_bench_transfer_refuses_an_unknown_transport(kvpoll_cmd: list[str]) -> N
     out = run(kvpoll_cmd, "bench", "transfer", "--transport", "carrier-pigeon")
     assert out.returncode == 2
     assert "carrier-pigeon" in out.stderr
+
+
+def test_option_values_read_like_variables() -> None:
+    from kvpoll.cli import _options
+
+    assert _options(['ucx={ TLS = "tcp" }', "shm=false", "port=0", "host=10.0.0.5"]) == {
+        "ucx": {"TLS": "tcp"},
+        "shm": False,
+        "port": 0,
+        "host": "10.0.0.5",
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def test_file_then_environment_then_arguments(config_file: Path) -> None:
         "KVPOLL_UCX_PROGRESS": "polling",
         "KVPOLL_ZMQ_WRITE_TIMEOUT": "9",
         "KVPOLL_TIMEOUT_BOOTSTRAPPING": "12.5",
-        "KVPOLL_OTHER": "not ours",  # no underscore after the prefix part: ignored
+        "KVPOLL_OTHER": "not ours",  # means nothing here: reported, not used
     }
     config = load_config(config_file, environ=env, overrides={"heartbeat_misses": 5})
     assert config.transport == "ucx"
@@ -67,6 +68,9 @@ def test_file_then_environment_then_arguments(config_file: Path) -> None:
     assert config.options("zmq") == {"shm": False, "write_timeout": 9}
     assert config.sources["transports.zmq.write_timeout"] == "env KVPOLL_ZMQ_WRITE_TIMEOUT"
     assert config.options() == {"progress": "polling"}  # the selected transport's
+    assert [line.split(":")[0] for line in config.unknown_variables] == [
+        "unknown variable KVPOLL_OTHER"
+    ]
 
 
 def test_kvpoll_config_names_the_file(config_file: Path) -> None:
@@ -159,3 +163,83 @@ def test_demo_reads_the_configuration_file(
     bad.write_text('transport = "smoke-signals"\n')
     assert main(["demo", "--config", str(bad), "--no-failure"]) == 2
     assert "unknown transport 'smoke-signals'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["False", "FALSE", "false", "no", "off", "0"])
+def test_a_boolean_variable_reads_every_spelling_of_false(text: str) -> None:
+    config = load_config(environ={"KVPOLL_ZMQ_SHM": text})
+    assert config.options("zmq") == {"shm": False}
+    assert config.sources["transports.zmq.shm"] == "env KVPOLL_ZMQ_SHM"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("KVPOLL_TRANSPORT", "ucxx", r"unknown transport 'ucxx'; did you mean 'ucx'\?"),
+        ("KVPOLL_ZMQ_SHMM", "false", r"no option 'shmm' .*KVPOLL_ZMQ_SHMM.*did you mean 'shm'"),
+        ("KVPOLL_ZMQ_SHM", "maybe", r"KVPOLL_ZMQ_SHM\) takes a boolean \(true/false"),
+        ("KVPOLL_ZMQ_WRITE_TIMEOUT", "soon", r"KVPOLL_ZMQ_WRITE_TIMEOUT\) takes a number"),
+        ("KVPOLL_ZMQ_PORT", "1.5", r"takes an integer"),
+    ],
+)
+def test_a_bad_variable_is_a_config_error_naming_it(
+    variable: str, value: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(environ={variable: value})
+
+
+def test_a_bad_option_in_the_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "kvpoll.toml"
+    path.write_text("[transports.zmq]\nshm = 'sometimes'\n")
+    with pytest.raises(ConfigError, match=rf"file {re.escape(str(path))}.*takes a boolean"):
+        load_config(path, environ={})
+
+
+def test_options_given_in_code_are_checked_too() -> None:
+    from kvpoll.transports import TransportError
+    from kvpoll.transports.options import OptionError
+
+    with pytest.raises(OptionError, match=r"no option 'shmm'.*did you mean 'shm'") as info:
+        Sender(transport_options={"shmm": False})
+    assert isinstance(info.value, TransportError)
+    with Sender(transport_options={"shm": "no"}) as tx:  # text is converted as for variables
+        assert tx.transport.paths() == ["zmq/tcp"]
+
+
+def test_misspelled_variables_are_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_config(environ={"KVPOLL_TRANSPROT": "ucx"})
+    assert config.transport == "zmq"
+    assert config.unknown_variables == [
+        "unknown variable KVPOLL_TRANSPROT: did you mean KVPOLL_TRANSPORT?"
+    ]
+
+
+def test_config_show_fails_on_a_misspelled_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KVPOLL_TRANSPROT", "ucx")
+    assert main(["config", "show"]) == 1
+    assert "did you mean KVPOLL_TRANSPORT?" in capsys.readouterr().err
+    monkeypatch.delenv("KVPOLL_TRANSPROT")
+    monkeypatch.setenv("KVPOLL_ZMQ_SHM", "maybe")
+    assert main(["config", "show"]) == 2
+    assert "takes a boolean" in capsys.readouterr().err
+
+
+def test_config_show_lists_every_transports_defaults(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import tomllib
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KVPOLL_ZMQ_SHM", "no")
+    assert main(["config", "show"]) == 0
+    out = capsys.readouterr().out
+    zmq = tomllib.loads(out)["transports"]["zmq"]
+    assert zmq["shm"] is False  # set, with its source
+    assert zmq["write_timeout"] == 30.0  # defaults
+    assert zmq["max_attached"] == 256
+    assert "shm = false                              # env KVPOLL_ZMQ_SHM" in out
+    assert "[transports.loopback]" in out

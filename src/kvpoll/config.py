@@ -11,7 +11,9 @@ Values come from four layers; a later layer wins over an earlier one:
    ``KVPOLL_TIMEOUT_<STATUS>`` (``KVPOLL_TIMEOUT_TRANSFERRING=60``) and
    ``KVPOLL_<TRANSPORT>_<OPTION>`` for a transport's options
    (``KVPOLL_UCX_PROGRESS=polling``). Values are read as TOML values where
-   they parse as one (``5``, ``true``, ``["a"]``), else as strings;
+   they parse as one (``5``, ``true``, ``["a"]``), else as strings, then as
+   the type the setting takes (``False``, ``no``, ``0`` are false); any other
+   ``KVPOLL_*`` variable is reported (a warning, and in ``kvpoll config show``);
 4. arguments given in code (``load_config(overrides=...)``, or a
    ``Sender(transport="ucx")`` argument).
 
@@ -30,11 +32,16 @@ The file::
     ucx = { TLS = "tcp" }
 
 :func:`load_config` returns a :class:`Config` that remembers where each value
-came from; ``kvpoll config show`` prints it.
+came from; ``kvpoll config show`` prints it. Every value is checked when it is
+read: the transport's name against the transports known here, each transport
+option against what the transport's constructor takes (name and type); a bad
+one is a :class:`ConfigError` naming the file or variable and what is accepted.
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
@@ -45,9 +52,20 @@ from typing import Any
 from kvpoll.errors import InvalidArgument
 from kvpoll.statemachine.status import parse_status
 
-__all__ = ["Config", "ConfigError", "default_config_paths", "load_config"]
+__all__ = ["KNOWN_VARIABLES", "Config", "ConfigError", "default_config_paths", "load_config"]
+
+log = logging.getLogger("kvpoll.config")
 
 ENV_PREFIX = "KVPOLL_"
+KNOWN_VARIABLES = frozenset(
+    {
+        "KVPOLL_CONFIG",  # the configuration file
+        "KVPOLL_SGLANG_STATUS_LOG",  # kvpoll.integrations.sglang
+        "KVPOLL_SGLANG_ANY_VERSION",
+    }
+)
+"""``KVPOLL_*`` variables read elsewhere than the configuration's layers."""
+_warned: set[str] = set()
 _TOP: dict[str, Any] = {
     "transport": "zmq",
     "heartbeat_interval": 1.0,
@@ -81,6 +99,8 @@ class Config:
     transports: dict[str, dict[str, Any]] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
     file: Path | None = None
+    unknown_variables: list[str] = field(default_factory=list)
+    """``KVPOLL_*`` variables that mean nothing to kvpoll (misspelled?), with a hint."""
 
     def options(self, transport: str | None = None) -> dict[str, Any]:
         """Keyword options for ``transport`` (default: the selected one)."""
@@ -132,6 +152,7 @@ def load_config(
     *,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    report_unknown: bool = True,
 ) -> Config:
     """Read the configuration from every layer (see the module docstring).
 
@@ -141,6 +162,9 @@ def load_config(
         environ: the environment to read (default ``os.environ``).
         overrides: values given in code, shaped like the file
             (``{"transport": "ucx", "transports": {"ucx": {...}}}``).
+        report_unknown: log a warning (logger ``kvpoll.config``, once per
+            process) for each ``KVPOLL_*`` variable that means nothing here;
+            they are in :attr:`Config.unknown_variables` either way.
 
     Raises:
         ConfigError: an unreadable or malformed file, an unknown key, a value of
@@ -156,10 +180,43 @@ def load_config(
             raise ConfigError(f"cannot read the configuration file {file}: {exc}") from exc
         config.file = file
         _apply(config, data, f"file {file}")
-    _apply(config, _from_environment(env), None)
+    from_env, config.unknown_variables = _from_environment(env)
+    _apply(config, from_env, None)
     if overrides:
         _apply(config, dict(overrides), "argument")
+    _check(config)
+    for line in config.unknown_variables if report_unknown else ():
+        if line not in _warned:
+            _warned.add(line)
+            log.warning("%s", line)
     return config
+
+
+def _check(config: Config) -> None:
+    """The transport's name and every transport option, checked (and text converted)."""
+    from kvpoll.transports import TransportUnavailable, available, resolve
+    from kvpoll.transports.options import OptionError, check_options
+
+    known = available()
+    if config.transport not in known:
+        close = difflib.get_close_matches(config.transport, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"transport in {config.sources.get('transport', 'default')}: unknown transport "
+            f"{config.transport!r}{hint} (known: {', '.join(known)})"
+        )
+    for name, options in config.transports.items():
+        if not options or name not in known:
+            continue
+        try:
+            factory = resolve(name)
+        except TransportUnavailable:
+            continue  # not installed here: its options cannot be checked
+        sources = {o: config.sources.get(f"transports.{name}.{o}", "?") for o in options}
+        try:
+            config.transports[name] = check_options(name, options, factory, sources)
+        except OptionError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _find_file(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path | None:
@@ -172,30 +229,46 @@ def _find_file(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> P
     return next((p for p in default_config_paths(env) if p.is_file()), None)
 
 
-def _parse_env_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+def _from_environment(env: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """The environment's values, shaped like a file, each tagged with its variable;
+    and a line on each ``KVPOLL_*`` variable that means nothing here."""
+    from kvpoll.transports import available
+    from kvpoll.transports.options import parse_text
 
-
-def _from_environment(env: Mapping[str, str]) -> dict[str, Any]:
-    """The environment's values, shaped like a file, each tagged with its variable."""
+    transports = available()
     data: dict[str, Any] = {}
+    unknown: list[str] = []
     for variable in sorted(env):
-        if not variable.startswith(ENV_PREFIX) or variable == f"{ENV_PREFIX}CONFIG":
+        if not variable.startswith(ENV_PREFIX) or variable in KNOWN_VARIABLES:
             continue
         rest = variable[len(ENV_PREFIX) :].lower()
-        value = (_parse_env_value(env[variable]), f"env {variable}")
+        value = (parse_text(env[variable]), f"env {variable}")
+        name, _, option = rest.partition("_")
         if rest in _TOP:
             data[rest] = value
         elif rest.startswith("timeout_"):
             data.setdefault("timeouts", {})[rest.removeprefix("timeout_")] = value
-        elif "_" in rest:
-            name, option = rest.split("_", 1)
+        elif name in transports and option:
             data.setdefault("transports", {}).setdefault(name, {})[option] = value
-        # other KVPOLL_* variables belong to someone else (tests, tools): ignored
-    return data
+        else:
+            unknown.append(_unknown_variable(variable, transports))
+    return data, unknown
+
+
+def _unknown_variable(variable: str, transports: list[str]) -> str:
+    names = [f"{ENV_PREFIX}{key.upper()}" for key in _TOP]
+    names += [f"{ENV_PREFIX}TIMEOUT_{s.upper()}" for s in _NON_FINAL]
+    names += sorted(KNOWN_VARIABLES)
+    close = difflib.get_close_matches(variable, names, n=1, cutoff=0.8)
+    hint = (
+        f"did you mean {close[0]}?"
+        if close
+        else (
+            f"kvpoll reads {ENV_PREFIX}<SETTING>, {ENV_PREFIX}TIMEOUT_<STATUS> and "
+            f"{ENV_PREFIX}<TRANSPORT>_<OPTION> ({', '.join(transports)})"
+        )
+    )
+    return f"unknown variable {variable}: {hint}"
 
 
 def _unwrap(value: Any, source: str | None) -> tuple[Any, str]:

@@ -27,15 +27,15 @@ Run 'kvpoll COMMAND --help' for a command's options."""
 
 
 def _options(pairs: list[str]) -> dict[str, object]:
+    """``--option KEY=VALUE`` pairs; VALUE is read as a variable's value is (TOML, else text)."""
+    from kvpoll.transports.options import parse_text
+
     options: dict[str, object] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise KvpollError(f"--option takes KEY=VALUE, not {pair!r}")
-        try:
-            options[key] = json.loads(raw)
-        except ValueError:
-            options[key] = raw
+        options[key.strip()] = parse_text(raw)
     return options
 
 
@@ -76,9 +76,11 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     from kvpoll.cli.config_show import render, render_json
     from kvpoll.config import load_config
 
-    config = load_config(args.config)
+    config = load_config(args.config, report_unknown=False)
     (render_json if args.json else render)(config, sys.stdout)
-    return EXIT_OK
+    for line in config.unknown_variables:
+        print(f"kvpoll config show: {line}", file=sys.stderr)
+    return EXIT_FOUND if config.unknown_variables else EXIT_OK
 
 
 def _cmd_walkthrough(args: argparse.Namespace) -> int:
@@ -311,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a transport option, e.g. --option shm=false (repeatable; values "
-        "are read as JSON when they parse)",
+        help="a transport option, e.g. --option shm=false or --option 'ucx={ TLS = \"tcp\" }' "
+        "(repeatable; values are read as KVPOLL_* variables are: TOML, else text)",
     )
     p.add_argument(
         "--destinations",

@@ -36,19 +36,56 @@ def _key(key: str) -> str:
     return key if bare else json.dumps(key)
 
 
+def transport_defaults() -> dict[str, dict[str, Any] | None]:
+    """Each known transport's options and their defaults (None: not loadable here)."""
+    from kvpoll.transports import TransportUnavailable, available, resolve
+    from kvpoll.transports.options import schema
+
+    found: dict[str, dict[str, Any] | None] = {}
+    for name in available():
+        try:
+            options = schema(resolve(name))
+        except TransportUnavailable:
+            found[name] = None
+            continue
+        found[name] = {o.name: o.default for o in (options or {}).values()}
+    return found
+
+
 def render(config: Config, out: TextIO) -> None:
-    """Write ``config`` as a TOML file, each value commented with its source."""
+    """Write ``config`` as a TOML file, each value commented with its source; every
+    transport's options that are not set are listed with their defaults."""
     file = str(config.file) if config.file else "none found"
     print(f"# kvpoll configuration (file: {file})", file=out)
     table = None
     for key, value, source in config.items():
         section, _, name = key.rpartition(".")
+        if section.startswith("transports."):
+            break
         if section != (table or ""):
             table = section
             print(f"\n[{'.'.join(_key(p) for p in section.split('.'))}]", file=out)
         line = f"{_key(name)} = {toml_value(value)}"
         note = f"{source}; 0 = no limit" if value is None else source
         print(f"{line:<40} # {note}", file=out)
+    defaults = transport_defaults()
+    for transport in sorted(set(defaults) | set(config.transports)):
+        print(f"\n[transports.{_key(transport)}]", file=out)
+        given = config.transports.get(transport, {})
+        for name, value in sorted(given.items()):
+            line = f"{_key(name)} = {toml_value(value)}"
+            print(f"{line:<40} # {config.sources.get(f'transports.{transport}.{name}')}", file=out)
+        known = defaults.get(transport)
+        if known is None:
+            print("# (not installed here: its defaults are unknown)", file=out)
+            continue
+        for name, value in sorted(known.items()):
+            if name in given:
+                continue
+            if value is None:
+                print(f"{'# ' + _key(name) + ' = (unset)':<40} # default", file=out)
+            else:
+                print(f"{_key(name) + ' = ' + toml_value(value):<40} # default", file=out)
     ucx = ucx_settings(config)
     if ucx is not None:
         print("\n# What the ucx transport hands UCX (UCX's variables, not kvpoll keys):", file=out)
@@ -75,6 +112,8 @@ def render_json(config: Config, out: TextIO) -> None:
         "file": str(config.file) if config.file else None,
         "values": config.to_dict(),
         "sources": {key: source for key, _, source in config.items()},
+        "transport_defaults": transport_defaults(),
+        "unknown_variables": config.unknown_variables,
     }
     ucx = ucx_settings(config)
     if ucx is not None:

@@ -115,8 +115,14 @@ def create(name: str, **options: Any) -> Transport:
         TransportUnavailable: see :func:`resolve`.
         TransportError: the transport could not start (a bad option, a busy port).
     """
+    from kvpoll.transports.options import OptionError, check_options
+
     factory = resolve(name)
     try:
-        return factory(**options)
+        checked = check_options(name, options, factory, {k: "argument" for k in options})
+    except OptionError as exc:
+        raise OptionError(f"bad options for the {name!r} transport: {exc}") from None
+    try:
+        return factory(**checked)
     except TypeError as exc:
         raise TransportError(f"bad options for the {name!r} transport: {exc}") from exc
