@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -34,6 +34,7 @@ from kvpoll.protocol.messages import (
     encode,
 )
 from kvpoll.protocol.pools import Registered, register_pool
+from kvpoll.protocol.waiting import Completion, Waiter, check_rooms
 from kvpoll.statemachine.deadlines import Deadlines, Timeouts, check_timeouts
 from kvpoll.statemachine.state import TransferState, Transition
 from kvpoll.statemachine.status import TransferStatus
@@ -248,6 +249,7 @@ class Endpoint(Generic[R]):
             self._transport = create(name, **options)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
+        self._waiter = Waiter(self.poll, self._changed)
         self._rooms: dict[int, R] = {}
         self._status: dict[int, TransferStatus] = {}  # read without the lock by poll()
         self._tombstones: OrderedDict[int, None] = OrderedDict()
@@ -310,23 +312,62 @@ class Endpoint(Generic[R]):
             raise UnknownRoom(room)
         return status
 
-    def wait(self, room: int, timeout: float) -> TransferStatus:
+    def wait(self, room: int, timeout: float | None = None) -> TransferStatus:
         """Wait until the room is Success or Failed, or ``timeout`` seconds pass.
+
+        ``timeout=None`` waits without a limit (the room's own time-outs still
+        end it); ``0`` looks once.
 
         Returns:
             The status at that moment (final unless the time ran out).
 
         Raises:
-            UnknownRoom: the room is not open here.
+            UnknownRoom: the room is not open here (or was removed meanwhile).
+            InvalidArgument: a negative or non-numeric timeout.
         """
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                status = self.poll(room)
-                remaining = deadline - time.monotonic()
-                if status.is_final or remaining <= 0:
-                    return status
-                self._changed.wait(remaining)
+        return self._waiter.until(lambda: self._final_or(room), timeout) or self.poll(room)
+
+    def wait_any(
+        self, rooms: Iterable[int], timeout: float | None = None
+    ) -> dict[int, TransferStatus]:
+        """Wait until at least one of ``rooms`` is final, or ``timeout`` seconds pass.
+
+        Returns:
+            Every room among ``rooms`` that is final at that moment, with its
+            status (empty when the time ran out).
+
+        Raises:
+            UnknownRoom: one of the rooms is not open here.
+            InvalidArgument: no rooms, a non-int id, or a bad timeout.
+        """
+        listed = check_rooms(rooms)
+        return self._waiter.until(lambda: self._waiter.finals(listed) or None, timeout) or {}
+
+    def as_completed(self, rooms: Iterable[int], timeout: float | None = None) -> Completion:
+        """``(room, final status)`` for each of ``rooms``, in the order they end.
+
+        Use ``for`` (blocking) or ``async for`` (asyncio). When ``timeout``
+        seconds pass with rooms unfinished, the next step raises
+        :class:`TimeoutError` naming them.
+        """
+        return Completion(self._waiter, rooms, timeout)
+
+    async def wait_async(self, room: int, timeout: float | None = None) -> TransferStatus:
+        """:meth:`wait` for asyncio: awaits without blocking the event loop or a thread."""
+        found = await self._waiter.until_async(lambda: self._final_or(room), timeout)
+        return found or self.poll(room)
+
+    async def wait_any_async(
+        self, rooms: Iterable[int], timeout: float | None = None
+    ) -> dict[int, TransferStatus]:
+        """:meth:`wait_any` for asyncio."""
+        listed = check_rooms(rooms)
+        found = await self._waiter.until_async(lambda: self._waiter.finals(listed) or None, timeout)
+        return found or {}
+
+    def _final_or(self, room: int) -> TransferStatus | None:
+        status = self.poll(room)
+        return status if status.is_final else None
 
     def info(self, room: int) -> RoomInfo:
         """A snapshot of the room: status, tokens, history, failure reason.
@@ -630,6 +671,8 @@ class Endpoint(Generic[R]):
         self._status[room] = state.status
         self._deadlines.enter(room, source, state.status, time.monotonic())
         self._changed.notify_all()
+        if state.is_final:
+            self._waiter.wake()
         if self._on_status is not None:
             change = StatusChange(
                 self.side, room, source, state.status, event, state.sent_tokens, time.time(), reason
@@ -674,6 +717,8 @@ class Endpoint(Generic[R]):
         self._deadlines.leave(room, rec.state.status)
         del self._rooms[room]
         del self._status[room]
+        self._changed.notify_all()
+        self._waiter.wake()  # waiters on this room learn it is gone
         for address in rec.peers:
             peer = self._peers.get(address)
             if peer is not None:

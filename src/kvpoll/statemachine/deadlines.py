@@ -31,10 +31,11 @@ DEFAULT_TIMEOUTS: Mapping[TransferStatus, float | None] = {
 
 
 def check_timeouts(timeouts: Timeouts | None) -> dict[TransferStatus, float]:
-    """Merge ``timeouts`` over :data:`DEFAULT_TIMEOUTS`; drop the ones set to None.
+    """Merge ``timeouts`` over :data:`DEFAULT_TIMEOUTS`; None or 0 means no limit
+    (as in the configuration file and ``KVPOLL_TIMEOUT_*``).
 
     Raises:
-        InvalidArgument: a final status, an unknown status, or a non-positive value.
+        InvalidArgument: a final status, an unknown status, or a negative value.
     """
     merged = dict(DEFAULT_TIMEOUTS)
     items: list[tuple[object, float | None]] = list((timeouts or {}).items())
@@ -43,12 +44,12 @@ def check_timeouts(timeouts: Timeouts | None) -> dict[TransferStatus, float]:
         if key in default_table().final:
             raise InvalidArgument(f"{key.name} is final: it takes no time-out")
         if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+            isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0
         ):
             raise InvalidArgument(
-                f"time-out for {key.name} must be a positive number, not {value!r}"
+                f"time-out for {key.name} must be seconds >= 0 (0 or None: no limit), not {value!r}"
             )
-        merged[key] = None if value is None else float(value)
+        merged[key] = float(value) if value else None
     return {s: v for s, v in merged.items() if v is not None}
 
 
