@@ -75,7 +75,7 @@ def test_reset_on_resume_raises_and_changes_nothing() -> None:
         ((), S.Transferring),
         ((S.WaitingForInput,), S.WaitingForInput),
         ((S.WaitingForInput, S.Success), S.Failed),
-        ((S.Failed,), S.Failed),
+        ((S.Failed,), S.Success),
         ((S.WaitingForInput, S.Transferring), S.Bootstrapping),
     ],
 )
@@ -258,10 +258,11 @@ def test_time_outs_with_the_real_clock() -> None:
 def test_time_out_settings_are_validated() -> None:
     with pytest.raises(InvalidArgument, match="final"):
         RoomRegistry(timeouts={S.Success: 5})
-    with pytest.raises(InvalidArgument, match="positive"):
-        RoomRegistry(timeouts={S.Transferring: 0})
-    reg = RoomRegistry(timeouts={S.Transferring: None})
+    with pytest.raises(InvalidArgument, match=">= 0"):
+        RoomRegistry(timeouts={S.Transferring: -1})
+    reg = RoomRegistry(timeouts={S.Transferring: None, S.WaitingForInput: 0})  # no limit
     assert S.Transferring not in reg.timeouts
+    assert S.WaitingForInput not in reg.timeouts
     assert reg.timeouts[S.Bootstrapping] == 300.0
 
 
@@ -346,3 +347,39 @@ def test_threads_racing_on_shared_rooms_keep_fan_in_exact() -> None:
         t.join(timeout=60)
     assert all(reg.destinations(r) == (S.WaitingForInput,) * 4 for r in rooms)
     assert all(reg.check_status(r) is S.WaitingForInput for r in rooms)
+
+
+@pytest.mark.parametrize("final", [S.Success, S.Failed])
+def test_a_repeated_final_status_is_a_poll(final: S) -> None:
+    reg = RoomRegistry()
+    reg.add(1)
+    walk(reg, 1, S.WaitingForInput)
+    reg.update_status(1, final, reason="first")
+    before = reg.history(1)
+    assert reg.update_status(1, final, reason="second") is True  # as SGLang's: idempotent
+    assert reg.check_status(1) is final
+    assert reg.history(1) == before
+    assert reg.reason(1) == ("first" if final is S.Failed else None)
+    assert reg.stats.illegal_updates == 0
+
+
+def test_destinations_are_named_in_messages_and_reasons() -> None:
+    reg = RoomRegistry()
+    reg.add(3, required_destinations=2)
+    for d in (0, 1):
+        reg.update_status(3, S.WaitingForInput, destination=d)
+    reg.update_status(3, S.Success, destination=1)
+    assert reg.update_status(3, S.Success, destination=1) is True  # its repeat: a poll
+    with pytest.raises(IllegalTransition) as info:
+        reg.update_status(3, S.Transferring, destination=1)
+    assert "destination 1 is Success already, which is final: it cannot become Transferring" in (
+        str(info.value)
+    )
+    with pytest.raises(IllegalTransition, match="destination 0 is WaitingForInput: no legal"):
+        reg.update_status(3, S.Bootstrapping, destination=0)
+    reg.update_status(3, S.Failed, destination=0, reason="rank 0 lost its GPU")
+    assert reg.check_status(3) is S.Failed
+    assert reg.reason(3) == "rank 0 lost its GPU"  # kept as given
+    reg.add(4, required_destinations=2)
+    reg.update_status(4, S.Failed, destination=1)
+    assert reg.reason(4) == "destination 1 failed"

@@ -176,7 +176,12 @@ class RoomRegistry:
         destination from its status to ``status``; a room with one destination
         takes the step at once. A room with several moves on when every
         destination has reported the step (its status is the least advanced
-        destination's), and any failed destination fails the room.
+        destination's), and any failed destination fails the room (with the
+        reason given, else one naming the destination).
+
+        Reporting the final status a room (or destination) is in again is a
+        poll, as with SGLang's ``update_status``: accepted, nothing changes (a
+        Failed room keeps its first reason).
 
         Args:
             room: the room id.
@@ -210,10 +215,16 @@ class RoomRegistry:
             if rec.dests is None:
                 event = _PAIR.get((rec.status, target))
                 if event is None:
+                    if target is rec.status and target in _TABLE.final:
+                        return True  # a repeat of the final status: a poll
                     raise self._illegal(room, rec.status, target, rec.status)
                 self._enter(room, rec, target, event, now, reason)
                 return True
             index = self._pick(room, rec, target, destination)
+            if index is None:
+                return True  # a destination's repeat: a poll
+            if target is _FAILED and not reason:
+                reason = f"destination {index} failed"
             dests = list(rec.dests)
             dests[index] = target
             new = _FAILED if _FAILED in dests else min(dests, key=_RANK.__getitem__)
@@ -320,7 +331,10 @@ class RoomRegistry:
             raise UnknownRoom(room)
         return rec
 
-    def _pick(self, room: int, rec: _Room, target: TransferStatus, destination: int | None) -> int:
+    def _pick(
+        self, room: int, rec: _Room, target: TransferStatus, destination: int | None
+    ) -> int | None:
+        """The destination a report moves (None: a repeat of its status, a poll)."""
         dests = rec.dests
         assert dests is not None
         if destination is not None:
@@ -334,10 +348,14 @@ class RoomRegistry:
                     f"not {destination!r}"
                 )
             if (dests[destination], target) not in _PAIR:
+                if dests[destination] is target and target in _TABLE.final:
+                    return None
                 raise self._illegal(room, rec.status, target, dests[destination], destination)
             return destination
         candidates = [i for i, s in enumerate(dests) if (s, target) in _PAIR]
         if not candidates:
+            if target in dests and target in _TABLE.final:
+                return None
             raise self._illegal(room, rec.status, target, rec.status)
         return min(candidates, key=lambda i: _RANK[dests[i]])
 
@@ -354,7 +372,7 @@ class RoomRegistry:
         rec.status = dest
         self._deadlines.enter(room, source, dest, now)
         if dest is _FAILED:
-            rec.reason = reason if reason is not None else "failed"
+            rec.reason = reason or "reported Failed (no reason given)"
             if rec.dests is not None:
                 rec.dests = [s if s in _TABLE.final else _FAILED for s in rec.dests]
         if rec.history is not None:
@@ -383,11 +401,21 @@ class RoomRegistry:
         destination: int | None = None,
     ) -> IllegalTransition:
         self._illegal_updates += 1
-        who = "" if destination is None else f" of destination {destination}"
-        if source in _TABLE.final:
-            detail = f"{source.name}{who} is final and nothing leaves it"
+        if destination is not None:
+            if source in _TABLE.final:
+                detail = (
+                    f"destination {destination} is {source.name} already, "
+                    f"which is final: it cannot become {target.name}"
+                )
+            else:
+                detail = (
+                    f"destination {destination} is {source.name}: "
+                    f"no legal event moves it to {target.name}"
+                )
+        elif source in _TABLE.final:
+            detail = f"{source.name} is final and nothing leaves it"
         else:
-            detail = f"no legal event moves{who} {source.name} to {target.name}"
+            detail = f"no legal event moves {source.name} to {target.name}"
         return IllegalTransition(
             room,
             status,
