@@ -143,3 +143,32 @@ def test_a_room_removed_while_awaited_raises(pair: tuple[Sender, Receiver]) -> N
     with pytest.raises(UnknownRoom):
         asyncio.run(main())
     assert time.monotonic() - began < 10
+
+
+def test_a_resume_buffer_that_holds_an_earlier_chunk_is_refused(
+    pair: tuple[Sender, Receiver],
+) -> None:
+    tx, rx = pair
+    payload = torch.arange(12 * 4, dtype=torch.float32).reshape(12, 4)
+    mine = torch.zeros(4, 4)
+    tx.add(60)
+    rx.open(60, tx.address, row_shape=(4,), dtype=torch.float32, buffer=mine, auto_resume=False)
+    tx.send(60, payload)
+    deadline = time.monotonic() + 20
+    while rx.info(60).sent_tokens < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for reused in (mine, mine[2:], mine.view(-1)[4:12].view(2, 4)):
+        with pytest.raises(InvalidArgument, match="shares memory with the buffer of tokens 0"):
+            rx.resume(60, buffer=reused)
+    assert rx.poll(60) is S.Transferring  # refused: nothing changed
+    second = torch.zeros(4, 4)
+    rx.resume(60, buffer=second)
+    while rx.info(60).sent_tokens < 8:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(InvalidArgument, match="tokens 4"):
+        rx.resume(60, buffer=second)
+    rx.resume(60)  # kvpoll's own buffer
+    assert rx.wait(60, 20) is S.Success
+    assert torch.equal(rx.result(60).tensor(), payload)  # no chunk was overwritten

@@ -140,6 +140,29 @@ def _check_buffer(
         raise InvalidArgument(f"room {room}: the buffer must be contiguous")
 
 
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    start = tensor.data_ptr()
+    return start, start + tensor.numel() * tensor.element_size()
+
+
+def _check_not_reused(room: int, buffer: torch.Tensor, parts: list[_Part]) -> None:
+    """Refuse a resume buffer that shares memory with an earlier chunk of the room:
+    that chunk is part of the room's result and would be overwritten."""
+    start, end = _span(buffer)
+    for part in parts:
+        for held in part.pool.buffers:
+            if held.device != buffer.device:
+                continue
+            lo, hi = _span(held)
+            if start < hi and lo < end:
+                raise InvalidArgument(
+                    f"room {room}: the resume buffer shares memory with the buffer of "
+                    f"tokens {part.base}.. of this room, which still hold that chunk "
+                    "(rx.chunks() and result() are views of it): pass a new buffer, "
+                    "or let kvpoll allocate one (buffer=None)"
+                )
+
+
 class Receiver(Endpoint[_ReceiverRoom]):
     """The side that receives (a language-model or decode worker).
 
@@ -260,8 +283,9 @@ class Receiver(Endpoint[_ReceiverRoom]):
         Raises:
             UnknownRoom: the room is not open here.
             IllegalTransition: the room is not Transferring, or has memory left.
-            InvalidArgument: pages outside the pool, or a buffer of the wrong
-                shape or dtype.
+            InvalidArgument: pages outside the pool, a buffer of the wrong
+                shape or dtype, or one that shares memory with an earlier
+                chunk of the room (which it would overwrite).
         """
         self._call(lambda: self._resume_command(room, pages, buffer))
 
@@ -445,6 +469,8 @@ class Receiver(Endpoint[_ReceiverRoom]):
         if pages is not None:
             raise InvalidArgument(f"room {room}: a buffer room resumes with buffer=, not pages=")
         _check_buffer(buffer, rec.row_shape, rec.dtype, room)
+        if buffer is not None:
+            _check_not_reused(room, buffer, rec.parts)
         self._resume(room, rec, buffer)
 
     def _resume_pages(self, room: int, rec: _ReceiverRoom, runs: list[tuple[int, int]]) -> None:
