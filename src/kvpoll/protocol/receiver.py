@@ -3,6 +3,8 @@ the status of its room, and hands the application views of what arrived."""
 
 from __future__ import annotations
 
+import math
+import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from kvpoll.protocol.messages import (
     encode,
 )
 from kvpoll.protocol.pools import token_runs
+from kvpoll.statemachine.registry import check_room_id
 from kvpoll.statemachine.status import Event, TransferStatus
 from kvpoll.transports.base import Region, TransportError
 from kvpoll.transports.shm import boot_id
@@ -140,6 +143,37 @@ def _check_buffer(
         raise InvalidArgument(f"room {room}: the buffer must be contiguous")
 
 
+MAX_ROWS = 2**40
+"""Rows of one receive buffer: at most 2**40 - 1 (the wire's limit)."""
+
+
+def _check_row_shape(room: int, row_shape: object) -> tuple[int, ...]:
+    """``row_shape`` as a tuple of positive ints, or InvalidArgument naming it."""
+    if isinstance(row_shape, int | str | bytes) or not isinstance(row_shape, Sequence):
+        raise InvalidArgument(
+            f"room {room}: row_shape must be a sequence of sizes, such as (4096,), "
+            f"not {row_shape!r}"
+        )
+    bad = [d for d in row_shape if isinstance(d, bool) or not isinstance(d, int) or d < 1]
+    if bad or not row_shape or len(row_shape) > 8:
+        raise InvalidArgument(
+            f"room {room}: row_shape must be 1 to 8 positive ints, such as (4096,), "
+            f"not {tuple(row_shape)!r}"
+        )
+    return tuple(row_shape)
+
+
+def _check_fits(room: int, rows: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """A buffer kvpoll allocates must fit this machine's memory."""
+    need = rows * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > have:
+        raise InvalidArgument(
+            f"room {room}: allocated_tokens={rows} rows of {list(shape)} {dtype} need "
+            f"{need / 2**30:.1f} GiB, more than this machine's {have / 2**30:.1f} GiB"
+        )
+
+
 def _span(tensor: torch.Tensor) -> tuple[int, int]:
     start = tensor.data_ptr()
     return start, start + tensor.numel() * tensor.element_size()
@@ -227,12 +261,11 @@ class Receiver(Endpoint[_ReceiverRoom]):
             ResourceExhausted: no file descriptor, mapping or memory left for a
                 buffer (nothing was changed).
         """
-        if isinstance(room, bool) or not isinstance(room, int):
-            raise InvalidArgument(f"room must be an int, not {type(room).__name__}")
+        check_room_id(room)
         if not isinstance(sender, str) or not sender:
             raise InvalidArgument(f"room {room}: sender must be an address string")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-            raise InvalidArgument(f"room {room}: allocated_tokens must be >= 1 and rank >= 0")
+            raise InvalidArgument(f"room {room}: rank must be an int >= 0, not {rank!r}")
         if pool is not None or pages is not None:
             if pages is None:
                 raise InvalidArgument(f"room {room}: open() needs pages= with pool=")
@@ -256,18 +289,21 @@ class Receiver(Endpoint[_ReceiverRoom]):
             raise InvalidArgument(
                 f"room {room}: open() needs pool= and pages=, or row_shape= and dtype="
             )
-        shape = tuple(int(d) for d in row_shape)
-        if any(d < 1 for d in shape) or not isinstance(dtype, torch.dtype):
-            raise InvalidArgument(
-                f"room {room}: row_shape needs positive sizes and dtype a torch.dtype"
-            )
+        shape = _check_row_shape(room, row_shape)
+        if not isinstance(dtype, torch.dtype):
+            raise InvalidArgument(f"room {room}: dtype must be a torch.dtype, not {dtype!r}")
         if (
             isinstance(allocated_tokens, bool)
             or not isinstance(allocated_tokens, int)
-            or allocated_tokens < 1
+            or not 1 <= allocated_tokens < MAX_ROWS
         ):
-            raise InvalidArgument(f"room {room}: allocated_tokens must be >= 1 and rank >= 0")
+            raise InvalidArgument(
+                f"room {room}: allocated_tokens must be an int in 1 .. {MAX_ROWS - 1}, "
+                f"not {allocated_tokens!r}"
+            )
         _check_buffer(buffer, shape, dtype, room)
+        if buffer is None:
+            _check_fits(room, allocated_tokens, shape, dtype)
         self._call(
             lambda: self._open(
                 room, sender, shape, dtype, allocated_tokens, rank, buffer, auto_resume
@@ -435,9 +471,9 @@ class Receiver(Endpoint[_ReceiverRoom]):
             return _Part(base, own, PageList([(0, int(buffer.shape[0]))]), region=region)
         try:
             lease, new = self._arenas.take(rec.row_shape, rec.dtype, allocated)
-        except ResourceExhausted as exc:
+        except (ResourceExhausted, OSError, MemoryError) as exc:
             raise ResourceExhausted(
-                f"room {room}: cannot allocate {allocated} rows: {exc}"
+                f"room {room}: cannot allocate allocated_tokens={allocated} rows: {exc}"
             ) from exc
         except (SegmentError, InvalidArgument, RuntimeError) as exc:
             raise InvalidArgument(f"room {room}: cannot allocate {allocated} rows: {exc}") from exc

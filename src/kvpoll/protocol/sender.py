@@ -30,6 +30,7 @@ from kvpoll.protocol.messages import (
 )
 from kvpoll.protocol.negotiation import choose_path, mismatch
 from kvpoll.protocol.pools import MAX_PEER_POOLS, PeerPool, Registered, token_runs
+from kvpoll.statemachine.registry import check_room_id
 from kvpoll.statemachine.status import Event, TransferStatus
 from kvpoll.transports.base import Span, TransportError, WriteDone
 from kvpoll.transports.shm import boot_id
@@ -124,6 +125,31 @@ def _check_int(room: int, name: str, value: Any, low: int) -> None:
         raise InvalidArgument(f"room {room}: {name} must be an int >= {low}, not {value!r}")
 
 
+def _check_tensor(room: int, tensor: object) -> torch.Tensor:
+    """``tensor`` can be sent as ``[tokens, *row_shape]``, or InvalidArgument says why."""
+    if not isinstance(tensor, torch.Tensor):
+        hint = " (torch.from_numpy(array) makes one)" if type(tensor).__name__ == "ndarray" else ""
+        raise InvalidArgument(
+            f"room {room}: send() takes a torch.Tensor or pages of a pool, "
+            f"not {type(tensor).__name__}{hint}"
+        )
+    if tensor.dim() < 2:
+        raise InvalidArgument(
+            f"room {room}: send() needs a tensor of shape [tokens, *row_shape], not "
+            f"{list(tensor.shape)} (for one value per token: tensor[:, None])"
+        )
+    if tensor.shape[0] < 1 or tensor.numel() < 1:
+        raise InvalidArgument(f"room {room}: send() needs at least one token of data")
+    if tensor.is_conj() or tensor.is_neg():
+        raise InvalidArgument(
+            f"room {room}: the tensor is a lazy conjugate or negation view "
+            "(.conj()): pass tensor.resolve_conj().resolve_neg()"
+        )
+    if not tensor.is_contiguous():
+        raise InvalidArgument(f"room {room}: the tensor must be contiguous (.contiguous())")
+    return tensor
+
+
 class Sender(Endpoint[_SenderRoom]):
     """The side that holds the data (an encoder or prefill worker).
 
@@ -166,8 +192,7 @@ class Sender(Endpoint[_SenderRoom]):
             DuplicateRoom: the room is open here already.
             InvalidArgument: a non-int room, or fewer than one destination.
         """
-        if isinstance(room, bool) or not isinstance(room, int):
-            raise InvalidArgument(f"room must be an int, not {type(room).__name__}")
+        check_room_id(room)
         _check_int(room, "required_destinations", required_destinations, 1)
         if aux_with not in ("first", "last"):
             raise InvalidArgument(f"room {room}: aux_with must be 'first' or 'last'")
@@ -222,13 +247,7 @@ class Sender(Endpoint[_SenderRoom]):
         if tensor is not None:
             if pages is not None or pool is not None:
                 raise InvalidArgument(f"room {room}: send() takes a tensor or pages, not both")
-            if not isinstance(tensor, torch.Tensor) or tensor.dim() < 1 or tensor.shape[0] < 1:
-                raise InvalidArgument(
-                    f"room {room}: send() needs a tensor with at least one token "
-                    "(shape [tokens, ...])"
-                )
-            if not tensor.is_contiguous():
-                raise InvalidArgument(f"room {room}: the tensor must be contiguous")
+            tensor = _check_tensor(room, tensor)
             own = PagedPool([tensor], page_size=1)
             runs = [(0, int(tensor.shape[0]))]
             self._call(lambda: self._set_data(room, own, runs, None, True, None, bytes(aux), True))
@@ -415,9 +434,17 @@ class Sender(Endpoint[_SenderRoom]):
             return
         why = None
         if message.rank >= rec.required:
-            why = f"rank {message.rank} is outside the room's {rec.required} destinations"
+            why = (
+                f"rank {message.rank} is outside the room's {rec.required} destinations: "
+                "a sender feeding N tensor-parallel receivers opens the room with "
+                "add(room, required_destinations=N)"
+            )
         elif message.rank in rec.dests:
-            why = f"rank {message.rank} has already bootstrapped (a duplicate room?)"
+            why = (
+                f"rank {message.rank} has already bootstrapped (from "
+                f"{rec.dests[message.rank].peer}): each tensor-parallel receiver opens the "
+                "room with its own rank= (0 .. required_destinations-1)"
+            )
         elif not rec.state.can(Event.BOOTSTRAPPED):
             why = f"the room is {rec.state.status.name}, not Bootstrapping"
         memory = self._memory(peer, message, None) if why is None else why

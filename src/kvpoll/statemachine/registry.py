@@ -62,9 +62,20 @@ class _Room:
         self.history = history
 
 
-def _check_room_id(room: object) -> int:
+ROOM_IDS = range(-(2**63), 2**63)
+"""Room ids: 64-bit signed integers, on every side and on the wire."""
+
+
+def check_room_id(room: object) -> int:
+    """``room`` if it is a room id (an int in :data:`ROOM_IDS`).
+
+    Raises:
+        InvalidArgument: anything else, naming it.
+    """
     if isinstance(room, bool) or not isinstance(room, int):
         raise InvalidArgument(f"room must be an int, not {type(room).__name__}")
+    if room not in ROOM_IDS:
+        raise InvalidArgument(f"room {room} is outside the room ids (-2**63 .. 2**63-1)")
     return room
 
 
@@ -112,7 +123,7 @@ class RoomRegistry:
             DuplicateRoom: the id is already registered.
             InvalidArgument: a non-int id, or fewer than one destination.
         """
-        _check_room_id(room)
+        check_room_id(room)
         if (
             isinstance(required_destinations, bool)
             or not isinstance(required_destinations, int)
