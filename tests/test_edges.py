@@ -118,3 +118,27 @@ def test_a_sender_without_required_destinations_says_so() -> None:
         rx.open(1, tx.address, row_shape=(4,), dtype=torch.float32, allocated_tokens=4, rank=1)
         assert rx.wait(1, 20) is S.Failed
         assert "add(room, required_destinations=N)" in (rx.info(1).reason or "")
+
+
+def test_malformed_frames_count_in_the_endpoints_stats(pair: tuple[Sender, Receiver]) -> None:
+    import zmq
+
+    tx, rx = pair
+    ctx = zmq.Context.instance()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.setsockopt(zmq.IDENTITY, b"tcp://127.0.0.1:1")
+    rogue.connect(rx.address)
+    try:
+        for frames in ([b"Z", b"junk"], [b"W", b"short"], [b"C"], [b"C", b"a", b"b"]):
+            rogue.send_multipart(frames)  # frames the transport cannot read
+        rogue.send_multipart([b"C", b"{not json"])  # a message the protocol cannot read
+        deadline = time.monotonic() + 20
+        while rx.stats["malformed"] < 4:
+            assert time.monotonic() < deadline, rx.stats
+            time.sleep(0.01)
+    finally:
+        rogue.close()
+    stats = rx.stats
+    assert {"messages_in", "rejected", "timeouts"} <= stats.keys()  # the endpoint's
+    assert {"rejected_writes"} <= stats.keys()  # and the transport's, in one place

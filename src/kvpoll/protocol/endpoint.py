@@ -453,9 +453,22 @@ class Endpoint(Generic[R]):
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters: messages in and out, malformed, rejected, late, timeouts, ..."""
+        """Every counter of this endpoint, its transport's included (one place).
+
+        The endpoint's: ``messages_in``, ``messages_out``, ``malformed`` (also
+        frames the transport could not read), ``rejected``, ``late`` (for
+        removed rooms), ``unknown`` (rooms never seen), ``illegal``,
+        ``timeouts``, ``peers_lost``, ``abort_acks``, ``internal_errors``; the
+        transport's (``rejected_writes``, ``shm_writes``, ``ucx_writes``, ...)
+        as it names them.
+        """
         with self._lock:
-            return dict(self._stats)
+            counters = dict(self._stats)
+        transport = getattr(self._transport, "stats", None)
+        for key, value in dict(transport or {}).items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                counters[key] = counters.get(key, 0) + value
+        return counters
 
     def close(self, timeout: float = 10.0) -> None:
         """Fail unfinished rooms (telling peers), stop the I/O thread, close the transport.
