@@ -144,10 +144,16 @@ def test_check_trace_bad_lines_never_traceback(kvpoll_cmd: list[str]) -> None:
 
 
 def test_check_trace_json_output(kvpoll_cmd: list[str]) -> None:
-    log = lines([{"room": 3, "status": "Transferring"}, {"room": 3, "status": "WaitingForInput"}])
+    log = lines(
+        [
+            {"room": 3, "status": "WaitingForInput"},
+            {"room": 3, "status": "Transferring"},
+            {"room": 3, "status": "WaitingForInput"},
+        ]
+    )
     out = run(kvpoll_cmd, "check-trace", "--json", "-", stdin=log)
     finding = json.loads(out.stdout)
-    assert finding["line"] == 2
+    assert finding["line"] == 3
     assert (finding["room"], finding["from"], finding["to"]) == (
         3,
         "Transferring",
@@ -289,3 +295,95 @@ def test_option_values_read_like_variables() -> None:
         "port": 0,
         "host": "10.0.0.5",
     }
+
+
+def test_check_trace_starts_every_room_in_bootstrapping(kvpoll_cmd: list[str]) -> None:
+    log = lines([{"room": 1, "status": "Success"}, {"room": 2, "status": "WaitingForInput"}])
+    out = run(kvpoll_cmd, "check-trace", "-", stdin=log)
+    assert out.returncode == 1
+    assert out.stdout.splitlines() == [
+        "line 1: room 1: Bootstrapping -> Success: no legal event moves Bootstrapping to Success"
+    ]
+    assert out.stderr.strip() == "2 lines, 2 rooms: 1 violation, 0 malformed lines"
+    skipping = run(kvpoll_cmd, "check-trace", "--allow-skips", "-", stdin=log)
+    assert skipping.returncode == 0, skipping.stdout  # a sampled log may skip steps
+
+
+def test_check_trace_refuses_an_empty_log(kvpoll_cmd: list[str]) -> None:
+    for text in ("", "\n\n"):
+        out = run(kvpoll_cmd, "check-trace", "-", stdin=text)
+        assert out.returncode == 1
+        assert "nothing to audit" in out.stdout
+
+
+def test_check_trace_into_a_closed_pipe_ends_quietly(kvpoll_cmd: list[str]) -> None:
+    import subprocess
+
+    log = lines([{"room": r, "status": "Success"} for r in range(20000)])
+    shell = subprocess.run(
+        ["bash", "-c", f"{' '.join(kvpoll_cmd)} check-trace - | head -2"],
+        input=log,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert len(shell.stdout.splitlines()) == 2
+    assert "Traceback" not in shell.stderr
+    assert "BrokenPipe" not in shell.stderr
+
+
+def test_an_internal_error_has_its_own_exit_status(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import kvpoll.cli as cli
+
+    def broken(args: object) -> int:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli, "_cmd_diagram", broken)
+    assert cli.main(["diagram"]) == cli.EXIT_INTERNAL == 3
+    err = capsys.readouterr().err
+    assert "ZeroDivisionError: a bug" in err
+    assert "internal error" in err
+
+
+def test_implementation_modules_load_from_the_current_directory(
+    kvpoll_cmd: list[str], tmp_path: Path
+) -> None:
+    (tmp_path / "myimpl.py").write_text(
+        "from kvpoll.testing import KvpollImplementation\n"
+        "def make():\n    return KvpollImplementation()\n"
+    )
+    import subprocess
+
+    out = subprocess.run(
+        [*kvpoll_cmd, "conformance", "--implementation", "myimpl:make"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    missing = subprocess.run(
+        [*kvpoll_cmd, "conformance", "--implementation", "nomodule:make"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert missing.returncode == 2
+    assert "PYTHONPATH" in missing.stderr
+
+
+def test_walkthrough_titles_follow_tokens_and_capacity(kvpoll_cmd: list[str]) -> None:
+    out = run(kvpoll_cmd, "walkthrough", "--capacity", "300", "--tokens", "250", "700")
+    assert out.returncode == 0
+    titles = [line for line in out.stdout.splitlines() if line.startswith("scenario")]
+    assert titles[:2] == [
+        "scenario 1: 250 tokens, one chunk (buffer 300 tokens)",
+        "scenario 2: 700 tokens, 3 chunks, 2 resumes (buffer 300 tokens)",
+    ]
+    assert "seed" not in out.stdout

@@ -124,7 +124,7 @@ def test_malformed_frames_count_in_the_endpoints_stats(pair: tuple[Sender, Recei
     import zmq
 
     tx, rx = pair
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     rogue = ctx.socket(zmq.DEALER)
     rogue.setsockopt(zmq.LINGER, 0)
     rogue.setsockopt(zmq.IDENTITY, b"tcp://127.0.0.1:1")

@@ -73,7 +73,7 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-# -- the seed's scenarios ---------------------------------------------------------------
+# -- the transfer scenarios --------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -470,7 +470,7 @@ def plot(result: TransferBench, path: str) -> None:
         ("one Transport.write", [f"{p}.write" for p in result.paths] + engines),
     )
     for ax, (title, names) in zip(axes, panels, strict=True):
-        for name in names:
+        for name in (n for n in names if n in result.figures):  # what this run measured
             figs = [result.figures[name][k] for k in keys]
             medians = [f.median for f in figs]
             low = [f.median - f.low for f in figs]

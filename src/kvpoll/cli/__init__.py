@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
@@ -14,7 +16,8 @@ from kvpoll.errors import KvpollError
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_PIPE = 128 + 13  # like a program killed by SIGPIPE: the reader went away
 
 DESCRIPTION = """\
 Move tensors between disaggregated LLM workers, with a transfer status that
@@ -22,7 +25,8 @@ only moves forward: every step is checked against one declared table."""
 
 EPILOG = """\
 exit status: 0 success; 1 the command found a problem (a violation, a failed
-case, a mismatch); 2 bad usage or unreadable input.
+case, a mismatch); 2 bad usage or unreadable input; 3 an internal error of
+kvpoll (a bug: please report it with the traceback); 130 interrupted.
 Run 'kvpoll COMMAND --help' for a command's options."""
 
 
@@ -86,7 +90,7 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 def _cmd_walkthrough(args: argparse.Namespace) -> int:
     from kvpoll.cli.walkthrough import walkthrough
 
-    return walkthrough(sys.stdout, capacity=args.capacity)
+    return walkthrough(sys.stdout, capacity=args.capacity, tokens=tuple(args.tokens))
 
 
 def _cmd_diagram(args: argparse.Namespace) -> int:
@@ -124,12 +128,21 @@ def _cmd_check_trace(args: argparse.Namespace) -> int:
                     print(json.dumps(finding.to_json()))
                 else:
                     print(finding)
+    for finding in checker.finish(lines):
+        found += 1
+        violations += not finding.malformed
+        print(json.dumps(finding.to_json()) if args.json else finding)
     summary = (
-        f"{lines} lines, {checker.rooms} rooms: {violations} violations, "
-        f"{found - violations} malformed lines"
+        f"{plural(lines, 'line')}, {plural(checker.rooms, 'room')}: "
+        f"{plural(violations, 'violation')}, {plural(found - violations, 'malformed line')}"
     )
     print(summary, file=sys.stderr)
     return EXIT_FOUND if found else EXIT_OK
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 line``, ``2 lines``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 class _nullcontext:  # noqa: N801 - a context manager that leaves stdin open
@@ -164,9 +177,8 @@ def _cmd_conformance(args: argparse.Namespace) -> int:
 def _cmd_bench_statemachine(args: argparse.Namespace) -> int:
     from kvpoll.bench.statemachine import run
 
-    def progress(msg: str) -> None:
-        if not args.json:
-            print(f"  ... {msg}", file=sys.stderr, flush=True)
+    def progress(msg: str) -> None:  # on stderr, so that --json output stays clean
+        print(f"  ... {msg}", file=sys.stderr, flush=True)
 
     result = run(
         repeats=args.repeat,
@@ -199,7 +211,7 @@ def _cmd_bench_transfer(args: argparse.Namespace) -> int:
     if args.paged:
         return _bench_paged(args, transports)
     bar = None
-    if not args.json and sys.stderr.isatty():
+    if sys.stderr.isatty():  # progress is on stderr; --json output alone on stdout
         from tqdm import tqdm
 
         steps = len(args.sizes) * (args.repeat + 1) + (len(paths) if args.rooms else 0)
@@ -209,7 +221,7 @@ def _cmd_bench_transfer(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.set_description(msg)
             bar.update(1)
-        elif not args.json:
+        else:
             print(f"  ... {msg}", file=sys.stderr, flush=True)
 
     try:
@@ -268,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the main job: transfers between a sender and receiver processes",
         description="Start a receiver process per destination (the language model) and a "
-        "sender process (the encoder), run the seed's scenarios (one chunk, a "
+        "sender process (the encoder), run the transfer scenarios (one chunk, a "
         "resume, several resumes, and the encoder dying mid-transfer) over the "
         "chosen transport, print every status step of both sides as it happens, "
         "verify the data bit for bit, and exit non-zero on any mismatch or "
@@ -283,7 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens of each successful scenario (default: 500 2000 5000)",
     )
     p.add_argument(
-        "--capacity", type=_positive, default=1024, help="tokens per receive buffer (default: 1024)"
+        "--capacity",
+        type=_positive,
+        default=1024,
+        help="rows of each receive buffer, a receiver's allocated_tokens (default: 1024)",
     )
     p.add_argument(
         "--hidden",
@@ -320,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--destinations",
         type=_positive,
         default=1,
-        help="receiver processes (tensor-parallel ranks), each getting all the data (default: 1)",
+        help="receiver processes, each a destination of the room with its own rank "
+        "(a tensor-parallel rank), each getting all the data (default: 1)",
     )
     p.add_argument(
         "--heartbeat",
@@ -354,12 +370,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "walkthrough",
-        help="the seed's scenarios, step by step, on the table",
-        description="Walk the seed's scenarios through TransferState, printing "
-        "each transition, and show the old bugs being rejected.",
+        help="the transfer scenarios, step by step, on the table",
+        description="Walk the transfer scenarios (one chunk, a resume, several resumes, a "
+        "failure) through TransferState, printing each transition, and show the old bugs "
+        "(a reset on resume, a last chunk with no data) being rejected.",
     )
     p.add_argument(
-        "--capacity", type=_positive, default=1024, help="tokens per receive buffer (default: 1024)"
+        "--capacity",
+        type=_positive,
+        default=1024,
+        help="rows of each receive buffer, a receiver's allocated_tokens (default: 1024)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=_positive,
+        nargs="+",
+        default=[500, 2000, 5000],
+        help="tokens of each scenario's data (default: 500 2000 5000)",
     )
     p.set_defaults(func=_cmd_walkthrough)
 
@@ -517,11 +544,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         code: int = args.func(args)
+        sys.stdout.flush()
     except KvpollError as exc:
         print(f"kvpoll {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `kvpoll ... | head`: stop quietly, as other commands do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE
+    except Exception:
+        traceback.print_exc()
+        print(
+            f"kvpoll {args.command}: internal error (a bug in kvpoll {kvpoll.__version__}); "
+            "please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
     return code
 
 

@@ -1,4 +1,4 @@
-"""``kvpoll demo``: the seed's scenarios between real processes.
+"""``kvpoll demo``: the transfer scenarios between real processes.
 
 A sender process ("encoder") and one receiver process per destination
 ("language model" ranks) move random data through the chosen transport:
@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
+from kvpoll.cli.walkthrough import describe_chunks
 from kvpoll.demo.workers import (
     AUX,
     DTYPES,
@@ -297,12 +298,10 @@ def run_demo(
     demo = _Demo(settings, log if json_out else out)
     detected: float | None = None
     problems: list[str] = []
-    labels = ["one chunk", "a chunk, a resume, the rest", "several resumes"]
     try:
         demo.start()
         for i, count in enumerate(tokens):
-            label = labels[i] if i < len(labels) else "more data"
-            demo.run_normal(RoomSpec(i + 1, count), label)
+            demo.run_normal(RoomSpec(i + 1, count), describe_chunks(count, capacity))
         if failure:
             spec = RoomSpec(len(tokens) + 1, 2 * capacity + capacity // 2 + 1, auto_resume=False)
             detected = demo.run_failure(spec)

@@ -1,6 +1,6 @@
 """The five statuses of a transfer and the events that move it.
 
-The numbering of :class:`TransferStatus` is the seed's (order of progress,
+The numbering of :class:`TransferStatus` is kvpoll's (order of progress,
 Failed last). Other systems number them differently: see
 :mod:`kvpoll.compat.sglang`. Never compare statuses with ``<`` or ``max()``
 to decide a step: the table in :mod:`kvpoll.statemachine.table` decides.

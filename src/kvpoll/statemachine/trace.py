@@ -3,9 +3,10 @@
 Each line of the log is a JSON object ``{"room": int, "status": name-or-code,
 "sent_tokens": int (optional)}``. For every room, each observation must follow
 from the previous one by one legal event (or, with ``allow_skips``, by any
-number of legal events, for logs sampled by polling). Repeating the last
+number of legal events, for logs sampled by polling); a room's first
+observation follows from the initial status, Bootstrapping. Repeating the last
 observed status is a poll, not a step. ``sent_tokens`` never goes back, and
-grows with every chunk.
+grows with every chunk. A log with no observation at all is a finding too.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class TraceChecker:
         self.table = table if table is not None else default_table()
         self._last: dict[int, tuple[TransferStatus, int | None]] = {}
         self._rank = {s: i for i, s in enumerate(self.table.order)}
+        self._observed = 0
 
     @property
     def rooms(self) -> int:
@@ -93,14 +95,22 @@ class TraceChecker:
             room, status, tokens = self._parse(text)
         except ValueError as exc:
             return [Finding(line_no, str(exc), malformed=True)]
+        self._observed += 1
         previous = self._last.get(room)
         self._last[room] = (
             status,
             tokens if tokens is not None else (previous[1] if previous else None),
         )
-        if previous is None:
-            return []
+        if previous is None:  # a room starts where the table does
+            return self._judge(line_no, room, (self.table.initial, None), status, tokens)
         return self._judge(line_no, room, previous, status, tokens)
+
+    def finish(self, lines: int) -> list[Finding]:
+        """What is wrong with the log as a whole, once every line was fed."""
+        if self._observed:
+            return []
+        what = "the log is empty" if lines == 0 else "the log has no observation"
+        return [Finding(lines, f"{what}: nothing to audit", malformed=True)]
 
     def _parse(self, text: str) -> tuple[int, TransferStatus, int | None]:
         try:
@@ -176,5 +186,6 @@ def check_trace(
     for number, text in enumerate(lines, start=1):
         report.lines = number
         report.findings.extend(checker.feed(number, text))
+    report.findings.extend(checker.finish(report.lines))
     report.rooms = checker.rooms
     return report

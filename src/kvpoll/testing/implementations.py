@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -168,9 +170,14 @@ def implementation_by_name(name: str) -> Implementation:
         raise KvpollError(
             f"unknown implementation {name!r}: use kvpoll, transitions or module:factory"
         )
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: modules of the current directory
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise KvpollError(f"cannot load implementation {name!r}: {exc}") from exc
+        raise KvpollError(
+            f"cannot load implementation {name!r}: {exc} (the module is imported from the "
+            f"current directory {os.getcwd()} or sys.path; set PYTHONPATH for another place)"
+        ) from exc
     impl: Implementation = factory()
     return impl
