@@ -123,7 +123,7 @@ def test_a_sender_without_required_destinations_says_so() -> None:
 def test_malformed_frames_count_in_the_endpoints_stats(pair: tuple[Sender, Receiver]) -> None:
     import zmq
 
-    tx, rx = pair
+    _, rx = pair
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     rogue = ctx.socket(zmq.DEALER)
     rogue.setsockopt(zmq.LINGER, 0)
