@@ -153,3 +153,26 @@ def test_device_memory_is_refused_with_a_reason() -> None:
             t.register(meta)
     finally:
         t.close()
+
+
+def test_a_missing_system_library_is_named_with_its_package(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib
+
+    real = importlib.import_module
+
+    def without_verbs(name: str, *args: object) -> object:
+        if name == "kvpoll.transports.mooncake_transport":
+            raise ImportError(
+                "libibverbs.so.1: cannot open shared object file: No such file or directory"
+            )
+        return real(name, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(importlib, "import_module", without_verbs)
+    with pytest.raises(TransportUnavailable) as info:
+        resolve("mooncake")
+    message = str(info.value)
+    assert "installed but cannot load the system library libibverbs.so.1" in message
+    assert "apt-get install libibverbs1" in message
+    assert "pip install" not in message

@@ -20,6 +20,7 @@ object a :class:`Transport` subclass (or a factory taking keyword options).
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
@@ -69,6 +70,25 @@ _BUILTIN: dict[str, tuple[str, str, str | None]] = {
 }
 
 
+# system libraries the engines' wheels link against, and the Debian/Ubuntu package of each
+_SYSTEM_PACKAGES = {
+    lib: f" (on Debian/Ubuntu: apt-get install {pkg})"
+    for lib, pkg in {
+        "libibverbs.so.1": "libibverbs1",
+        "libnl-3.so.200": "libnl-3-200",
+        "libnl-route-3.so.200": "libnl-route-3-200",
+        "librdmacm.so.1": "librdmacm1",
+        "libnuma.so.1": "libnuma1",
+    }.items()
+}
+
+
+def _missing_library(exc: ImportError) -> str | None:
+    """The shared library an ImportError says could not be loaded, if that is what failed."""
+    found = re.search(r"(lib[\w.+-]+\.so[\w.]*): cannot open shared object file", str(exc))
+    return found.group(1) if found else None
+
+
 def _entry_points() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
@@ -90,6 +110,12 @@ def resolve(name: str) -> Callable[..., Transport]:
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
+            library = _missing_library(exc)
+            if library is not None:
+                raise TransportUnavailable(
+                    f"the {name!r} transport's package is installed but cannot load the "
+                    f"system library {library}{_SYSTEM_PACKAGES.get(library, '')}: {exc}"
+                ) from exc
             hint = f": pip install 'kvpoll[{extra}]'" if extra else ""
             raise TransportUnavailable(
                 f"the {name!r} transport needs a package that is not installed ({exc.name}){hint}"
