@@ -94,7 +94,8 @@ def test_config_show_sample_matches_the_real_output(tmp_path: Path) -> None:
     text = (ROOT / "docs/configuration.md").read_text()
     toml = re.search(r"```toml\n(.*?)```", text, re.S)
     sample = re.search(r"```\n(\$ .*?)```", text, re.S)
-    assert toml and sample
+    assert toml
+    assert sample
     (tmp_path / "cluster.toml").write_text(toml.group(1))
     command, *expected = sample.group(1).splitlines()
     out = subprocess.run(
