@@ -20,3 +20,26 @@ def test_relative_links_resolve(page: Path) -> None:
         if "://" not in target and not (page.parent / target).exists()
     ]
     assert not broken, f"{page.relative_to(ROOT)} links to missing files: {broken}"
+
+
+@pytest.mark.parametrize("name", ["zmq", "ucx", "nixl", "mooncake"])
+def test_each_transport_page_lists_every_option_with_its_default(name: str) -> None:
+    from kvpoll.cli.config_show import toml_value
+    from kvpoll.transports import TransportUnavailable, resolve
+    from kvpoll.transports.options import schema
+    from tests.helpers import need_transport
+
+    need_transport(name)
+    try:
+        options = schema(resolve(name))
+    except TransportUnavailable as exc:  # pragma: no cover - need_transport skipped already
+        pytest.skip(str(exc))
+    assert options is not None
+    page = (ROOT / "docs" / "transports" / f"{name}.md").read_text()
+    page = page.split("## Options", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| (`[^`]*`|unset) \|", page, re.M))
+    assert set(rows) == set(options), f"{name}.md's table differs from the options"
+    for option in options.values():
+        documented = rows[option.name]
+        actual = "unset" if option.default is None else f"`{toml_value(option.default)}`"
+        assert documented == actual, f"{name}.md: {option.name} documented {documented}"
