@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import traceback
@@ -274,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"kvpoll {kvpoll.__version__}")
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=None,
+        help="log kvpoll's loggers at this level and above to stderr (default: warnings, "
+        "without timestamps; see docs/logging.md)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     p = sub.add_parser(
@@ -536,6 +544,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``kvpoll`` command; return its exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.log_level is not None:
+        logging.basicConfig(
+            level=args.log_level.upper(),
+            format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+            stream=sys.stderr,
+        )
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
