@@ -387,3 +387,18 @@ def test_walkthrough_titles_follow_tokens_and_capacity(kvpoll_cmd: list[str]) ->
         "scenario 2: 700 tokens, 3 chunks, 2 resumes (buffer 300 tokens)",
     ]
     assert "seed" not in out.stdout
+
+
+def test_the_transfer_plot_draws_only_what_was_measured(tmp_path: Path) -> None:
+    from kvpoll.bench.stats import Figure
+    from kvpoll.bench.transfer import MiB, TransferBench, plot
+
+    fig = Figure(2.0, 1.5, 2.5, (1.5, 2.0, 2.5))
+    # a ucx-only run: no copy or pyzmq baseline was measured (it crashed with KeyError 'copy')
+    names = ["ucx", "ucx.write", "raw-ucxx"]
+    result = TransferBench(
+        repeats=3, sizes=[MiB], paths=["ucx"], figures={n: {"1 MiB": fig} for n in names}
+    )
+    out = tmp_path / "x.png"
+    plot(result, str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
