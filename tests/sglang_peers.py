@@ -37,6 +37,8 @@ PREFILL_PAGES = [3, 4, 9, 10, 11]
 DECODE_PAGES = [20, 21, 22, 40, 7]
 CHUNKS = [2, 3]  # pages per prefill chunk
 PREFILL_AUX, DECODE_AUX = 2, 5
+STATE_SLOTS = 8
+PREFILL_SLOT, DECODE_SLOT = 3, 6  # a mamba-like state: one slot per request
 DEADLINE = 30.0
 
 
@@ -59,6 +61,15 @@ def digest(buffers: list[Any], pages: list[int]) -> list[list[str]]:
     ]
 
 
+def state_pool(seed: int) -> list[Any]:
+    """One state component of two tensors (conv and temporal state), a slot per request."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn((STATE_SLOTS, 24), generator=gen),
+        torch.randn((STATE_SLOTS, 40), generator=gen),
+    ]
+
+
 def aux_digest(metadata: Any, row: int) -> list[str]:
     ptrs, _, items = metadata.get_buf_infos()
     return [
@@ -69,6 +80,7 @@ def aux_digest(metadata: Any, row: int) -> list[str]:
 
 def setup(mode: str, port: int) -> tuple[Any, Any, Any, Any]:
     from sglang.srt import runtime_context
+    from sglang.srt.disaggregation.base.conn import StateType
     from sglang.srt.disaggregation.utils import (
         DisaggregationMode,
         KVClassType,
@@ -95,6 +107,7 @@ def setup(mode: str, port: int) -> tuple[Any, Any, Any, Any]:
     runtime_context.get_parallel().override_permanently(pp_group=None)
     backend = TransferBackend(server_args.disaggregation_transfer_backend)
     buffers = kv_pool(seed=1 if mode == "prefill" else 2)
+    states = state_pool(seed=3 if mode == "prefill" else 4)
     metadata = MetadataBuffers(AUX_ROWS, 16, torch.float32, 16)
     kv_args = get_kv_class(backend, KVClassType.KVARGS)()
     kv_args.engine_rank = 0
@@ -114,11 +127,11 @@ def setup(mode: str, port: int) -> tuple[Any, Any, Any, Any]:
     kv_args.prefill_start_layer = 0
     kv_args.prefill_end_layer = LAYERS
     kv_args.aux_data_ptrs, kv_args.aux_data_lens, kv_args.aux_item_lens = metadata.get_buf_infos()
-    kv_args.state_types = []
-    kv_args.state_data_ptrs = []
-    kv_args.state_data_lens = []
-    kv_args.state_item_lens = []
-    kv_args.state_layer_ids = []
+    kv_args.state_types = [StateType.MAMBA]
+    kv_args.state_data_ptrs = [[t.data_ptr() for t in states]]
+    kv_args.state_data_lens = [[t.nbytes for t in states]]
+    kv_args.state_item_lens = [[t[0].nbytes for t in states]]
+    kv_args.state_layer_ids = [[0, 0]]
     kv_args.ib_device = None
     kv_args.gpu_id = 0
     server = None
@@ -127,7 +140,7 @@ def setup(mode: str, port: int) -> tuple[Any, Any, Any, Any]:
         server = get_kv_class(backend, KVClassType.BOOTSTRAP_SERVER)(host="127.0.0.1", port=port)
     manager = get_kv_class(backend, KVClassType.MANAGER)(kv_args, disagg_mode, server_args, False)
     emit(event="ready", manager=type(manager).__name__)
-    return (backend, manager, (buffers, metadata), server)
+    return (backend, manager, (buffers, metadata, states), server)
 
 
 def wait_for(poller: Any, wanted: set[int], what: str) -> int:
@@ -151,10 +164,15 @@ def failure(poller: Any) -> str:
 def prefill(scenario: str, port: int, room: int) -> None:
     from sglang.srt.disaggregation.utils import KVClassType, get_kv_class
 
-    backend, manager, (buffers, metadata), server = setup("prefill", port)
+    backend, manager, (buffers, metadata, states), server = setup("prefill", port)
     metadata.output_ids[PREFILL_AUX, 0] = 4242
     metadata.bootstrap_room[PREFILL_AUX, 0] = room
-    emit(event="data", pages=digest(buffers, PREFILL_PAGES), aux=aux_digest(metadata, PREFILL_AUX))
+    emit(
+        event="data",
+        pages=digest(buffers, PREFILL_PAGES),
+        aux=aux_digest(metadata, PREFILL_AUX),
+        state=digest(states, [PREFILL_SLOT]),
+    )
     sender = get_kv_class(backend, KVClassType.SENDER)(
         mgr=manager, bootstrap_addr=f"127.0.0.1:{port}", bootstrap_room=room
     )
@@ -165,9 +183,10 @@ def prefill(scenario: str, port: int, room: int) -> None:
         sender.init(len(PREFILL_PAGES), PREFILL_AUX)
         start = 0
         for n, count in enumerate(CHUNKS):
+            last = start + count == len(PREFILL_PAGES)
             sender.send(
                 np.array(PREFILL_PAGES[start : start + count], dtype="int32"),
-                state_indices=None,
+                state_indices=[np.array([PREFILL_SLOT], dtype="int32")] if last else None,
                 num_kv_tokens=None,
                 indices_event=None,  # a keyword newer schedulers pass
             )
@@ -202,7 +221,7 @@ def prefill(scenario: str, port: int, room: int) -> None:
 def decode(scenario: str, port: int, room: int) -> None:
     from sglang.srt.disaggregation.utils import KVClassType, get_kv_class
 
-    backend, manager, (buffers, metadata), _ = setup("decode", port)
+    backend, manager, (buffers, metadata, states), _ = setup("decode", port)
     bootstrap_addr = f"127.0.0.1:{port}"
     receiver = get_kv_class(backend, KVClassType.RECEIVER)(
         mgr=manager, bootstrap_addr=bootstrap_addr, bootstrap_room=room
@@ -217,7 +236,11 @@ def decode(scenario: str, port: int, room: int) -> None:
     status = wait_for(receiver, {2}, "WaitingForInput")  # the handshake queue
     polls.add(status)
     if status == 2:
-        receiver.send_metadata(np.array(DECODE_PAGES, dtype="int32"), DECODE_AUX, None)
+        receiver.send_metadata(
+            np.array(DECODE_PAGES, dtype="int32"),
+            DECODE_AUX,
+            [np.array([DECODE_SLOT], dtype="int32")],
+        )
         emit(event="opened")
         if scenario == "abort-decode":
             time.sleep(1.0)  # the prefill sends one chunk, then waits for this abort
@@ -234,6 +257,7 @@ def decode(scenario: str, port: int, room: int) -> None:
         reason=failure(receiver) if status == 0 else None,
         pages=digest(buffers, DECODE_PAGES) if status == 4 else None,
         aux=aux_digest(metadata, DECODE_AUX) if status == 4 else None,
+        state=digest(states, [DECODE_SLOT]) if status == 4 else None,
         room_row=int(metadata.bootstrap_room[DECODE_AUX, 0]),
     )
     receiver.clear()

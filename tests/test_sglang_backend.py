@@ -231,7 +231,14 @@ def test_bootstrap_server_hands_out_each_ranks_kvpoll_address(sglang: Any) -> No
         assert requests.put(url, json={**ROW, "kvpoll_address": address}, timeout=5).ok
         query = "prefill_dp_rank=0&prefill_cp_rank=0&target_tp_rank=0&target_pp_rank=0"
         got = requests.get(f"{url}?{query}", timeout=5).json()
-        assert got == {"rank_ip": "127.0.0.1", "rank_port": 1, "kvpoll_address": address}
+        assert got == {
+            "rank_ip": "127.0.0.1",
+            "rank_port": 1,
+            "kvpoll_address": address,
+            "kvpoll_state_addresses": [],
+        }
+        bad = {**ROW, "kvpoll_address": address, "kvpoll_state_addresses": "tcp://x"}
+        assert requests.put(url, json=bad, timeout=5).status_code == 400
         info = requests.get(url.replace("/route", "/route?") + query.replace("0", "-1"), timeout=5)
         assert info.ok
         assert info.json()["page_size"] == 16
@@ -320,7 +327,8 @@ def test_a_request_moves_page_by_page_with_its_aux_row(
     assert got["status"] == done["status"] == 4, (got, done)
     assert got["pages"] == sent["pages"]  # every page of every layer's K and V, in order
     assert got["aux"] == sent["aux"]
-    assert got["room_row"] == room
+    assert got["room_row"] == room  # the metadata gate's field
+    assert got["state"] == sent["state"]  # the mamba-like state slot, on its own lane
     # before init() the prefill saw only Bootstrapping / WaitingForInput; the decode side
     # never saw Transferring (its pages held all the data) nor a step back
     assert set(done["polls"]) <= {1, 2}
@@ -334,7 +342,8 @@ def test_a_request_moves_page_by_page_with_its_aux_row(
     for side in ("sender", "receiver"):  # each rank's status log passes the audit
         path = str(log).format(side=side)
         steps = [json.loads(line) for line in Path(path).read_text().splitlines()]
-        assert [s["status"] for s in steps] == ["WaitingForInput", "Success"], steps
+        # the KV room and the state room, each WaitingForInput then Success
+        assert sorted(s["status"] for s in steps) == ["Success"] * 2 + ["WaitingForInput"] * 2
         audit = subprocess.run(
             [*kvpoll_cmd, "check-trace", path],
             capture_output=True,

@@ -2,8 +2,9 @@
 
 Prefill ranks ``PUT /route`` their parallel layout as with every SGLang
 backend, and the kvpoll backend adds ``kvpoll_address`` (where the rank's
-:class:`~kvpoll.Sender` is reached). A decode rank's ``GET /route`` for one
-prefill rank returns it beside ``rank_ip`` and ``rank_port``.
+:class:`~kvpoll.Sender` is reached) and ``kvpoll_state_addresses`` (one per
+state component). A decode rank's ``GET /route`` for one prefill rank returns
+them beside ``rank_ip`` and ``rank_port``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,15 @@ from typing import Any
 from aiohttp import web
 from sglang.srt.disaggregation.common.conn import CommonKVBootstrapServer
 
-__all__ = ["MAX_ADDRESS", "KvpollKVBootstrapServer"]
+__all__ = ["MAX_ADDRESS", "MAX_STATE_ADDRESSES", "KvpollKVBootstrapServer"]
 
 MAX_ADDRESS = 1024
 """The longest kvpoll address a rank may register (characters)."""
+MAX_STATE_ADDRESSES = 16
+
+
+def _address(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_ADDRESS
 
 
 def _key(data: Any) -> tuple[int, int, int, int]:
@@ -31,7 +37,7 @@ class KvpollKVBootstrapServer(CommonKVBootstrapServer):  # type: ignore[misc]
     """SGLang's bootstrap server, keeping each prefill rank's kvpoll address."""
 
     def __init__(self, host: str, port: int, **kwargs: Any) -> None:
-        self.kvpoll_addresses: dict[tuple[int, int, int, int], str] = {}
+        self.kvpoll_addresses: dict[tuple[int, int, int, int], dict[str, Any]] = {}
         super().__init__(host, port, **kwargs)
 
     async def _handle_route_put(self, request: web.Request) -> web.Response:
@@ -39,9 +45,20 @@ class KvpollKVBootstrapServer(CommonKVBootstrapServer):  # type: ignore[misc]
             data = await request.json()
             key = _key(data)
             address = data.get("kvpoll_address")
-        except (ValueError, KeyError, TypeError) as exc:
+            states = data.get("kvpoll_state_addresses", [])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return web.Response(text=f"malformed registration: {exc}", status=400)
-        if not isinstance(address, str) or not 0 < len(address) <= MAX_ADDRESS:
+        if (
+            not isinstance(states, list)
+            or len(states) > MAX_STATE_ADDRESSES
+            or not all(_address(a) for a in states)
+        ):
+            return web.Response(
+                text=f"kvpoll_state_addresses must be a list of at most {MAX_STATE_ADDRESSES} "
+                "addresses",
+                status=400,
+            )
+        if not _address(address):
             return web.Response(
                 text="a kvpoll prefill rank registers its kvpoll_address (a string of "
                 f"1 to {MAX_ADDRESS} characters); is the prefill server running another "
@@ -51,7 +68,10 @@ class KvpollKVBootstrapServer(CommonKVBootstrapServer):  # type: ignore[misc]
         response: web.Response = await super()._handle_route_put(request)
         if response.status == 200:
             async with self.lock:
-                self.kvpoll_addresses[key] = address
+                self.kvpoll_addresses[key] = {
+                    "kvpoll_address": address,
+                    "kvpoll_state_addresses": list(states),
+                }
         return response
 
     async def _handle_route_get(self, request: web.Request) -> web.Response:
@@ -72,9 +92,9 @@ class KvpollKVBootstrapServer(CommonKVBootstrapServer):  # type: ignore[misc]
         if response.status != 200 or key == (-1, -1, -1, -1) or response.text is None:
             return response
         async with self.lock:
-            address = self.kvpoll_addresses.get(key)  # type: ignore[arg-type]
-        if address is None:
+            kvpoll = self.kvpoll_addresses.get(key)  # type: ignore[arg-type]
+        if kvpoll is None:
             return response
         body = json.loads(response.text)
-        body["kvpoll_address"] = address
+        body.update(kvpoll)
         return web.json_response(body, status=200)

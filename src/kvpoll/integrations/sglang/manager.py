@@ -2,7 +2,10 @@
 
 A prefill rank runs a :class:`~kvpoll.Sender`, a decode rank a
 :class:`~kvpoll.Receiver`; both register SGLang's KV buffers (and aux rows)
-as one :class:`~kvpoll.PagedPool` (see :mod:`.memory`). The transport is
+as one :class:`~kvpoll.PagedPool` (see :mod:`.memory`). Each state component
+(mamba, SWA, ...: ``KVArgs.state_*``) is a *lane* of its own: a pool over its
+buffers (one item per index) and an endpoint of its own, so that a request is
+one room per lane, all with the request's bootstrap room. The transport is
 kvpoll's configuration's (``kvpoll.toml``, ``KVPOLL_*``), as for any kvpoll
 program. Discovery stays SGLang's: prefill ranks register at the bootstrap
 server (with their kvpoll address added), decode ranks look them up there.
@@ -14,6 +17,7 @@ import json
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from sglang.srt.disaggregation.base.conn import KVPoll
@@ -29,7 +33,20 @@ if TYPE_CHECKING:
     from kvpoll.integrations.sglang.sender import KvpollKVSender
     from kvpoll.memory import PagedPool
 
-__all__ = ["STATUS_LOG_ENV", "KvpollKVManager", "UnsupportedByKvpoll"]
+__all__ = ["STATUS_LOG_ENV", "KvpollKVManager", "Lane", "UnsupportedByKvpoll"]
+
+MAX_STATE_LANES = 16
+"""State components a rank may register (SGLang models have one to three)."""
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One kind of memory a request moves: KV pages (with aux rows), or one state component."""
+
+    name: str
+    endpoint: Sender | Receiver
+    pool: PagedPool
+
 
 STATUS_LOG_ENV = "KVPOLL_SGLANG_STATUS_LOG"
 """A path: every step of every room is appended to it as a JSON line that
@@ -61,9 +78,9 @@ class KvpollKVManager(CommonKVManager):  # type: ignore[misc]
     kvpoll steps (only ``Failed`` and the decode handshake are ever written).
 
     Raises (at construction):
-        UnsupportedByKvpoll: state buffers (mamba, SWA, ...), host KV
-            destinations, the ``prefill_complete`` allocation policy, or
-            memory kvpoll cannot reach.
+        UnsupportedByKvpoll: host KV destinations, the ``prefill_complete``
+            allocation policy, more than 16 state components, or memory kvpoll
+            cannot reach.
     """
 
     kv_status_msg_tag = b"KVPOLL"  # never sent: kvpoll carries every status itself
@@ -81,11 +98,9 @@ class KvpollKVManager(CommonKVManager):  # type: ignore[misc]
     ) -> None:
         if kwargs:
             log.debug("kvpoll manager ignores keywords %s", sorted(kwargs))
-        if list(getattr(args, "state_types", None) or []):
-            raise UnsupportedByKvpoll(
-                "the kvpoll backend moves KV pages and aux rows; models with state "
-                f"buffers ({[str(s) for s in args.state_types]}) are not supported yet"
-            )
+        states = list(getattr(args, "state_types", None) or [])
+        if len(states) > MAX_STATE_LANES:
+            raise UnsupportedByKvpoll(f"{len(states)} state components: at most {MAX_STATE_LANES}")
         _check_device(server_args)
         self.kv_pool: PagedPool = pool_from_buffers(
             list(args.kv_data_ptrs),
@@ -102,13 +117,25 @@ class KvpollKVManager(CommonKVManager):  # type: ignore[misc]
             "sender" if prefill else "receiver", getattr(args, "engine_rank", 0)
         )
         on_status = self._log_status if self._status_log is not None else None
-        self.endpoint: Sender | Receiver = (
-            Sender(on_status=on_status) if prefill else Receiver(on_status=on_status)
-        )
+
+        def endpoint() -> Sender | Receiver:
+            return Sender(on_status=on_status) if prefill else Receiver(on_status=on_status)
+
+        self.endpoint: Sender | Receiver = endpoint()
+        self.lanes: list[Lane] = [Lane("kv", self.endpoint, self.kv_pool)]
         self._adapters: dict[int, KvpollKVSender | KvpollKVReceiver] = {}
         self._adapters_lock = threading.Lock()
         try:
-            self.endpoint.register(self.kv_pool)
+            for i, state in enumerate(states):
+                pool = pool_from_buffers(
+                    list(args.state_data_ptrs[i]),
+                    list(args.state_data_lens[i]),
+                    list(args.state_item_lens[i]),
+                )
+                name = str(getattr(state, "value", state))
+                self.lanes.append(Lane(f"state {i} ({name})", endpoint(), pool))
+            for lane in self.lanes:
+                lane.endpoint.register(lane.pool)
             super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
             if self.defer_decode_allocation:
                 raise UnsupportedByKvpoll(
@@ -117,17 +144,31 @@ class KvpollKVManager(CommonKVManager):  # type: ignore[misc]
         except BaseException:
             self.close()
             raise
-        log.info(
-            "kvpoll %s on %s: %s",
-            self.endpoint.side,
-            self.endpoint.address,
-            describe(self.kv_pool),
-        )
+        for lane in self.lanes:
+            log.info(
+                "kvpoll %s (%s) on %s: %s",
+                lane.endpoint.side,
+                lane.name,
+                lane.endpoint.address,
+                describe(lane.pool),
+            )
+
+    @property
+    def state_lanes(self) -> list[Lane]:
+        """The lanes of the state components, in ``KVArgs.state_types`` order."""
+        return self.lanes[1:]
 
     # -- discovery ------------------------------------------------------------------
     def _register_topology_row(self, url: str, payload: dict[str, Any]) -> None:
         """Register this prefill rank at the bootstrap server, with its kvpoll address."""
-        super()._register_topology_row(url, {**payload, "kvpoll_address": self.endpoint.address})
+        super()._register_topology_row(
+            url,
+            {
+                **payload,
+                "kvpoll_address": self.endpoint.address,
+                "kvpoll_state_addresses": [lane.endpoint.address for lane in self.state_lanes],
+            },
+        )
 
     # -- rooms ----------------------------------------------------------------------
     def attach(self, room: int, adapter: KvpollKVSender | KvpollKVReceiver) -> None:
@@ -166,7 +207,8 @@ class KvpollKVManager(CommonKVManager):  # type: ignore[misc]
         self.close()
 
     def close(self) -> None:
-        self.endpoint.close()
+        for lane in getattr(self, "lanes", [Lane("kv", self.endpoint, self.kv_pool)]):
+            lane.endpoint.close()
         socket = getattr(self, "server_socket", None)
         if socket is not None:
             socket.close(linger=0)

@@ -6,12 +6,13 @@ A decode request lives in two phases, each stepped by kvpoll's table:
    :class:`~kvpoll.TransferState` that is Bootstrapping until ``init()`` has
    found the prefill rank (through SGLang's bootstrap server), then
    WaitingForInput; or Failed.
-2. The room, from ``send_metadata()``: the receiver's room over the offered
-   pages and aux row. The room's own Bootstrapping (its offer on the way to
-   the prefill rank) is still "waiting for input" to SGLang; from there the
-   room's status is reported as it is: Transferring, Success once every page
-   and the aux row are written, Failed on a time-out, a dead prefill rank or
-   an abort.
+2. The rooms, from ``send_metadata()``: the receiver's room over the offered
+   pages and aux row, and one room per state component with state indices
+   (see :mod:`.lanes`). The KV room's own Bootstrapping (its offer on the way
+   to the prefill rank) is still "waiting for input" to SGLang; from there the
+   status is reported as it is: Transferring, Success once every page, the
+   aux row and the state are written, Failed on a time-out, a dead prefill
+   rank or an abort.
 
 A status never moves back: phase 1 ends in WaitingForInput (or Failed, and
 then there is no phase 2), and phase 2 starts there.
@@ -30,12 +31,18 @@ from sglang.srt.disaggregation.common.conn import CommonKVReceiver, KVTransferEr
 
 from kvpoll.compat.sglang import to_sglang
 from kvpoll.errors import DuplicateRoom, IllegalTransition, KvpollError, UnknownRoom
+from kvpoll.integrations.sglang.lanes import LaneRooms
 from kvpoll.integrations.sglang.manager import KvpollKVManager
 from kvpoll.statemachine import TransferState, TransferStatus
 
 __all__ = ["KvpollKVReceiver"]
 
 log = logging.getLogger("kvpoll.integrations.sglang")
+
+
+def _flat(indices: Any) -> list[int]:
+    flat: list[int] = np.asarray(indices, dtype=np.int64).ravel().tolist()
+    return flat
 
 
 class KvpollKVReceiver(CommonKVReceiver):  # type: ignore[misc]
@@ -63,6 +70,8 @@ class KvpollKVReceiver(CommonKVReceiver):  # type: ignore[misc]
         self._handshake = TransferState(int(bootstrap_room or 0))
         self._opened = False
         self._reason: str | None = None
+        self.rooms = LaneRooms(mgr.lanes, int(bootstrap_room or 0))
+        self.kvpoll_state_addresses: list[str] = []
         if bootstrap_room is None:
             self._handshake_failed("a kvpoll transfer needs a bootstrap room")
             return
@@ -98,7 +107,15 @@ class KvpollKVReceiver(CommonKVReceiver):  # type: ignore[misc]
                 "is the prefill server running the kvpoll transfer backend?"
             )
             return
+        states = real[0].get("kvpoll_state_addresses") or []
+        if len(states) != len(self.kv_mgr.state_lanes):
+            self._handshake_failed(
+                f"the prefill rank registered {len(states)} state components and this decode "
+                f"rank {len(self.kv_mgr.state_lanes)}: both must serve the same model"
+            )
+            return
         self.kvpoll_address = address
+        self.kvpoll_state_addresses = [str(a) for a in states]
         if self._handshake.status is TransferStatus.Bootstrapping:
             self._handshake.bootstrapped()
 
@@ -117,21 +134,27 @@ class KvpollKVReceiver(CommonKVReceiver):  # type: ignore[misc]
         if self._handshake.status is not TransferStatus.WaitingForInput:
             self._handshake_failed("send_metadata() before init() found the prefill rank")
             return
-        unsupported = self._unsupported(state_indices, decode_prefix_len, destination)
+        unsupported = self._unsupported(decode_prefix_len, destination)
         if unsupported:
             self._handshake_failed(unsupported)
             return
-        pages = np.asarray(kv_indices, dtype=np.int64).reshape(-1).tolist()
+        given = list(state_indices) if state_indices is not None else []
+        if len(given) > len(self.kv_mgr.state_lanes):
+            self._handshake_failed(
+                f"{len(given)} state components offered, {len(self.kv_mgr.state_lanes)} registered"
+            )
+            return
         room = int(self.bootstrap_room)  # type: ignore[arg-type]
+        offers: list[tuple[int, list[int], int | None]] = [(0, _flat(kv_indices), aux_index)]
+        for i, indices in enumerate(given, start=1):
+            if indices is not None and len(_flat(indices)):
+                offers.append((i, _flat(indices), None))
         try:
-            try:
-                self._open(room, pages, aux_index)
-            except DuplicateRoom:
-                if not self._receiver.poll(room).is_final:
-                    raise
-                self._receiver.remove(room)  # left by an earlier request
-                self._open(room, pages, aux_index)
+            for lane, pages, aux in offers:
+                self._open(lane, room, pages, aux)
         except KvpollError as exc:
+            self.rooms.abort(f"cannot open room {room}: {exc}")
+            self.rooms.remove()
             self._handshake_failed(f"cannot open room {room}: {exc}")
             return
         self._opened = True
@@ -150,8 +173,12 @@ class KvpollKVReceiver(CommonKVReceiver):  # type: ignore[misc]
                 status = TransferStatus.Failed
             if status is TransferStatus.Bootstrapping:
                 status = TransferStatus.WaitingForInput  # the offer is on its way (phase 2)
+            status = self.rooms.combined(status)
         if status.is_final:
             self.conclude_state = to_sglang(status)
+            if status is TransferStatus.Failed and self._opened:
+                self._reason = self._reason or self.rooms.failure()
+                self.rooms.abort(self._reason or "another lane of the request failed")
         return to_sglang(status)
 
     def failure_exception(self) -> None:
@@ -183,9 +210,7 @@ class KvpollKVReceiver(CommonKVReceiver):  # type: ignore[misc]
             self.poll()
         if self.bootstrap_room is not None:
             self.kv_mgr.detach(self.bootstrap_room, self)
-        if self._opened:
-            with contextlib.suppress(UnknownRoom, KvpollError):
-                self._receiver.remove(self.bootstrap_room)
+        self.rooms.remove()
 
     # -- SGLang's shared code ---------------------------------------------------------------
     def _register_kv_args(self) -> bool:
@@ -202,23 +227,25 @@ class KvpollKVReceiver(CommonKVReceiver):  # type: ignore[misc]
         with self.kv_mgr.failure_lock:
             recorded = self.kv_mgr.failure_records.pop(self.bootstrap_room, None)
         if self._reason is None and self._opened:
-            with contextlib.suppress(UnknownRoom):
-                self._reason = self._receiver.info(self.bootstrap_room).reason
+            self._reason = self.rooms.failure()
         return self._reason or self._handshake.reason or recorded or "the transfer failed"
 
-    def _open(self, room: int, pages: list[int], aux_index: int | None) -> None:
-        self._receiver.open(
-            room,
-            self.kvpoll_address,
-            pool=self.kv_mgr.kv_pool,
-            pages=pages,
-            aux_index=aux_index,
-        )
+    def _open(self, lane: int, room: int, pages: list[int], aux_index: int | None) -> None:
+        """Open the room on ``lane`` toward the prefill rank's endpoint of that lane."""
+        endpoint = self.rooms.endpoint(lane)
+        sender = self.kvpoll_address if lane == 0 else self.kvpoll_state_addresses[lane - 1]
+        pool = self.kv_mgr.lanes[lane].pool
+        try:
+            endpoint.open(room, sender, pool=pool, pages=pages, aux_index=aux_index)
+        except DuplicateRoom:
+            if not endpoint.poll(room).is_final:
+                raise
+            endpoint.remove(room)  # left by an earlier request
+            endpoint.open(room, sender, pool=pool, pages=pages, aux_index=aux_index)
+        self.rooms.open[lane] = True
 
     @staticmethod
-    def _unsupported(state_indices: Any, decode_prefix_len: int | None, destination: Any) -> str:
-        if state_indices is not None and any(s is not None and len(s) for s in state_indices):
-            return "state indices were offered, but the kvpoll backend moves no state buffers"
+    def _unsupported(decode_prefix_len: int | None, destination: Any) -> str:
         if decode_prefix_len:
             return "a decode-side prefix cache hit is not supported by the kvpoll backend yet"
         if destination != KVTransferDestination.DEVICE:
@@ -231,11 +258,7 @@ class KvpollKVReceiver(CommonKVReceiver):  # type: ignore[misc]
             self._handshake_failed(reason)
             return
         self._reason = reason
-        try:
-            if not self._receiver.poll(self.bootstrap_room).is_final:
-                self._receiver.abort(self.bootstrap_room, reason)
-        except UnknownRoom:
-            pass
+        self.rooms.abort(reason)
         self.poll()
 
     def _handshake_failed(self, reason: str) -> None:
