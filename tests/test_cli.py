@@ -198,6 +198,10 @@ def test_bench_statemachine_json(kvpoll_cmd: list[str]) -> None:
     result = json.loads(out.stdout)
     figures = result["figures"]
     for key in (
+        "kvpoll_walk_ns",  # the default settings (history kept)
+        "transitions_walk_ns",
+        "kvpoll_vs_dict_walk",
+        "transitions_vs_kvpoll_walk",
         "dict_ns",
         "kvpoll_ns",
         "transitions_ns",

@@ -34,6 +34,8 @@ from kvpoll.statemachine.table import default_table
 __all__ = ["StatemachineBench", "run"]
 
 TARGETS = {
+    "transitions_vs_kvpoll_walk": 20.0,
+    "kvpoll_vs_dict_walk": 3.0,
     "transitions_vs_kvpoll_step": 20.0,
     "kvpoll_vs_dict_step": 3.0,
     "bytes_per_room": 512.0,
@@ -47,6 +49,8 @@ def _spec_doc() -> dict[str, Any]:
 
 
 def _ns_kvpoll(steps: int) -> float:
+    # one room stepping forever: history off, or it would hold every step (the walk
+    # below measures the default settings)
     state = TransferState(1, history=False)
     state.bootstrapped()
     state.chunk_sent(sent_tokens=1, is_last=False)
@@ -69,6 +73,44 @@ def _ns_dict(steps: int) -> float:
 
 class _Model:
     pass
+
+
+# The transfer walk, as users run it: a room bootstraps, sends a chunk, resumes,
+# sends the last chunk (four steps), with each side's default settings.
+def _walk_kvpoll(rooms: int) -> float:
+    states = [TransferState(room) for room in range(rooms)]  # history on: the default
+    start = time.perf_counter_ns()
+    for state in states:
+        state.bootstrapped()
+        state.chunk_sent(sent_tokens=1024, is_last=False)
+        state.resumed(sent_tokens=1024)
+        state.chunk_sent(sent_tokens=2000, is_last=True)
+    return (time.perf_counter_ns() - start) / (4 * rooms)
+
+
+def _walk_dict(rooms: int) -> float:
+    table = dict(default_table().next)
+    walk = (Event.BOOTSTRAPPED, Event.CHUNK_SENT, Event.RESUMED, Event.LAST_CHUNK_SENT)
+    start = time.perf_counter_ns()
+    for _ in range(rooms):
+        status = TransferStatus.Bootstrapping
+        for event in walk:
+            status = table[(status, event)]
+    return (time.perf_counter_ns() - start) / (4 * rooms)
+
+
+def _walk_transitions(rooms: int) -> float:
+    doc = _spec_doc()
+    models = [_Model() for _ in range(rooms)]
+    for model in models:  # one machine each: add_model is quadratic
+        _machine(doc, "Bootstrapping", model)
+    start = time.perf_counter_ns()
+    for m in models:
+        m.bootstrapped()  # type: ignore[attr-defined]
+        m.chunk_sent()  # type: ignore[attr-defined]
+        m.resumed()  # type: ignore[attr-defined]
+        m.last_chunk_sent()  # type: ignore[attr-defined]
+    return (time.perf_counter_ns() - start) / (4 * rooms)
 
 
 def _machine(doc: dict[str, Any], initial: str, model: object) -> Any:
@@ -140,6 +182,10 @@ class StatemachineBench:
     def verdicts(self) -> dict[str, bool]:
         f = self.figures
         return {
+            "transitions_vs_kvpoll_walk": f["transitions_vs_kvpoll_walk"].median
+            >= TARGETS["transitions_vs_kvpoll_walk"],
+            "kvpoll_vs_dict_walk": f["kvpoll_vs_dict_walk"].median
+            <= TARGETS["kvpoll_vs_dict_walk"],
             "transitions_vs_kvpoll_step": f["transitions_vs_kvpoll_step"].median
             >= TARGETS["transitions_vs_kvpoll_step"],
             "kvpoll_vs_dict_step": f["kvpoll_vs_dict_step"].median
@@ -174,7 +220,19 @@ class StatemachineBench:
                 f"kvpoll bench statemachine: python {platform.python_version()}, "
                 f"{self.repeats} repeats; median [min-max]",
                 "",
-                "validated transition (Transferring -chunk_sent-> Transferring), ns per step",
+                "the transfer walk (bootstrapped, chunk, resume, last chunk), default "
+                "settings (history kept), ns per step",
+                f"  bare (status, event) dict lookup  {f['dict_walk_ns'].show(' ns', 1)}",
+                f"  kvpoll TransferState              {f['kvpoll_walk_ns'].show(' ns', 1)}",
+                f"  transitions.Machine               {f['transitions_walk_ns'].show(' ns', 0)}",
+                f"  kvpoll / dict          {f['kvpoll_vs_dict_walk'].show('x', 2)}"
+                f"   target <= {TARGETS['kvpoll_vs_dict_walk']:g}x  {mark('kvpoll_vs_dict_walk')}",
+                f"  transitions / kvpoll   {f['transitions_vs_kvpoll_walk'].show('x', 1)}"
+                f"   target >= {TARGETS['transitions_vs_kvpoll_walk']:g}x  "
+                f"{mark('transitions_vs_kvpoll_walk')}",
+                "",
+                "one transition in a loop (Transferring -chunk_sent-> Transferring), "
+                "history off, ns per step",
                 f"  bare (status, event) dict lookup  {f['dict_ns'].show(' ns', 1)}",
                 f"  kvpoll TransferState              {f['kvpoll_ns'].show(' ns', 1)}",
                 f"  transitions.Machine               {f['transitions_ns'].show(' ns', 0)}",
@@ -222,7 +280,15 @@ def run(
     rem: list[float] = []
     add_small: list[float] = []
     tr_add: list[float] = []
+    walk_kv: list[float] = []
+    walk_dict: list[float] = []
+    walk_tr: list[float] = []
+    walkers = max(steps // 100, 200)
     for i in range(repeats):
+        say(f"repeat {i + 1}/{repeats}: the walk")
+        walk_dict.append(_walk_dict(walkers * 10))
+        walk_kv.append(_walk_kvpoll(walkers * 10))
+        walk_tr.append(_walk_transitions(walkers))
         say(f"repeat {i + 1}/{repeats}: transitions")
         bare.append(_ns_dict(steps))
         kv.append(_ns_kvpoll(steps))
@@ -236,6 +302,11 @@ def run(
         tr_add.append(_add_transitions(transitions_rooms) / transitions_rooms * 1e6)
     result = StatemachineBench(repeats, rooms, transitions_rooms)
     result.figures = {
+        "dict_walk_ns": figure(walk_dict),
+        "kvpoll_walk_ns": figure(walk_kv),
+        "transitions_walk_ns": figure(walk_tr),
+        "kvpoll_vs_dict_walk": ratio(walk_kv, walk_dict),
+        "transitions_vs_kvpoll_walk": ratio(walk_tr, walk_kv),
         "dict_ns": figure(bare),
         "kvpoll_ns": figure(kv),
         "transitions_ns": figure(tr),

@@ -23,6 +23,7 @@ _ROW = {event: _TABLE.row(event) for event in Event}
 _CHUNK_ROW = _ROW[_CHUNK]
 _LAST_ROW = _ROW[_LAST]
 _RESUMED_ROW = _ROW[_RESUMED]
+_BOOTSTRAPPED_ROW = _ROW[_BOOTSTRAPPED]
 
 
 class Transition(NamedTuple):
@@ -35,6 +36,11 @@ class Transition(NamedTuple):
     event: Event
     sent_tokens: int
     """Tokens delivered once the step was applied."""
+
+
+_Step = tuple[float, TransferStatus, TransferStatus, Event, int]
+_now = time.time
+_transition = Transition._make
 
 
 def _tokens(value: object, room: int) -> int:
@@ -72,7 +78,9 @@ class TransferState:
         self._status = _TABLE.initial
         self._sent_tokens = 0
         self._reason: str | None = None
-        self._history: list[Transition] | None = [] if history else None
+        # steps as plain tuples (a NamedTuple costs several times more to make);
+        # :attr:`history` hands them out as Transitions
+        self._history: list[_Step] | None = [] if history else None
 
     # -- read-only views -------------------------------------------------
     @property
@@ -93,7 +101,7 @@ class TransferState:
     @property
     def history(self) -> tuple[Transition, ...]:
         """Applied steps, oldest first (empty when history is switched off)."""
-        return tuple(self._history) if self._history is not None else ()
+        return tuple(map(_transition, self._history)) if self._history is not None else ()
 
     @property
     def is_final(self) -> bool:
@@ -113,7 +121,14 @@ class TransferState:
         Raises:
             IllegalTransition: not in Bootstrapping.
         """
-        return self._apply(_BOOTSTRAPPED, self._sent_tokens, "bootstrapped()")
+        source = self._status
+        dest = _BOOTSTRAPPED_ROW[source]
+        if dest is None:
+            raise self._illegal(_BOOTSTRAPPED, "bootstrapped()", None)
+        self._status = dest
+        if self._history is not None:
+            self._history.append((_now(), source, dest, _BOOTSTRAPPED, self._sent_tokens))
+        return dest
 
     def chunk_sent(self, *, sent_tokens: int, is_last: bool) -> TransferStatus:
         """A chunk reached every destination.
@@ -136,9 +151,7 @@ class TransferState:
         self._status = dest
         self._sent_tokens = sent_tokens
         if self._history is not None:
-            self._history.append(
-                Transition(time.time(), source, dest, _LAST if is_last else _CHUNK, sent_tokens)
-            )
+            self._history.append((_now(), source, dest, _LAST if is_last else _CHUNK, sent_tokens))
         return dest
 
     def resumed(self, *, sent_tokens: int) -> TransferStatus:
@@ -171,7 +184,7 @@ class TransferState:
                 )
             raise self._illegal(_RESUMED, f"resumed(sent_tokens={tokens})", detail)
         if self._history is not None:
-            self._history.append(Transition(time.time(), source, dest, _RESUMED, sent_tokens))
+            self._history.append((_now(), source, dest, _RESUMED, sent_tokens))
         return dest
 
     def failed(self, reason: str = "") -> TransferStatus:
@@ -210,7 +223,7 @@ class TransferState:
             raise self._illegal(event, call, None)
         self._status = dest
         if self._history is not None:
-            self._history.append(Transition(time.time(), source, dest, event, sent_tokens))
+            self._history.append((_now(), source, dest, event, sent_tokens))
         return dest
 
     def _illegal(self, event: Event, call: str, detail: str | None) -> IllegalTransition:
