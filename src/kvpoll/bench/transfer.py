@@ -13,7 +13,9 @@ Two processes: this one receives (a :class:`~kvpoll.Receiver`), a child sends
   command to the bytes being in the receiver's buffer; see
   :mod:`kvpoll.bench.raw_engines`).
 
-Then 1,000 concurrent one-chunk rooms through one endpoint pair per path.
+Then 2,000 concurrent one-chunk rooms through one endpoint pair per path
+beside raw pyzmq round trips with as many in flight, and the latency of one
+4 KiB room per path beside a raw pyzmq round trip (:mod:`kvpoll.bench.latency`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 import zmq
 
+from kvpoll.bench import latency
 from kvpoll.bench.child import ask, sending_child
 from kvpoll.bench.raw_engines import RAW, receiving_half, sending_half
 from kvpoll.bench.stats import Figure, figure, ratio
@@ -38,7 +41,14 @@ ROW = 4096  # bytes per token row
 PATHS = ("zmq-shm", "zmq-tcp")
 ENGINES = ("ucx", "nixl", "mooncake")
 TRANSPORTS = ("zmq", *ENGINES)
-TARGETS = {"shm_vs_copy": 0.7, "tcp_vs_pyzmq": 1.0, "engine_vs_raw": 0.9}
+TARGETS = {
+    "shm_vs_copy": 0.7,
+    "tcp_vs_pyzmq": 1.0,
+    "engine_vs_raw": 0.9,
+    "room_vs_rtt_p50": 3.0,  # a 4 KiB room, open() to Success, in raw pyzmq round trips
+    "room_vs_rtt_p99": 5.0,  # its p99, in median round trips
+    "rooms_vs_pipelined": 0.10,  # rooms/s in flight, as a share of pipelined round trips/s
+}
 MiB = 1 << 20
 _OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "zmq-shm": ("zmq", {"shm": True}),
@@ -127,6 +137,9 @@ def _child(conn: Any) -> None:
                 push.connect(address)
                 raw_buf = _source(nbytes).numpy().data
                 conn.send("ok")
+            elif kind == "echo":
+                latency.echo_child(command[1], command[2])
+                conn.send("ok")
             elif kind == "go":
                 if push is None or raw_buf is None:
                     raise RuntimeError("'go' before 'raw'")
@@ -151,9 +164,23 @@ class TransferBench:
     figures: dict[str, dict[str, Figure]] = field(default_factory=dict)
     ratios: dict[str, dict[str, Figure]] = field(default_factory=dict)
     concurrent: dict[str, dict[str, float]] = field(default_factory=dict)
+    latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    """``pyzmq-rtt`` and each path: microseconds (p50, p99, min, max)."""
+    pipelined_per_s: float | None = None
+    """Raw pyzmq 4 KiB round trips per second with the concurrent rooms' count in flight."""
 
     def verdicts(self) -> dict[str, bool]:
         met = {}
+        rtt = self.latency.get("pyzmq-rtt")
+        for path in self.paths:
+            room = self.latency.get(path)
+            if rtt is None or room is None:
+                continue
+            for q in ("p50", "p99"):
+                target = TARGETS[f"room_vs_rtt_{q}"]
+                met[f"4 KiB room {q} over {path} <= {target:g}x a pyzmq round trip"] = (
+                    room[f"{q}_us"] / rtt["p50_us"] <= target
+                )
         engines = [p for p in self.paths if p in RAW]
         for size in self.sizes:
             if size < 16 * MiB:
@@ -182,6 +209,11 @@ class TransferBench:
             met[f"{int(result['rooms']):,} concurrent rooms complete over {path}"] = (
                 result["succeeded"] == result["rooms"]
             )
+            if self.pipelined_per_s:
+                share = TARGETS["rooms_vs_pipelined"]
+                met[f"rooms/s over {path} >= {share:.0%} of pipelined pyzmq round trips/s"] = (
+                    result["rooms_per_s"] / self.pipelined_per_s >= share
+                )
         return met
 
     def to_json(self) -> dict[str, object]:
@@ -197,6 +229,8 @@ class TransferBench:
             },
             "ratios": {p: {s: f.to_json() for s, f in by.items()} for p, by in self.ratios.items()},
             "concurrent_rooms": self.concurrent,
+            "latency_us": self.latency,
+            "pyzmq_pipelined_round_trips_per_s": self.pipelined_per_s,
             "targets": TARGETS,
             "met": self.verdicts(),
         }
@@ -239,11 +273,32 @@ class TransferBench:
                 f"  {name:<30}" + "  ".join(f"{size}: {f.show('x', 2)}" for size, f in by.items())
             )
         for path, result in self.concurrent.items():
+            share = (
+                f", {result['rooms_per_s'] / self.pipelined_per_s:.1%} of raw pyzmq's "
+                f"{self.pipelined_per_s:,.0f} pipelined round trips/s"
+                if self.pipelined_per_s
+                else ""
+            )
             lines.append(
                 f"  {int(result['rooms']):,} concurrent one-chunk rooms over {path}: "
                 f"{int(result['succeeded']):,} succeeded in {result['seconds']:.2f} s "
-                f"({result['rooms_per_s']:,.0f} rooms/s)"
+                f"({result['rooms_per_s']:,.0f} rooms/s{share})"
             )
+        rtt = self.latency.get("pyzmq-rtt")
+        if rtt is not None:
+            lines.append("")
+            lines.append("latency of one 4 KiB room, open() to Success (us):")
+            lines.append(
+                f"  {'raw pyzmq round trip':<22} p50 {rtt['p50_us']:8.1f}  p99 {rtt['p99_us']:8.1f}"
+            )
+            for path in self.paths:
+                room = self.latency.get(path)
+                if room is not None:
+                    lines.append(
+                        f"  {path:<22} p50 {room['p50_us']:8.1f}  p99 {room['p99_us']:8.1f}"
+                        f"   = {room['p50_us'] / rtt['p50_us']:.1f}x / "
+                        f"{room['p99_us'] / rtt['p50_us']:.1f}x a round trip"
+                    )
         lines.append("")
         for target, ok in self.verdicts().items():
             lines.append(f"  target {target}: {'met' if ok else 'MISSED'}")
@@ -282,7 +337,8 @@ def run(
     *,
     sizes: list[int],
     repeats: int = 5,
-    concurrent_rooms: int = 1000,
+    concurrent_rooms: int = 2000,
+    latency_rooms: int = 200,
     transports: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> TransferBench:
@@ -320,6 +376,21 @@ def run(
                         result.concurrent[path] = _concurrent(
                             conn, rx, address, path, concurrent_rooms, rooms
                         )
+            if latency_rooms:
+                for path in group:
+                    say(f"{latency_rooms} 4 KiB rooms, one at a time, over {path}")
+                    with _endpoints(conn, path) as (rx, address):
+                        result.latency[path] = latency.summary(
+                            latency.room_latency(conn, rx, address, path, latency_rooms, rooms)
+                        )
+        if latency_rooms:
+            say("raw pyzmq round trips")
+            result.latency["pyzmq-rtt"] = latency.summary(latency.round_trips(conn, latency_rooms))
+        if concurrent_rooms:
+            say(f"raw pyzmq round trips, {concurrent_rooms} in flight")
+            result.pipelined_per_s = latency.pipelined(
+                conn, max(10 * concurrent_rooms, 10_000), concurrent_rooms
+            )
     return result
 
 

@@ -230,6 +230,7 @@ def _cmd_bench_transfer(args: argparse.Namespace) -> int:
             sizes=[s << 20 for s in args.sizes],
             repeats=args.repeat,
             concurrent_rooms=args.rooms,
+            latency_rooms=args.latency_rooms,
             transports=transports,
             progress=progress,
         )
@@ -500,9 +501,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--rooms",
         type=int,
-        default=1000,
-        help="concurrent one-chunk rooms to push through one endpoint pair "
-        "(default: 1000; 0 skips)",
+        default=2000,
+        help="concurrent one-chunk rooms to push through one endpoint pair, beside raw "
+        "pyzmq round trips with as many in flight (default: 2000; 0 skips)",
+    )
+    b.add_argument(
+        "--latency-rooms",
+        type=int,
+        default=200,
+        help="4 KiB rooms timed one at a time per path, beside raw pyzmq round trips "
+        "(default: 200; 0 skips)",
     )
     b.add_argument(
         "--paged",
