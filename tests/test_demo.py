@@ -157,5 +157,6 @@ def test_the_paged_demo_with_two_ranks_and_small_memory(transport: list[str]) ->
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)
     check_paged(summary, 2, [3000])
+    assert summary["rooms"][0]["scenario"] == "6 chunks, 5 resumes"  # follows --tokens/--capacity
     for who in ("lm rank 0", "lm rank 1"):
         assert summary["rooms"][0]["sides"][who]["events"].count("resumed") == 5

@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import functools
 import fcntl
 import mmap
 import os
@@ -59,6 +60,7 @@ class ResourceExhausted(SegmentError, errors.ResourceExhausted):
     """Out of file descriptors or mappings while making or attaching shared memory."""
 
 
+@functools.cache
 def boot_id() -> str:
     """An id of this host's running kernel: equal ids mean one host."""
     try:
