@@ -19,8 +19,8 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
-import functools
 import fcntl
+import functools
 import mmap
 import os
 import stat

@@ -34,6 +34,7 @@ from kvpoll.protocol.messages import (
     encode,
 )
 from kvpoll.protocol.pools import Registered, register_pool
+from kvpoll.protocol.throttle import LogThrottle
 from kvpoll.protocol.waiting import Completion, Waiter, check_rooms
 from kvpoll.statemachine.deadlines import Deadlines, Timeouts, check_timeouts
 from kvpoll.statemachine.state import TransferState, Transition
@@ -43,7 +44,6 @@ from kvpoll.transports.base import (
     MessageReceived,
     PeerClosed,
     Transport,
-    TransportError,
     WriteDone,
 )
 
@@ -250,6 +250,7 @@ class Endpoint(Generic[R]):
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._waiter = Waiter(self.poll, self._changed)
+        self._warn = LogThrottle(log)  # refused input: a flood logs a summary
         self._rooms: dict[int, R] = {}
         self._status: dict[int, TransferStatus] = {}  # read without the lock by poll()
         self._tombstones: OrderedDict[int, None] = OrderedDict()
@@ -281,6 +282,7 @@ class Endpoint(Generic[R]):
                 "peers_lost",
                 "abort_acks",
                 "internal_errors",
+                "send_errors",
             ),
             0,
         )
@@ -535,9 +537,16 @@ class Endpoint(Generic[R]):
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._run_commands()
-                wait = self._tick()
-                for event in self._transport.progress(wait):
+                try:
+                    self._run_commands()
+                    wait = self._tick()
+                    events = self._transport.progress(wait)
+                except Exception:  # never let one bad turn stop the thread
+                    self._stats["internal_errors"] += 1
+                    log.exception("the %s I/O loop hit an error; it goes on", self.side)
+                    self._stop.wait(0.01)  # no hot loop if the error repeats
+                    continue
+                for event in events:
                     self._dispatch(event)
             self._shutdown()
         except Exception:
@@ -571,7 +580,10 @@ class Endpoint(Generic[R]):
                     self._peer_lost(event.peer, "closed its endpoint")
         except Exception:
             self._stats["internal_errors"] += 1
-            log.exception("the %s could not handle %r", self.side, event)
+            peer = getattr(event, "peer", None)
+            log.exception(  # the event's type and peer, never its payload
+                "the %s could not handle a %s from %s", self.side, type(event).__name__, peer
+            )
 
     def _on_payload(self, peer: str, payload: bytes) -> None:
         self._stats["messages_in"] += 1
@@ -582,7 +594,9 @@ class Endpoint(Generic[R]):
             message = decode(payload)
         except MessageError as exc:
             self._stats["malformed"] += 1
-            log.warning("dropped a malformed message from %s: %s", peer, exc)
+            self._warn.warning(
+                "malformed message", "dropped a malformed message from %s: %s", peer, exc
+            )
             return
         if isinstance(message, Heartbeat):
             self._send(peer, HeartbeatAck(seq=message.seq))
@@ -622,6 +636,7 @@ class Endpoint(Generic[R]):
 
     def _peer_lost(self, address: str, why: str) -> None:
         self._forget_peer(address)
+        self._transport.forget(address)  # no socket kept open to a dead peer
         peer = self._peers.pop(address, None)
         if peer is None:
             return
@@ -641,8 +656,11 @@ class Endpoint(Generic[R]):
         try:
             self._transport.send(peer, encode(message))
             self._stats["messages_out"] += 1
-        except TransportError as exc:
-            log.warning("could not send %s to %s: %s", type(message).__name__, peer, exc)
+        except Exception as exc:  # a transport or socket error: this message is lost, no more
+            self._stats["send_errors"] += 1
+            self._warn.warning(
+                "send failed", "could not send %s to %s: %s", type(message).__name__, peer, exc
+            )
 
     def _watch(self, room: int, rec: R, peer: str) -> None:
         rec.peers.add(peer)
@@ -749,7 +767,9 @@ class Endpoint(Generic[R]):
             log.debug("dropped a late %s for removed room %s from %s", message.type, room, peer)
         else:
             self._stats["rejected"] += 1
-            log.warning("rejected %s from %s: %s", message.type, peer, why)
+            self._warn.warning(
+                f"rejected {message.type}", "rejected %s from %s: %s", message.type, peer, why
+            )
 
     def _pool_entry(self, pool: PagedPool) -> Registered:
         entry = self._pools.get(pool.id)

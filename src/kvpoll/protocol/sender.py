@@ -417,7 +417,9 @@ class Sender(Endpoint[_SenderRoom]):
         if path is None:
             reason = mismatch(message.transports, spoken, same_host=same_host)
             self._reject(peer, message, reason)
-            if rec is not None:
+            # only a bootstrap the room could have taken fails it: one for a rank out
+            # of range or taken already, or for a room past Bootstrapping, is refused alone
+            if rec is not None and self._rank_refusal(rec, message) is None:
                 self._fail(room, rec, f"rank {message.rank} at {peer}: {reason}")
             return
         if rec is None:
@@ -432,21 +434,7 @@ class Sender(Endpoint[_SenderRoom]):
                 pending = self._pending[room] = _Pending(time.monotonic())
             pending.bootstraps.append((peer, message))
             return
-        why = None
-        if message.rank >= rec.required:
-            why = (
-                f"rank {message.rank} is outside the room's {rec.required} destinations: "
-                "a sender feeding N tensor-parallel receivers opens the room with "
-                "add(room, required_destinations=N)"
-            )
-        elif message.rank in rec.dests:
-            why = (
-                f"rank {message.rank} has already bootstrapped (from "
-                f"{rec.dests[message.rank].peer}): each tensor-parallel receiver opens the "
-                "room with its own rank= (0 .. required_destinations-1)"
-            )
-        elif not rec.state.can(Event.BOOTSTRAPPED):
-            why = f"the room is {rec.state.status.name}, not Bootstrapping"
+        why = self._rank_refusal(rec, message)
         memory = self._memory(peer, message, None) if why is None else why
         if isinstance(memory, str):
             known = self._peer_pools.get(peer)
@@ -475,6 +463,25 @@ class Sender(Endpoint[_SenderRoom]):
             room, rec, "bootstrapped", rec.state.bootstrapped
         ):
             self._advance(room, rec)
+
+    @staticmethod
+    def _rank_refusal(rec: _SenderRoom, message: Bootstrap) -> str | None:
+        """Why the room cannot take this bootstrap's rank now (None: it can)."""
+        if message.rank >= rec.required:
+            return (
+                f"rank {message.rank} is outside the room's {rec.required} destinations: "
+                "a sender feeding N tensor-parallel receivers opens the room with "
+                "add(room, required_destinations=N)"
+            )
+        if message.rank in rec.dests:
+            return (
+                f"rank {message.rank} has already bootstrapped (from "
+                f"{rec.dests[message.rank].peer}): each tensor-parallel receiver opens the "
+                "room with its own rank= (0 .. required_destinations-1)"
+            )
+        if not rec.state.can(Event.BOOTSTRAPPED):
+            return f"the room is {rec.state.status.name}, not Bootstrapping"
+        return None
 
     def _reject(
         self, peer: str, message: Bootstrap | Resume, why: str, *, unknown_pool: bool = False

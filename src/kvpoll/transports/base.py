@@ -317,6 +317,13 @@ class Transport(ABC):
     def wakeup(self) -> None:
         """Make a :meth:`progress` in another thread return soon. Thread-safe."""
 
+    def forget(self, peer: str) -> None:
+        """Release what is held to reach ``peer`` (it died); reopened if it is used again.
+
+        Optional: the default holds nothing per peer.
+        """
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Release everything and tell peers. Idempotent; never raises."""

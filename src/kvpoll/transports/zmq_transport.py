@@ -28,6 +28,7 @@ import logging
 import os
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -111,7 +112,10 @@ class ZmqTransport(Transport):
         write_timeout: float = 30.0,
         max_idle_pool_bytes: int = 4 << 30,
         max_attached: int = 256,
+        max_peers: int = 1024,
     ) -> None:
+        if max_peers < 1:
+            raise TransportError(f"max_peers must be at least 1, not {max_peers}")
         if max_frame < 4096:
             raise TransportError(f"max_frame must be at least 4096 bytes, not {max_frame}")
         if host in ("0.0.0.0", "*", "::", "") and not advertise:
@@ -139,7 +143,10 @@ class ZmqTransport(Transport):
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
-        self._dealers: dict[str, zmq.Socket[bytes]] = {}
+        # one socket per peer written to, least recently used first; at most max_peers
+        # (a flood of made-up identities cannot exhaust file descriptors)
+        self._dealers: OrderedDict[str, zmq.Socket[bytes]] = OrderedDict()
+        self._max_peers = max_peers
         self._shm = shm
         self._boot = boot_id()
         # Receive buffers come from this pool on both paths: reused, pre-touched memory.
@@ -150,7 +157,7 @@ class ZmqTransport(Transport):
         self._segments: dict[int, Segment] = {}
         self._pending: dict[int, _Pending] = {}
         self._incoming_errors: dict[tuple[str, int], str] = {}
-        self._closed_peers: set[str] = set()
+        self._closed_peers: OrderedDict[str, None] = OrderedDict()  # bounded like _dealers
         self._events: list[TransportEvent] = []
         self._write_ids = itertools.count(1)
         self._max_frame = max_frame
@@ -162,6 +169,7 @@ class ZmqTransport(Transport):
             "shm_writes": 0,
             "tcp_writes": 0,
             "attached_segments": 0,
+            "peers_dropped": 0,
         }
 
     # -- regions -------------------------------------------------------------
@@ -337,24 +345,42 @@ class ZmqTransport(Transport):
         self._check_open()
         if peer in self._closed_peers:
             return
-        self._dealer(peer).send_multipart([_CONTROL, payload])
+        try:
+            self._dealer(peer).send_multipart([_CONTROL, payload])
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot send to {peer}: {exc}") from exc
 
     def _dealer(self, peer: str) -> zmq.Socket[bytes]:
         dealer = self._dealers.get(peer)
-        if dealer is None:
-            if not peer.startswith("tcp://"):
-                raise TransportError(f"not a zmq address: {peer!r}")
+        if dealer is not None:
+            self._dealers.move_to_end(peer)
+            return dealer
+        if not peer.startswith("tcp://"):
+            raise TransportError(f"not a zmq address: {peer!r}")
+        while len(self._dealers) >= self._max_peers:  # the least recently used goes
+            self.stats["peers_dropped"] += 1
+            _, oldest = self._dealers.popitem(last=False)
+            oldest.close(0)
+        try:
             dealer = self._ctx.socket(zmq.DEALER)
-            for opt, value in ((zmq.LINGER, 200), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
-                dealer.setsockopt(opt, value)
-            dealer.setsockopt(zmq.IDENTITY, self._address.encode())
-            try:
-                dealer.connect(peer)
-            except zmq.ZMQError as exc:
-                dealer.close(0)
-                raise TransportError(f"cannot connect to {peer}: {exc}") from exc
-            self._dealers[peer] = dealer
+        except zmq.ZMQError as exc:  # out of file descriptors or sockets
+            raise TransportError(f"cannot open a socket to {peer}: {exc}") from exc
+        for opt, value in ((zmq.LINGER, 200), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
+            dealer.setsockopt(opt, value)
+        dealer.setsockopt(zmq.IDENTITY, self._address.encode())
+        try:
+            dealer.connect(peer)
+        except zmq.ZMQError as exc:
+            dealer.close(0)
+            raise TransportError(f"cannot connect to {peer}: {exc}") from exc
+        self._dealers[peer] = dealer
         return dealer
+
+    def forget(self, peer: str) -> None:
+        """Close the socket to ``peer`` (a peer gone or no longer shared); reopened on need."""
+        dealer = self._dealers.pop(peer, None)
+        if dealer is not None:
+            dealer.close(0)
 
     # -- progress ------------------------------------------------------------------
     def progress(self, timeout: float) -> list[TransportEvent]:
@@ -412,7 +438,7 @@ class ZmqTransport(Transport):
         kind = self._router.recv()
         more = self._router.getsockopt(zmq.RCVMORE)
         if kind != _BYE:
-            self._closed_peers.discard(peer)  # it is back (a restart on the same address)
+            self._closed_peers.pop(peer, None)  # it is back (a restart on the same address)
         if kind == _CONTROL and more:
             payload = self._router.recv()
             if self._router.getsockopt(zmq.RCVMORE):
@@ -495,7 +521,9 @@ class ZmqTransport(Transport):
                 )
 
     def _peer_closed(self, peer: str) -> None:
-        self._closed_peers.add(peer)
+        self._closed_peers[peer] = None
+        while len(self._closed_peers) > 4 * self._max_peers:
+            self._closed_peers.popitem(last=False)
         for write_id, pending in list(self._pending.items()):
             if pending.peer == peer:
                 self._finish(write_id, f"peer {peer} closed")
