@@ -2,8 +2,9 @@
 
 Both between the same two processes as the rest of ``kvpoll bench transfer``:
 
-* ``rtt``: the receiving process sends 4 KiB on a pyzmq PAIR socket over TCP
-  loopback and waits for the sending process to echo it; each round trip timed.
+* ``rtt``: the receiving process sends 4 KiB on a pyzmq PUSH socket over TCP
+  loopback and waits for the sending process to echo it back on another; each
+  round trip timed.
 * ``pipelined``: the same echo with up to ``window`` messages in flight:
   round trips per second.
 * each kvpoll path: the sending process adds a room and hands it one 4 KiB row
@@ -47,79 +48,97 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-def echo_child(address: str, count: int) -> None:
-    """In the sending process: echo ``count`` messages back on a PAIR socket."""
+def echo_child(requests: str, replies: str, count: int) -> None:
+    """In the sending process: echo ``count`` messages from ``requests`` to ``replies``."""
     ctx = zmq.Context()
-    pair = ctx.socket(zmq.PAIR)
-    pair.setsockopt(zmq.LINGER, 0)
-    pair.setsockopt(zmq.SNDHWM, 0)  # the window bounds what is in flight, not the queues
-    pair.setsockopt(zmq.RCVHWM, 0)
-    pair.connect(address)
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    for sock in (pull, push):
+        sock.setsockopt(zmq.SNDHWM, 0)  # the window bounds what is in flight, not the queues
+        sock.setsockopt(zmq.RCVHWM, 0)
+    pull.setsockopt(zmq.LINGER, 0)
+    push.setsockopt(zmq.LINGER, 10_000)  # the last replies may still be queued at close
+    pull.connect(requests)
+    push.connect(replies)
     try:
         for _ in range(count):
-            if not pair.poll(60_000):
+            if not pull.poll(60_000):
                 raise RuntimeError("echo: nothing to echo within 60 s")
-            pair.send(pair.recv(copy=False), copy=False)
+            push.send(pull.recv(copy=False), copy=False)
     finally:
-        pair.close()
+        pull.close()
+        push.close()
         ctx.term()
 
 
-def _pair(conn: Any, count: int) -> tuple[zmq.Context[zmq.Socket[bytes]], zmq.Socket[bytes]]:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    pair = ctx.socket(zmq.PAIR)
-    pair.setsockopt(zmq.LINGER, 0)
-    pair.setsockopt(zmq.SNDHWM, 0)
-    pair.setsockopt(zmq.RCVHWM, 0)
-    port = pair.bind_to_random_port("tcp://127.0.0.1")
-    conn.send(("echo", f"tcp://127.0.0.1:{port}", count))
-    return ctx, pair
+class _Echo:
+    """This side of an echo: PUSH requests out, PULL the replies (TCP loopback)."""
+
+    def __init__(self, conn: Any, count: int) -> None:
+        self.conn = conn
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.push, self.pull = self.ctx.socket(zmq.PUSH), self.ctx.socket(zmq.PULL)
+        for sock in (self.push, self.pull):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+        out = self.push.bind_to_random_port("tcp://127.0.0.1")
+        back = self.pull.bind_to_random_port("tcp://127.0.0.1")
+        conn.send(("echo", f"tcp://127.0.0.1:{out}", f"tcp://127.0.0.1:{back}", count))
+
+    def reply(self) -> None:
+        if not self.pull.poll(60_000):
+            raise RuntimeError("raw pyzmq: no echo within 60 s")
+        self.pull.recv(copy=False)
+
+    def close(self) -> None:
+        try:
+            if not self.conn.poll(60) or self.conn.recv() != "ok":
+                raise RuntimeError("the echo did not end")
+        finally:
+            self.push.close()
+            self.pull.close()
+            self.ctx.term()
 
 
 def round_trips(conn: Any, count: int) -> list[float]:
     """``count`` timed 4 KiB round trips (after as many untimed to warm up)."""
-    ctx, pair = _pair(conn, 2 * count)
+    echo = _Echo(conn, 2 * count)
     payload = bytes(ROW)
     samples = []
     try:
         for i in range(2 * count):
             start = time.perf_counter()
-            pair.send(payload, copy=False)
-            if not pair.poll(60_000):
-                raise RuntimeError("raw pyzmq round trip: no echo within 60 s")
-            pair.recv(copy=False)
+            echo.push.send(payload, copy=False)
+            echo.reply()
             if i >= count:
                 samples.append(time.perf_counter() - start)
-        if not conn.poll(60) or conn.recv() != "ok":
-            raise RuntimeError("the echo did not end")
     finally:
-        pair.close()
-        ctx.term()
+        echo.close()
     return samples
 
 
 def pipelined(conn: Any, count: int, window: int) -> float:
     """Round trips per second with up to ``window`` 4 KiB messages in flight."""
-    ctx, pair = _pair(conn, count)
+    echo = _Echo(conn, count)
     payload = bytes(ROW)
     sent = received = 0
     try:
         start = time.perf_counter()
         while received < count:
             while sent < count and sent - received < window:
-                pair.send(payload, copy=False)
+                echo.push.send(payload, copy=False)
                 sent += 1
-            if not pair.poll(60_000):
-                raise RuntimeError("raw pyzmq pipelined: no echo within 60 s")
-            while received < sent and pair.poll(0):
-                pair.recv(copy=False)
+            try:
+                echo.reply()
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc} (sent {sent}, received {received})") from None
+            received += 1
+            while received < sent and echo.pull.poll(0):
+                echo.pull.recv(copy=False)
                 received += 1
         took = time.perf_counter() - start
-        if not conn.poll(60) or conn.recv() != "ok":
-            raise RuntimeError("the echo did not end")
     finally:
-        pair.close()
-        ctx.term()
+        echo.close()
     return count / took
 
 

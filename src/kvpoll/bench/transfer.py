@@ -138,7 +138,7 @@ def _child(conn: Any) -> None:
                 raw_buf = _source(nbytes).numpy().data
                 conn.send("ok")
             elif kind == "echo":
-                latency.echo_child(command[1], command[2])
+                latency.echo_child(command[1], command[2], command[3])
                 conn.send("ok")
             elif kind == "go":
                 if push is None or raw_buf is None:
