@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kvpoll.errors import IllegalTransition, InvalidArgument
 from kvpoll.statemachine.status import Event, TransferStatus
@@ -38,9 +38,8 @@ class Transition(NamedTuple):
     """Tokens delivered once the step was applied."""
 
 
-_Step = tuple[float, TransferStatus, TransferStatus, Event, int]
 _now = time.time
-_transition = Transition._make
+_STEP = 5  # values per step in a history: at, source, dest, event, sent_tokens
 
 
 def _tokens(value: object, room: int) -> int:
@@ -78,9 +77,10 @@ class TransferState:
         self._status = _TABLE.initial
         self._sent_tokens = 0
         self._reason: str | None = None
-        # steps as plain tuples (a NamedTuple costs several times more to make);
-        # :attr:`history` hands them out as Transitions
-        self._history: list[_Step] | None = [] if history else None
+        # steps flat in one list, five values each: no object made per step for the
+        # garbage collector to track (a tuple per step cost several times the step
+        # itself once many rooms were alive); :attr:`history` hands out Transitions
+        self._history: list[Any] | None = [] if history else None
 
     # -- read-only views -------------------------------------------------
     @property
@@ -101,7 +101,10 @@ class TransferState:
     @property
     def history(self) -> tuple[Transition, ...]:
         """Applied steps, oldest first (empty when history is switched off)."""
-        return tuple(map(_transition, self._history)) if self._history is not None else ()
+        h = self._history
+        if h is None:
+            return ()
+        return tuple(Transition._make(h[i : i + _STEP]) for i in range(0, len(h), _STEP))
 
     @property
     def is_final(self) -> bool:
@@ -127,7 +130,7 @@ class TransferState:
             raise self._illegal(_BOOTSTRAPPED, "bootstrapped()", None)
         self._status = dest
         if self._history is not None:
-            self._history.append((_now(), source, dest, _BOOTSTRAPPED, self._sent_tokens))
+            self._history += (_now(), source, dest, _BOOTSTRAPPED, self._sent_tokens)
         return dest
 
     def chunk_sent(self, *, sent_tokens: int, is_last: bool) -> TransferStatus:
@@ -151,7 +154,7 @@ class TransferState:
         self._status = dest
         self._sent_tokens = sent_tokens
         if self._history is not None:
-            self._history.append((_now(), source, dest, _LAST if is_last else _CHUNK, sent_tokens))
+            self._history += (_now(), source, dest, _LAST if is_last else _CHUNK, sent_tokens)
         return dest
 
     def resumed(self, *, sent_tokens: int) -> TransferStatus:
@@ -184,7 +187,7 @@ class TransferState:
                 )
             raise self._illegal(_RESUMED, f"resumed(sent_tokens={tokens})", detail)
         if self._history is not None:
-            self._history.append((_now(), source, dest, _RESUMED, sent_tokens))
+            self._history += (_now(), source, dest, _RESUMED, sent_tokens)
         return dest
 
     def failed(self, reason: str = "") -> TransferStatus:
@@ -223,7 +226,7 @@ class TransferState:
             raise self._illegal(event, call, None)
         self._status = dest
         if self._history is not None:
-            self._history.append((_now(), source, dest, event, sent_tokens))
+            self._history += (_now(), source, dest, event, sent_tokens)
         return dest
 
     def _illegal(self, event: Event, call: str, detail: str | None) -> IllegalTransition:
