@@ -268,6 +268,26 @@ def _positive(text: str) -> int:
     return value
 
 
+def _add_capacity(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--capacity",
+        type=_positive,
+        default=1024,
+        help="rows of each receive buffer, a receiver's allocated_tokens (default: 1024)",
+    )
+
+
+def _add_tokens(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tokens",
+        type=_positive,
+        nargs="+",
+        default=[500, 2000, 5000],
+        metavar="N",
+        help="tokens of each scenario's data (default: 500 2000 5000)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvpoll",
@@ -295,20 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
         "verify the data bit for bit, and exit non-zero on any mismatch or "
         "illegal step.",
     )
-    p.add_argument(
-        "--tokens",
-        type=_positive,
-        nargs="+",
-        default=[500, 2000, 5000],
-        metavar="N",
-        help="tokens of each successful scenario (default: 500 2000 5000)",
-    )
-    p.add_argument(
-        "--capacity",
-        type=_positive,
-        default=1024,
-        help="rows of each receive buffer, a receiver's allocated_tokens (default: 1024)",
-    )
+    _add_tokens(p)
+    _add_capacity(p)
     p.add_argument(
         "--hidden",
         type=_positive,
@@ -384,19 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
         "failure) through TransferState, printing each transition, and show the old bugs "
         "(a reset on resume, a last chunk with no data) being rejected.",
     )
-    p.add_argument(
-        "--capacity",
-        type=_positive,
-        default=1024,
-        help="rows of each receive buffer, a receiver's allocated_tokens (default: 1024)",
-    )
-    p.add_argument(
-        "--tokens",
-        type=_positive,
-        nargs="+",
-        default=[500, 2000, 5000],
-        help="tokens of each scenario's data (default: 500 2000 5000)",
-    )
+    _add_capacity(p)
+    _add_tokens(p)
     p.set_defaults(func=_cmd_walkthrough)
 
     p = sub.add_parser(

@@ -13,11 +13,13 @@ server (with their kvpoll address added), decode ranks look them up there.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from sglang.srt.disaggregation.base.conn import KVPoll
@@ -49,8 +51,9 @@ class Lane:
 
 
 STATUS_LOG_ENV = "KVPOLL_SGLANG_STATUS_LOG"
-"""A path: every step of every room is appended to it as a JSON line that
-``kvpoll check-trace`` reads. ``{side}``, ``{rank}`` and ``{pid}`` in it are
+"""A path: every step of every KV room is appended to it as a JSON line that
+``kvpoll check-trace`` reads; each state lane's rooms go to the same path with
+``.state<i>`` before the suffix. ``{side}``, ``{rank}`` and ``{pid}`` in it are
 replaced (``/var/log/kvpoll-{side}-{rank}.jsonl``)."""
 
 log = logging.getLogger("kvpoll.integrations.sglang")
@@ -113,12 +116,15 @@ class KvpollKVManager(CommonKVManager):  # type: ignore[misc]
         if disaggregation_mode not in (DisaggregationMode.PREFILL, DisaggregationMode.DECODE):
             raise UnsupportedByKvpoll(f"no kvpoll side for mode {disaggregation_mode}")
         prefill = disaggregation_mode == DisaggregationMode.PREFILL
-        self._status_log = _open_status_log(
-            "sender" if prefill else "receiver", getattr(args, "engine_rank", 0)
-        )
-        on_status = self._log_status if self._status_log is not None else None
+        side, rank = ("sender" if prefill else "receiver"), getattr(args, "engine_rank", 0)
+        self._status_logs: list[IO[str]] = []
 
         def endpoint() -> Sender | Receiver:
+            on_status = None
+            log_file = _open_status_log(side, rank, len(self._status_logs))
+            if log_file is not None:  # one file per lane: each lane's rooms have the same ids
+                self._status_logs.append(log_file)
+                on_status = functools.partial(_log_status, log_file)
             return Sender(on_status=on_status) if prefill else Receiver(on_status=on_status)
 
         self.endpoint: Sender | Receiver = endpoint()
@@ -207,34 +213,36 @@ class KvpollKVManager(CommonKVManager):  # type: ignore[misc]
         self.close()
 
     def close(self) -> None:
-        for lane in getattr(self, "lanes", [Lane("kv", self.endpoint, self.kv_pool)]):
+        for lane in getattr(self, "lanes", ()):
             lane.endpoint.close()
         socket = getattr(self, "server_socket", None)
         if socket is not None:
             socket.close(linger=0)
-        if self._status_log is not None:
-            self._status_log.close()
-
-    def _log_status(self, change: StatusChange) -> None:
-        """One step, as a line of the status log (on the I/O thread: one small write)."""
-        assert self._status_log is not None
-        line = {
-            "room": change.room,
-            "status": change.dest.name,
-            "sent_tokens": change.sent_tokens,
-            "side": change.side,
-            "event": change.event,
-            "at": change.at,
-        }
-        if change.reason:
-            line["reason"] = change.reason
-        self._status_log.write(json.dumps(line) + "\n")
+        for log_file in getattr(self, "_status_logs", ()):
+            log_file.close()
 
 
-def _open_status_log(side: str, rank: int) -> IO[str] | None:
+def _log_status(log_file: IO[str], change: StatusChange) -> None:
+    """One step, as a line of a status log (on the I/O thread: one small write)."""
+    line = {
+        "room": change.room,
+        "status": change.dest.name,
+        "sent_tokens": change.sent_tokens,
+        "side": change.side,
+        "event": change.event,
+        "at": change.at,
+    }
+    if change.reason:
+        line["reason"] = change.reason
+    log_file.write(json.dumps(line) + "\n")
+
+
+def _open_status_log(side: str, rank: int, lane: int) -> IO[str] | None:
+    """The status log of lane ``lane`` (0: KV; state lane i: ``.state<i>`` before the suffix)."""
     path = os.environ.get(STATUS_LOG_ENV)
     if not path:
         return None
-    return open(
-        path.format(side=side, rank=rank, pid=os.getpid()), "a", buffering=1, encoding="utf-8"
-    )
+    file = Path(path.format(side=side, rank=rank, pid=os.getpid()))
+    if lane:
+        file = file.with_name(f"{file.stem}.state{lane - 1}{file.suffix}")
+    return open(file, "a", buffering=1, encoding="utf-8")
