@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import textwrap
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted(
     str(p.relative_to(ROOT)) for p in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]
 )
-FENCE = re.compile(
+FENCE = re.compile(  # fences inside list items are indented: the block is dedented
     r"(?:<!--\s*docs-run:\s*skip:\s*(?P<why>[^>]*?)\s*-->\s*\n)?"
-    r"^```(?P<lang>[a-z]*)\n(?P<code>.*?)^```",
+    r"^(?P<indent>[ ]*)```(?P<lang>[a-z]*)\n(?P<code>.*?)^(?P=indent)```",
     re.S | re.M,
 )
 RUN = ("python", "sh", "toml")
@@ -45,7 +46,8 @@ def blocks() -> list[object]:
             if lang not in RUN:
                 continue
             marks = [pytest.mark.skip(reason=f"the page says: {why}")] if why else []
-            out.append(pytest.param(lang, found["code"], id=f"{page}:{i}:{lang}", marks=marks))
+            code = textwrap.dedent(found["code"])
+            out.append(pytest.param(lang, code, id=f"{page}:{i}:{lang}", marks=marks))
     return out
 
 

@@ -566,6 +566,7 @@ class Endpoint(Generic[R]):
                     self._fail(room, rec, f"the {self.side} at {self.address} closed")
         self._run_commands()
         self._transport.progress(0)
+        self._warn.flush()  # what the last window left out
 
     def _dispatch(self, event: object) -> None:
         try:

@@ -143,6 +143,7 @@ def _check_buffer(
         raise InvalidArgument(f"room {room}: the buffer must be contiguous")
 
 
+_PHYSICAL_MEMORY = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 MAX_ROWS = 2**40
 """Rows of one receive buffer: at most 2**40 - 1 (the wire's limit)."""
 
@@ -165,8 +166,8 @@ def _check_row_shape(room: int, row_shape: object) -> tuple[int, ...]:
 
 def _check_fits(room: int, rows: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     """A buffer kvpoll allocates must fit this machine's memory."""
-    need = rows * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    need = rows * math.prod(shape) * dtype.itemsize
+    have = _PHYSICAL_MEMORY
     if need > have:
         raise InvalidArgument(
             f"room {room}: allocated_tokens={rows} rows of {list(shape)} {dtype} need "
