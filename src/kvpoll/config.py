@@ -6,7 +6,8 @@ Values come from four layers; a later layer wins over an earlier one:
 2. a TOML file: the path in ``KVPOLL_CONFIG``, else ``./kvpoll.toml``, else
    ``$XDG_CONFIG_HOME/kvpoll/config.toml`` (``~/.config/...``); the first that
    exists (a path given explicitly must exist);
-3. environment variables: ``KVPOLL_TRANSPORT``, ``KVPOLL_HEARTBEAT_INTERVAL``,
+3. environment variables: ``KVPOLL_TRANSPORT``, ``KVPOLL_SECRET_FILE``,
+   ``KVPOLL_HEARTBEAT_INTERVAL``,
    ``KVPOLL_HEARTBEAT_MISSES``, ``KVPOLL_COMMAND_TIMEOUT``,
    ``KVPOLL_TIMEOUT_<STATUS>`` (``KVPOLL_TIMEOUT_TRANSFERRING=60``) and
    ``KVPOLL_<TRANSPORT>_<OPTION>`` for a transport's options
@@ -20,6 +21,7 @@ Values come from four layers; a later layer wins over an earlier one:
 The file::
 
     transport = "ucx"            # the transport every endpoint opens
+    secret_file = "/etc/kvpoll/secret"  # the cluster secret (docs/security.md)
     heartbeat_interval = 1.0
     heartbeat_misses = 3
     command_timeout = 30.0
@@ -68,6 +70,7 @@ KNOWN_VARIABLES = frozenset(
 _warned: set[str] = set()
 _TOP: dict[str, Any] = {
     "transport": "zmq",
+    "secret_file": None,
     "heartbeat_interval": 1.0,
     "heartbeat_misses": 3,
     "command_timeout": 30.0,
@@ -90,6 +93,9 @@ class Config:
     """
 
     transport: str = "zmq"
+    secret_file: str | None = None
+    """The cluster secret's file (relative paths in a file are relative to it);
+    None: connections are not authenticated (see docs/security.md)."""
     heartbeat_interval: float = 1.0
     heartbeat_misses: int = 3
     command_timeout: float = 30.0
@@ -289,6 +295,10 @@ def _apply(config: Config, data: Mapping[str, Any], source: str | None) -> None:
                     value, origin = _unwrap(item, source)
                     table[str(option)] = value
                     config.sources[f"transports.{name}.{option}"] = origin
+        elif key == "secret_file":
+            value, origin = _unwrap(raw, source)
+            config.secret_file = _secret_path(value, origin, config.file if source else None)
+            config.sources[key] = origin
         elif key in _TOP:
             value, origin = _unwrap(raw, source)
             setattr(config, key, _typed(key, value, origin))
@@ -324,6 +334,24 @@ def _table(raw: Any, key: str, where: str) -> Mapping[str, Any]:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{key} in {where} must be a table, not {raw!r}")
     return raw
+
+
+def _secret_path(value: Any, origin: str, file: Path | None) -> str | None:
+    """The secret file's path (checked: it must hold a usable secret), or None for ""."""
+    from kvpoll.transports.auth import SecretError, read_secret
+
+    if not isinstance(value, str):
+        raise ConfigError(f"secret_file in {origin} must be a path, not {value!r}")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if file is not None and origin.startswith("file ") and not path.is_absolute():
+        path = file.parent / path
+    try:
+        read_secret(path)
+    except SecretError as exc:
+        raise ConfigError(f"secret_file in {origin}: {exc}") from None
+    return str(path)
 
 
 def _typed(key: str, value: Any, origin: str) -> Any:

@@ -34,11 +34,11 @@ from kvpoll.protocol.messages import (
     encode,
 )
 from kvpoll.protocol.pools import Registered, register_pool
-from kvpoll.protocol.throttle import LogThrottle
 from kvpoll.protocol.waiting import Completion, Waiter, check_rooms
 from kvpoll.statemachine.deadlines import Deadlines, Timeouts, check_timeouts
 from kvpoll.statemachine.state import TransferState, Transition
 from kvpoll.statemachine.status import TransferStatus
+from kvpoll.throttle import LogThrottle
 from kvpoll.transports import create
 from kvpoll.transports.base import (
     MessageReceived,
@@ -52,6 +52,15 @@ __all__ = ["EndpointClosed", "RoomInfo", "RoomMetrics", "StatusChange", "Transfe
 log = logging.getLogger("kvpoll.protocol")
 _FAILED = TransferStatus.Failed
 _TOMBSTONES = 65536
+
+
+def _takes_secret(name: str) -> bool:
+    """Whether the transport named ``name`` authenticates its peers (takes ``secret_file``)."""
+    from kvpoll.transports import resolve
+    from kvpoll.transports.options import schema
+
+    options = schema(resolve(name))
+    return options is None or "secret_file" in options
 
 
 class EndpointClosed(KvpollError):
@@ -246,6 +255,8 @@ class Endpoint(Generic[R]):
         else:
             name = transport or cfg.transport
             options = {**cfg.options(name), **dict(transport_options or {})}
+            if cfg.secret_file and "secret_file" not in options and _takes_secret(name):
+                options["secret_file"] = cfg.secret_file
             self._transport = create(name, **options)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -283,6 +294,7 @@ class Endpoint(Generic[R]):
                 "abort_acks",
                 "internal_errors",
                 "send_errors",
+                "pending_dropped",
             ),
             0,
         )

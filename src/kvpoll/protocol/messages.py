@@ -21,11 +21,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from kvpoll.errors import InvalidArgument
 from kvpoll.transports.base import RegionDescriptor
 
 __all__ = [
     "MAX_AUX_BYTES",
     "MAX_RUNS",
+    "MAX_TOKEN_CHARS",
     "PROTOCOL_VERSION",
     "Abort",
     "AbortAck",
@@ -40,12 +42,14 @@ __all__ = [
     "PoolOffer",
     "Reject",
     "Resume",
+    "check_token",
     "decode",
     "encode",
 ]
 
 PROTOCOL_VERSION = 1
 MAX_AUX_BYTES = 1 << 20
+MAX_TOKEN_CHARS = 256
 
 RoomId = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 Count = Annotated[int, Field(ge=0, lt=2**62)]
@@ -116,6 +120,9 @@ class Bootstrap(_RoomMessage):
     """The data paths the receiver speaks (see :mod:`kvpoll.protocol.negotiation`)."""
     host: str = Field(default="", max_length=128)
     """An id of the receiver's host (its kernel's boot id)."""
+    token: str | None = Field(default=None, max_length=MAX_TOKEN_CHARS)
+    """The room's token, when the application gave one to both sides: a sender
+    whose room has a token takes only bootstraps that carry it."""
 
     @model_validator(mode="after")
     def _one_form(self) -> Bootstrap:
@@ -223,6 +230,24 @@ Message = Annotated[
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
+
+
+def check_token(room: int, token: object) -> str | None:
+    """A room token as sent on the wire (an int or a non-empty string), or None.
+
+    Raises:
+        InvalidArgument: anything else, or a string over MAX_TOKEN_CHARS.
+    """
+    if token is None:
+        return None
+    if isinstance(token, bool) or not isinstance(token, int | str) or token == "":
+        raise InvalidArgument(
+            f"room {room}: token must be an int or a non-empty str, not {token!r}"
+        )
+    text = str(token)
+    if len(text) > MAX_TOKEN_CHARS:
+        raise InvalidArgument(f"room {room}: token is longer than {MAX_TOKEN_CHARS} characters")
+    return text
 
 
 class MessageError(ValueError):

@@ -27,6 +27,7 @@ from kvpoll.protocol.messages import (
     Message,
     Reject,
     Resume,
+    check_token,
     encode,
 )
 from kvpoll.protocol.pools import token_runs
@@ -91,6 +92,7 @@ class _ReceiverRoom(RoomBase):
         "row_shape",
         "sender",
         "session",
+        "token",
         "total",
         "whole",
     )
@@ -99,6 +101,7 @@ class _ReceiverRoom(RoomBase):
         super().__init__(room, history)
         self.sender = ""
         self.session = secrets.randbits(62)
+        self.token: str | None = None
         self.rank = 0
         self.row_shape: tuple[int, ...] = ()
         self.dtype = torch.uint8
@@ -234,6 +237,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
         rank: int = 0,
         buffer: torch.Tensor | None = None,
         auto_resume: bool = True,
+        token: int | str | None = None,
     ) -> None:
         """Open a room toward ``sender`` (its address) and bootstrap.
 
@@ -255,6 +259,8 @@ class Receiver(Endpoint[_ReceiverRoom]):
             auto_resume: without a pool: after a partial chunk, resume with a
                 buffer from kvpoll's pool at once; with False the room waits
                 in Transferring for :meth:`resume`.
+            token: the room's token, when the sender's ``add()`` was given one
+                (the same value): the sender takes this bootstrap only with it.
 
         Raises:
             DuplicateRoom: the room is open here already.
@@ -267,6 +273,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
             raise InvalidArgument(f"room {room}: sender must be an address string")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise InvalidArgument(f"room {room}: rank must be an int >= 0, not {rank!r}")
+        wire_token = check_token(room, token)
         if pool is not None or pages is not None:
             if pages is None:
                 raise InvalidArgument(f"room {room}: open() needs pages= with pool=")
@@ -284,7 +291,9 @@ class Receiver(Endpoint[_ReceiverRoom]):
                 raise InvalidArgument(
                     f"room {room}: aux_index must be a row of the pool's {pool.aux_rows} aux rows"
                 )
-            self._call(lambda: self._open_paged(room, sender, pool, runs, aux_index, rank))
+            self._call(
+                lambda: self._open_paged(room, sender, pool, runs, aux_index, rank, wire_token)
+            )
             return
         if row_shape is None or dtype is None:
             raise InvalidArgument(
@@ -307,7 +316,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
             _check_fits(room, allocated_tokens, shape, dtype)
         self._call(
             lambda: self._open(
-                room, sender, shape, dtype, allocated_tokens, rank, buffer, auto_resume
+                room, sender, shape, dtype, allocated_tokens, rank, buffer, auto_resume, wire_token
             )
         )
 
@@ -350,11 +359,11 @@ class Receiver(Endpoint[_ReceiverRoom]):
             return tuple(rec.chunks)
 
     # -- commands (I/O thread) ----------------------------------------------------------
-    def _new_room(self, room: int, sender: str, rank: int) -> _ReceiverRoom:
+    def _new_room(self, room: int, sender: str, rank: int, token: str | None) -> _ReceiverRoom:
         if room in self._rooms:
             raise DuplicateRoom(room)
         rec = _ReceiverRoom(room, self._history)
-        rec.sender, rec.rank = sender, rank
+        rec.sender, rec.rank, rec.token = sender, rank, token
         return rec
 
     def _open_paged(
@@ -365,8 +374,9 @@ class Receiver(Endpoint[_ReceiverRoom]):
         runs: list[tuple[int, int]],
         aux_index: int | None,
         rank: int,
+        token: str | None,
     ) -> None:
-        rec = self._new_room(room, sender, rank)
+        rec = self._new_room(room, sender, rank, token)
         rec.pool, rec.aux_index, rec.auto_resume = pool, aux_index, False
         rec.parts.append(_Part(0, pool, token_runs(runs, pool.page_size)))
         self._bootstrap(room, rec, pool=pool, pages=runs)
@@ -381,8 +391,9 @@ class Receiver(Endpoint[_ReceiverRoom]):
         rank: int,
         buffer: torch.Tensor | None,
         auto_resume: bool,
+        token: str | None,
     ) -> None:
-        rec = self._new_room(room, sender, rank)
+        rec = self._new_room(room, sender, rank, token)
         rec.row_shape, rec.dtype, rec.auto_resume = shape, dtype, auto_resume
         rec.whole, rec.allocated = True, allocated
         part = self._buffer(rec, buffer, allocated, 0)
@@ -432,6 +443,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
                 rank=rec.rank,
                 transports=self._transport.paths(),
                 host=boot_id(),
+                token=rec.token,
                 **fields,
             )
             self._transport.send(rec.sender, encode(bootstrap))

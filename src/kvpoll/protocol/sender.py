@@ -27,6 +27,7 @@ from kvpoll.protocol.messages import (
     PoolOffer,
     Reject,
     Resume,
+    check_token,
 )
 from kvpoll.protocol.negotiation import choose_path, mismatch
 from kvpoll.protocol.pools import MAX_PEER_POOLS, PeerPool, Registered, token_runs
@@ -37,7 +38,16 @@ from kvpoll.transports.shm import boot_id
 
 __all__ = ["Sender", "dtype_name"]
 
-_PENDING_ROOMS = 10_000
+PENDING_ROOMS = 10_000
+"""Rooms with bootstraps waiting for :meth:`Sender.add`, at most (over all peers)."""
+PENDING_PER_PEER = 1_000
+"""Of those, from one peer at most: a flood from one peer cannot crowd out the others."""
+PENDING_RUNS_PER_PEER = 1 << 18
+"""Page runs held in one peer's waiting bootstraps, at most (memory, not just a count)."""
+PENDING_PER_ROOM = 256
+"""Bootstraps waiting for one room (one per rank), at most."""
+POOL_PEERS = 1_024
+"""Peers whose offered pools are kept, at most (the least recently used goes)."""
 log = logging.getLogger("kvpoll.protocol")
 
 
@@ -94,12 +104,16 @@ class _SenderRoom(RoomBase):
         "planned",
         "planned_aux",
         "required",
+        "token",
         "written",
     )
 
-    def __init__(self, room: int, required: int, history: bool, aux_with: str) -> None:
+    def __init__(
+        self, room: int, required: int, history: bool, aux_with: str, token: str | None = None
+    ) -> None:
         super().__init__(room, history)
         self.required = required
+        self.token = token
         self.aux_with = aux_with
         self.dests: dict[int, _Dest] = {}
         self.data: _Source | None = None
@@ -118,6 +132,11 @@ class _SenderRoom(RoomBase):
 class _Pending:
     at: float
     bootstraps: list[tuple[str, Bootstrap]] = field(default_factory=list)
+
+
+def _cost(message: Bootstrap) -> int:
+    """What a waiting bootstrap holds, in page runs (one for the inline form)."""
+    return 1 + len(message.pages or ())
 
 
 def _check_int(room: int, name: str, value: Any, low: int) -> None:
@@ -170,6 +189,7 @@ class Sender(Endpoint[_SenderRoom]):
 
     def _setup(self) -> None:
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
+        self._pending_by_peer: dict[str, list[int]] = {}  # peer -> [rooms, runs] waiting
         self._host = boot_id()
         self._peer_pools: dict[str, OrderedDict[int, PeerPool]] = {}
 
@@ -180,6 +200,7 @@ class Sender(Endpoint[_SenderRoom]):
         *,
         required_destinations: int = 1,
         aux_with: Literal["first", "last"] = "last",
+        token: int | str | None = None,
     ) -> None:
         """Open a room; receivers may bootstrap before or after this call.
 
@@ -187,6 +208,10 @@ class Sender(Endpoint[_SenderRoom]):
             room: the room id (the receivers use the same).
             required_destinations: ranks that must each receive the data.
             aux_with: which chunk carries the room's aux row (see :meth:`send`).
+            token: a value the application hands to this room's receivers too
+                (SGLang's bootstrap room, a request id): only a bootstrap that
+                carries it is taken; any other is refused alone, the room
+                unchanged. Without a token the first bootstrap of a rank wins.
 
         Raises:
             DuplicateRoom: the room is open here already.
@@ -196,7 +221,8 @@ class Sender(Endpoint[_SenderRoom]):
         _check_int(room, "required_destinations", required_destinations, 1)
         if aux_with not in ("first", "last"):
             raise InvalidArgument(f"room {room}: aux_with must be 'first' or 'last'")
-        self._call(lambda: self._add(room, required_destinations, aux_with))
+        wire_token = check_token(room, token)
+        self._call(lambda: self._add(room, required_destinations, aux_with, wire_token))
 
     def send(
         self,
@@ -270,14 +296,53 @@ class Sender(Endpoint[_SenderRoom]):
         )
 
     # -- commands (I/O thread) ------------------------------------------------------
-    def _add(self, room: int, required: int, aux_with: str) -> None:
+    def _add(self, room: int, required: int, aux_with: str, token: str | None) -> None:
         if room in self._rooms:
             raise DuplicateRoom(room)
-        rec = _SenderRoom(room, required, self._history, aux_with)
+        rec = _SenderRoom(room, required, self._history, aux_with, token)
         self._register(room, rec)
-        pending = self._pending.pop(room, None)
+        pending = self._unpend(room)
         for peer, message in pending.bootstraps if pending else ():
             self._bootstrap(peer, message)
+
+    def _unpend(self, room: int) -> _Pending | None:
+        """Take the room's waiting bootstraps off the table (and their peers' budgets)."""
+        pending = self._pending.pop(room, None)
+        if pending is None:
+            return None
+        for peer, message in pending.bootstraps:
+            budget = self._pending_by_peer.get(peer)
+            if budget is not None:
+                budget[1] -= _cost(message)
+        for peer in {p for p, _ in pending.bootstraps}:
+            budget = self._pending_by_peer.get(peer)
+            if budget is not None:
+                budget[0] -= 1
+                if budget[0] <= 0:
+                    del self._pending_by_peer[peer]
+        return pending
+
+    def _pend(self, peer: str, message: Bootstrap) -> str | None:
+        """Keep a bootstrap for a room not added yet; why not, when a limit refuses it."""
+        room = message.room
+        pending = self._pending.get(room)
+        budget = self._pending_by_peer.get(peer, [0, 0])
+        new_for_peer = pending is None or all(p != peer for p, _ in pending.bootstraps)
+        if pending is None and len(self._pending) >= PENDING_ROOMS:
+            return f"too many bootstraps wait for rooms not added yet ({PENDING_ROOMS})"
+        if new_for_peer and budget[0] >= PENDING_PER_PEER:
+            return f"{PENDING_PER_PEER} rooms not added yet already wait for bootstraps from {peer}"
+        if budget[1] + _cost(message) > PENDING_RUNS_PER_PEER:
+            return f"bootstraps from {peer} for rooms not added yet hold too many pages"
+        if pending is not None and len(pending.bootstraps) >= PENDING_PER_ROOM:
+            return f"{PENDING_PER_ROOM} bootstraps already wait for room {room}"
+        if pending is None:
+            pending = self._pending[room] = _Pending(time.monotonic())
+        pending.bootstraps.append((peer, message))
+        budget[0] += new_for_peer
+        budget[1] += _cost(message)
+        self._pending_by_peer[peer] = budget
+        return None
 
     def _set_data(
         self,
@@ -352,7 +417,11 @@ class Sender(Endpoint[_SenderRoom]):
         except InvalidArgument as exc:
             self._drop(peer, offer, str(exc))
             return
-        pools = self._peer_pools.setdefault(peer, OrderedDict())
+        pools = self._peer_pools.pop(peer, None) or OrderedDict()
+        self._peer_pools[peer] = pools  # most recent last
+        while len(self._peer_pools) > POOL_PEERS:
+            self._peer_pools.pop(next(iter(self._peer_pools)))
+            self._stats["rejected"] += 1
         pools[offer.pool] = pool
         pools.move_to_end(offer.pool)
         while len(pools) > MAX_PEER_POOLS:
@@ -414,25 +483,29 @@ class Sender(Endpoint[_SenderRoom]):
         spoken = self._transport.paths()
         same_host = message.host == self._host if message.host else None
         path = choose_path(message.transports, spoken, same_host=same_host)
-        if path is None:
-            reason = mismatch(message.transports, spoken, same_host=same_host)
-            self._reject(peer, message, reason)
-            # only a bootstrap the room could have taken fails it: one for a rank out
-            # of range or taken already, or for a room past Bootstrapping, is refused alone
-            if rec is not None and self._rank_refusal(rec, message) is None:
-                self._fail(room, rec, f"rank {message.rank} at {peer}: {reason}")
+        if path is None and rec is None:
+            self._reject(peer, message, mismatch(message.transports, spoken, same_host=same_host))
             return
         if rec is None:
             if room in self._tombstones:
                 self._drop(peer, message, "late")
                 return
-            pending = self._pending.get(room)
-            if pending is None:
-                if len(self._pending) >= _PENDING_ROOMS:
-                    self._reject(peer, message, "too many bootstraps for unknown rooms")
-                    return
-                pending = self._pending[room] = _Pending(time.monotonic())
-            pending.bootstraps.append((peer, message))
+            refused = self._pend(peer, message)
+            if refused is not None:
+                self._stats["pending_dropped"] += 1
+                self._reject(peer, message, refused)
+            return
+        if rec.token is not None and message.token != rec.token:
+            # someone else's bootstrap (or a stale one): refused alone, the room unchanged
+            self._reject(peer, message, "the bootstrap does not carry the room's token")
+            return
+        if path is None:
+            reason = mismatch(message.transports, spoken, same_host=same_host)
+            self._reject(peer, message, reason)
+            # only a bootstrap the room could have taken fails it: one for a rank out
+            # of range or taken already, or for a room past Bootstrapping, is refused alone
+            if self._rank_refusal(rec, message) is None:
+                self._fail(room, rec, f"rank {message.rank} at {peer}: {reason}")
             return
         why = self._rank_refusal(rec, message)
         memory = self._memory(peer, message, None) if why is None else why
@@ -699,7 +772,7 @@ class Sender(Endpoint[_SenderRoom]):
             room, pending = next(iter(self._pending.items()))
             if now - pending.at < limit:
                 break
-            del self._pending[room]
+            self._unpend(room)
             for peer, message in pending.bootstraps:
                 self._reject(
                     peer, message, f"no room {room} was added at the sender within {limit:g} s"

@@ -19,6 +19,7 @@ to reach it), how to start a batch, how to poll one, and how to shut down.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import time
 from abc import abstractmethod
@@ -134,7 +135,8 @@ class EngineTransport(ZmqTransport):
         request = _GRANT_HEAD.pack(write_id, len(todo)) + b"".join(
             _GRANT_RANGE.pack(span.dst.region_id, span.dst_offset, span.nbytes) for span in todo
         )
-        self._dealer(todo[0].dst.endpoint).send_multipart([_ASK, request])
+        if not self._post(todo[0].dst.endpoint, [_ASK, request]):
+            raise TransportError(f"{todo[0].dst.endpoint} is not reading: its queue is full")
         self._asked[write_id] = [
             EngineWrite(span.src, span.src_offset, span.dst, span.dst_offset, span.nbytes)
             for span in todo
@@ -163,9 +165,8 @@ class EngineTransport(ZmqTransport):
             if error is not None:
                 self.stats["rejected_writes"] += 1
             reason = (error or "").encode()
-            self._dealer(peer).send_multipart(
-                [_ANSWER, _GRANT.pack(write_id, error is None), reason]
-            )
+            with contextlib.suppress(TransportError):
+                self._post(peer, [_ANSWER, _GRANT.pack(write_id, error is None), reason])
         elif kind == _ANSWER and len(frames) == 2 and len(frames[0]) == _GRANT.size:
             write_id, ok = _GRANT.unpack(frames[0])
             writes = self._asked.pop(write_id, None)

@@ -59,6 +59,8 @@ class MooncakeTransport(EngineTransport):
         metadata_server: ``P2PHANDSHAKE`` (peers handshake directly) or the
             address of a Mooncake metadata server.
         write_timeout: seconds before a write that has not finished fails.
+        max_peers, max_queued, secret_file: the control channel's limits and
+            cluster secret (as for ``zmq``; see docs/security.md).
         max_idle_pool_bytes: idle pooled receive buffers kept for reuse.
     """
 
@@ -78,6 +80,9 @@ class MooncakeTransport(EngineTransport):
         metadata_server: str = "P2PHANDSHAKE",
         write_timeout: float = 30.0,
         max_idle_pool_bytes: int = 4 << 30,
+        max_peers: int = 1024,
+        max_queued: int = 10_000,
+        secret_file: str | None = None,
     ) -> None:
         engine_host = advertise or host
         self._engine = TransferEngine()
@@ -94,6 +99,9 @@ class MooncakeTransport(EngineTransport):
             advertise=advertise,
             write_timeout=write_timeout,
             max_idle_pool_bytes=max_idle_pool_bytes,
+            max_peers=max_peers,
+            max_queued=max_queued,
+            secret_file=secret_file,
         )
 
     def _register(self, data: torch.Tensor) -> tuple[Any, dict[str, Any]]:

@@ -113,6 +113,8 @@ class NixlTransport(EngineTransport):
         progress_delay_us: microseconds the progress thread sleeps between
             rounds (NIXL's Python default, 0, spins a core even when idle).
         write_timeout: seconds before a write that has not finished fails.
+        max_peers, max_queued, secret_file: the control channel's limits and
+            cluster secret (as for ``zmq``; see docs/security.md).
         max_idle_pool_bytes: idle pooled receive buffers kept for reuse.
     """
 
@@ -132,6 +134,9 @@ class NixlTransport(EngineTransport):
         progress_delay_us: int = 100,
         write_timeout: float = 30.0,
         max_idle_pool_bytes: int = 4 << 30,
+        max_peers: int = 1024,
+        max_queued: int = 10_000,
+        secret_file: str | None = None,
     ) -> None:
         if progress_delay_us < 0:
             raise TransportError(f"progress_delay_us must be >= 0, not {progress_delay_us}")
@@ -148,6 +153,9 @@ class NixlTransport(EngineTransport):
             advertise=advertise,
             write_timeout=write_timeout,
             max_idle_pool_bytes=max_idle_pool_bytes,
+            max_peers=max_peers,
+            max_queued=max_queued,
+            secret_file=secret_file,
         )
         self._loaded: set[tuple[str, int]] = set()  # (agent, region id) metadata loaded
         self._remote_agents: set[str] = set()

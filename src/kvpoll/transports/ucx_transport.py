@@ -175,6 +175,8 @@ class UcxTransport(ZmqTransport):
         ucx: UCX settings without the ``UCX_`` prefix, e.g. ``{"TLS": "tcp"}``;
             they win over the environment and :data:`DEFAULT_SETTINGS`.
         write_timeout: seconds before an unacknowledged write fails.
+        max_peers, max_queued, secret_file: the control channel's limits and
+            cluster secret (as for ``zmq``; see docs/security.md).
         max_idle_pool_bytes: idle pooled receive buffers kept for reuse.
     """
 
@@ -195,6 +197,9 @@ class UcxTransport(ZmqTransport):
         ucx: Mapping[str, str] | None = None,
         write_timeout: float = 30.0,
         max_idle_pool_bytes: int = 4 << 30,
+        max_peers: int = 1024,
+        max_queued: int = 10_000,
+        secret_file: str | None = None,
     ) -> None:
         if progress not in ("blocking", "polling"):
             raise TransportError(f"progress must be 'blocking' or 'polling', not {progress!r}")
@@ -214,6 +219,9 @@ class UcxTransport(ZmqTransport):
             shm=False,
             write_timeout=write_timeout,
             max_idle_pool_bytes=max_idle_pool_bytes,
+            max_peers=max_peers,
+            max_queued=max_queued,
+            secret_file=secret_file,
         )
         self._polling = progress == "polling"
         self._worker_address = self._worker.address.tobytes().hex()
@@ -221,6 +229,7 @@ class UcxTransport(ZmqTransport):
         self._tag_prefix = secrets.randbits(31) << 32
         self._tags = itertools.count(1)
         self._endpoints: dict[str, Any] = {}
+        self._endpoint_peers: dict[str, str] = {}  # worker -> the peer whose regions it holds
         self._sends: dict[int, list[Any]] = {}  # write id -> its UCX send requests
         self._receives: list[_Receive] = []
         self._parked: dict[int, tuple[Segment | None, bool]] = {}  # released while receiving
@@ -258,6 +267,9 @@ class UcxTransport(ZmqTransport):
     # -- writes ------------------------------------------------------------------
     def _endpoint(self, worker_hex: str) -> Any:
         endpoint = self._endpoints.get(worker_hex)
+        if endpoint is not None and not endpoint.alive:  # its peer went away: UCX closed it
+            self._close_endpoint(worker_hex)
+            endpoint = None
         if endpoint is None:
             try:
                 address = libucxx.UCXAddress.create_from_buffer(bytes.fromhex(worker_hex))
@@ -269,6 +281,23 @@ class UcxTransport(ZmqTransport):
             self._endpoints[worker_hex] = endpoint
         return endpoint
 
+    def _close_endpoint(self, worker_hex: str) -> None:
+        """Drop the endpoint to a worker; closed only while UCX still has it alive.
+
+        UCX closes an endpoint itself once its peer is gone (error handling is
+        on); closing such an endpoint again crashed the process.
+        """
+        endpoint = self._endpoints.pop(worker_hex, None)
+        if endpoint is not None and endpoint.alive:
+            with contextlib.suppress(Exception):
+                endpoint.close()
+
+    def forget(self, peer: str) -> None:
+        for worker_hex in [w for w, p in self._endpoint_peers.items() if p == peer]:
+            del self._endpoint_peers[worker_hex]
+            self._close_endpoint(worker_hex)
+        super().forget(peer)
+
     def _write_remote(self, write_id: int, spans: Sequence[Span]) -> None:
         todo = [span for span in spans if span.nbytes]
         if len(todo) > _MAX_RANGES:
@@ -279,12 +308,14 @@ class UcxTransport(ZmqTransport):
         ):
             raise TransportError(f"{todo[0].dst!r} is not a ucx region of one worker")
         endpoint = self._endpoint(worker_hex)
+        self._endpoint_peers[worker_hex] = todo[0].dst.endpoint
         tags = [self._tag_prefix | (next(self._tags) & 0xFFFFFFFF) for _ in todo]
         request = _REQUEST_HEAD.pack(write_id, len(todo)) + b"".join(
             _REQUEST_RANGE.pack(span.dst.region_id, span.dst_offset, span.nbytes, tag)
             for span, tag in zip(todo, tags, strict=True)
         )
-        self._dealer(todo[0].dst.endpoint).send_multipart([_WRITE_REQUEST, request])
+        if not self._post(todo[0].dst.endpoint, [_WRITE_REQUEST, request]):
+            raise TransportError(f"{todo[0].dst.endpoint} is not reading: its queue is full")
         self._sends[write_id] = [
             endpoint.tag_send(
                 Array(_buffer(span.src.data, span.src_offset, span.nbytes)), libucxx.UCXXTag(tag)
@@ -319,7 +350,7 @@ class UcxTransport(ZmqTransport):
         batch = _Incoming(peer, write_id, count, answered=error is not None, error=error)
         if error is not None:
             self.stats["rejected_writes"] += 1
-            log.warning("rejected a write from %s: %s", peer, error)
+            self._warn.warning("rejected write", "rejected a write from %s: %s", peer, error)
             self._acknowledge(peer, write_id, error)
         for region_id, offset, length, tag in ranges:
             region = self._regions.get(region_id) if error is None else None
@@ -387,10 +418,9 @@ class UcxTransport(ZmqTransport):
             self._worker.progress_once()
             self._sends = {k: r for k, r in self._sends.items() if not all(x.completed for x in r)}
             self._receives = [r for r in self._receives if not r.request.completed]
-        for endpoint in self._endpoints.values():
-            with contextlib.suppress(Exception):
-                endpoint.close()
-        self._endpoints.clear()
+        for worker_hex in list(self._endpoints):
+            self._close_endpoint(worker_hex)
+        self._endpoint_peers.clear()
         with contextlib.suppress(Exception):
             self._poller.unregister(self._worker.epoll_file_descriptor)
         for segment, _ in self._parked.values():

@@ -16,8 +16,17 @@ Data path, chosen per write:
   the last piece (of the last range, for a batch).
 
 Frames on the wire (after the identity): ``C payload`` (control message),
-``W header data`` (write piece), ``A header error`` (write acknowledgement),
-``B`` (the sender is closing). Anything else is counted and dropped.
+``W header data...`` (pieces of a write: a header listing each piece's region,
+offset and length, then one frame per piece), ``A header error`` (write
+acknowledgement), ``B`` (the sender is closing). Anything else is counted and
+dropped.
+
+Hardening (see docs/security.md): with a cluster secret every socket speaks
+CURVE and only peers holding the secret connect (:mod:`kvpoll.transports.auth`);
+a second connection claiming a connected peer's identity is not read (no
+handover); every queue is bounded (``max_queued`` messages per peer each way,
+``max_peers`` sockets, frames over ``max_message_bytes`` close the connection);
+a message to a peer whose queue is full is dropped and counted, never waited on.
 """
 
 from __future__ import annotations
@@ -36,8 +45,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from kvpoll.memory.shm import find_shared
+from kvpoll.throttle import LogThrottle
+from kvpoll.transports.auth import ClusterKeys, ZapGate
 from kvpoll.transports.base import (
     Capabilities,
     MessageReceived,
@@ -69,10 +81,22 @@ __all__ = ["ZmqTransport"]
 
 log = logging.getLogger("kvpoll.transports.zmq")
 
-_PIECE = struct.Struct("<QQQQB")  # write id, region id, offset, length, last
+_WRITE_HEAD = struct.Struct("<QIB")  # write id, pieces, last
+_WRITE_PIECE = struct.Struct("<QQQ")  # region id, offset, length
+_MAX_PIECES = 1024  # pieces in one W message
 _ACK = struct.Struct("<QB")  # write id, ok
 _CONTROL, _WRITE, _ACKNOWLEDGE, _BYE = b"C", b"W", b"A", b"B"
 _BATCH = 512
+_MAX_INCOMING = 4096  # writes whose pieces are arriving with an error noted, at most
+_HEARTBEAT_MS = 1000  # ZMTP heartbeats: a dead connection is closed within the time-out
+_HEARTBEAT_TIMEOUT_MS = 5000
+_LOOPBACK = ("127.", "localhost", "::1")
+_warned_open = False
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 @dataclass
@@ -94,6 +118,17 @@ class ZmqTransport(Transport):
         max_idle_pool_bytes: idle pooled segments kept for reuse.
         max_attached: peers' shared-memory segments kept mapped at once (the
             least recently used is dropped past it).
+        max_peers: sockets to peers kept open at once (the least recently used
+            is closed past it; reopened on need).
+        max_queued: messages queued per peer, each way; past it a message to
+            that peer is dropped (counted in ``send_dropped``) and ZMQ stops
+            reading from a peer that sends faster than it is served.
+        max_message_bytes: the largest frame a peer may send (default:
+            ``max_frame`` + 4 MiB); a larger one closes its connection.
+        secret_file: a file holding the cluster secret: every connection is
+            then CURVE-encrypted and only peers with the same secret are
+            admitted (see docs/security.md). Default: none (the endpoint
+            warns once when it binds to more than loopback without one).
     """
 
     name: ClassVar[str] = "zmq"
@@ -113,9 +148,14 @@ class ZmqTransport(Transport):
         max_idle_pool_bytes: int = 4 << 30,
         max_attached: int = 256,
         max_peers: int = 1024,
+        max_queued: int = 10_000,
+        max_message_bytes: int | None = None,
+        secret_file: str | None = None,
     ) -> None:
         if max_peers < 1:
             raise TransportError(f"max_peers must be at least 1, not {max_peers}")
+        if max_queued < 1:
+            raise TransportError(f"max_queued must be at least 1, not {max_queued}")
         if max_frame < 4096:
             raise TransportError(f"max_frame must be at least 4096 bytes, not {max_frame}")
         if host in ("0.0.0.0", "*", "::", "") and not advertise:
@@ -123,10 +163,31 @@ class ZmqTransport(Transport):
                 f"binding {host!r} listens on every interface, but peers need one address "
                 "to reach this endpoint: pass advertise='<an address peers can reach>'"
             )
+        if max_message_bytes is None:
+            max_message_bytes = max_frame + (4 << 20)
+        if max_message_bytes < max_frame:
+            raise TransportError(
+                f"max_message_bytes ({max_message_bytes}) must be at least max_frame ({max_frame})"
+            )
+        self._keys = ClusterKeys.from_file(secret_file) if secret_file else None
         self._ctx = zmq.Context(io_threads=1)
+        self._gate = ZapGate(self._ctx, self._keys) if self._keys is not None else None
         self._router = self._ctx.socket(zmq.ROUTER)
-        for opt, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 0), (zmq.ROUTER_HANDOVER, 1)):
+        self._max_queued = max_queued
+        for opt, value in (
+            (zmq.LINGER, 0),
+            (zmq.RCVHWM, max_queued),
+            (zmq.SNDHWM, max_queued),
+            (zmq.MAXMSGSIZE, max_message_bytes),
+            # a second connection claiming a connected peer's identity is held unread
+            # until the first goes: nobody takes over a live peer's connection
+            (zmq.ROUTER_HANDOVER, 0),
+            (zmq.HEARTBEAT_IVL, _HEARTBEAT_MS),
+            (zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS),
+        ):
             self._router.setsockopt(opt, value)
+        if self._keys is not None:
+            self._keys.serve(self._router)
         try:
             if port == 0:
                 port = self._router.bind_to_random_port(f"tcp://{host}")
@@ -134,15 +195,24 @@ class ZmqTransport(Transport):
                 self._router.bind(f"tcp://{host}:{port}")
         except zmq.ZMQError as exc:
             self._router.close(0)
+            if self._gate is not None:
+                self._gate.close()
             self._ctx.term()
             raise TransportError(f"cannot bind tcp://{host}:{port}: {exc}") from exc
         self._address = f"tcp://{advertise or host}:{port}"
+        if self._keys is None:
+            _warn_if_open(host)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
+        if self._gate is not None:
+            self._poller.register(self._gate.socket, zmq.POLLIN)
+        # connections whose handshake failed (no secret, another secret, not ZMTP): counted
+        self._monitor = self._router.get_monitor_socket(_HANDSHAKE_FAILED)
+        self._poller.register(self._monitor, zmq.POLLIN)
         # one socket per peer written to, least recently used first; at most max_peers
         # (a flood of made-up identities cannot exhaust file descriptors)
         self._dealers: OrderedDict[str, zmq.Socket[bytes]] = OrderedDict()
@@ -163,6 +233,7 @@ class ZmqTransport(Transport):
         self._max_frame = max_frame
         self._write_timeout = write_timeout
         self._closed = False
+        self._warn = LogThrottle(log)  # a flood of bad frames logs a summary
         self.stats = {
             "malformed": 0,
             "rejected_writes": 0,
@@ -170,6 +241,8 @@ class ZmqTransport(Transport):
             "tcp_writes": 0,
             "attached_segments": 0,
             "peers_dropped": 0,
+            "send_dropped": 0,
+            "handshakes_refused": 0,
         }
 
     # -- regions -------------------------------------------------------------
@@ -314,20 +387,46 @@ class ZmqTransport(Transport):
         return segment.data.numpy(), offset
 
     def _write_remote(self, write_id: int, spans: Sequence[Span]) -> None:
-        """The network path: pieces over ZMQ TCP (an engine subclass replaces it)."""
+        """The network path: pieces over ZMQ TCP (an engine subclass replaces it).
+
+        Ranges are cut into pieces of at most ``max_frame`` bytes and grouped
+        into messages of at most ``max_frame`` bytes and :data:`_MAX_PIECES`
+        pieces, each piece a zero-copy frame of the source.
+        """
         peer = spans[0].dst.endpoint
-        dealer = self._dealer(peer)
-        todo = [span for span in spans if span.nbytes]
-        for i, span in enumerate(todo):
-            view = span.src.data.numpy().data  # a memoryview of the tensor's memory
+        messages: list[list[tuple[Span, int, int]]] = [[]]
+        size = 0
+        for span in spans:
             sent = 0
             while sent < span.nbytes:
                 n = min(self._max_frame, span.nbytes - sent)
-                last = i == len(todo) - 1 and sent + n >= span.nbytes
-                header = _PIECE.pack(write_id, span.dst.region_id, span.dst_offset + sent, n, last)
-                lo = span.src_offset + sent
-                dealer.send_multipart([_WRITE, header, view[lo : lo + n]], copy=False)
+                if messages[-1] and (
+                    size + n > self._max_frame or len(messages[-1]) >= _MAX_PIECES
+                ):
+                    messages.append([])
+                    size = 0
+                messages[-1].append((span, sent, n))
+                size += n
                 sent += n
+        views: dict[int, memoryview] = {}
+        for i, pieces in enumerate(messages):
+            header = [_WRITE_HEAD.pack(write_id, len(pieces), i == len(messages) - 1)]
+            frames: list[Any] = [_WRITE, b""]
+            for span, sent, n in pieces:
+                header.append(_WRITE_PIECE.pack(span.dst.region_id, span.dst_offset + sent, n))
+                view = views.get(id(span.src))
+                if view is None:  # a memoryview of the tensor's memory
+                    view = views[id(span.src)] = span.src.data.numpy().data
+                lo = span.src_offset + sent
+                frames.append(view[lo : lo + n])
+            frames[1] = b"".join(header)
+            if not self._post(peer, frames, copy=False):
+                self._events.append(
+                    WriteDone(
+                        write_id, f"{peer} is not reading: {self._max_queued} messages queued"
+                    )
+                )
+                return
         self.stats["tcp_writes"] += 1
         self._expect_ack(write_id, peer)
 
@@ -345,10 +444,24 @@ class ZmqTransport(Transport):
         self._check_open()
         if peer in self._closed_peers:
             return
+        self._post(peer, [_CONTROL, payload])
+
+    def _post(self, peer: str, frames: list[Any], *, copy: bool = True) -> bool:
+        """Queue one message to ``peer`` without waiting; False (and counted in
+        ``send_dropped``) when its queue is full: the peer is not reading.
+
+        Raises:
+            TransportError: no socket can be opened to ``peer``, or ZMQ refused.
+        """
+        dealer = self._dealer(peer)
         try:
-            self._dealer(peer).send_multipart([_CONTROL, payload])
+            dealer.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+        except zmq.Again:
+            self.stats["send_dropped"] += 1
+            return False
         except zmq.ZMQError as exc:
             raise TransportError(f"cannot send to {peer}: {exc}") from exc
+        return True
 
     def _dealer(self, peer: str) -> zmq.Socket[bytes]:
         dealer = self._dealers.get(peer)
@@ -365,8 +478,16 @@ class ZmqTransport(Transport):
             dealer = self._ctx.socket(zmq.DEALER)
         except zmq.ZMQError as exc:  # out of file descriptors or sockets
             raise TransportError(f"cannot open a socket to {peer}: {exc}") from exc
-        for opt, value in ((zmq.LINGER, 200), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
+        for opt, value in (
+            (zmq.LINGER, 200),
+            (zmq.SNDHWM, self._max_queued),
+            (zmq.RCVHWM, 1),  # a dealer only sends
+            (zmq.HEARTBEAT_IVL, _HEARTBEAT_MS),
+            (zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS),
+        ):
             dealer.setsockopt(opt, value)
+        if self._keys is not None:
+            self._keys.connect(dealer)
         dealer.setsockopt(zmq.IDENTITY, self._address.encode())
         try:
             dealer.connect(peer)
@@ -392,7 +513,12 @@ class ZmqTransport(Transport):
             if sock == self._wake_r:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
-            else:
+            elif self._gate is not None and sock is self._gate.socket:
+                self._gate.handle()
+                self.stats["auth_admitted"] = self._gate.admitted
+            elif sock is self._monitor:
+                self._count_handshakes()
+            elif sock is self._router:
                 for _ in range(_BATCH):
                     try:
                         ident = self._router.recv(zmq.NOBLOCK)
@@ -402,6 +528,22 @@ class ZmqTransport(Transport):
         self._progress_engine()
         events, self._events = self._events, []
         return events
+
+    def _count_handshakes(self) -> None:
+        for _ in range(_BATCH):
+            try:
+                recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except (zmq.ZMQError, ValueError):  # a truncated event: count it all the same
+                pass
+            self.stats["handshakes_refused"] += 1
+            self._warn.warning(
+                "handshake refused",
+                "refused a connection to %s: its handshake failed (%s)",
+                self._address,
+                "no or another cluster secret" if self._keys is not None else "not kvpoll's ZMTP",
+            )
 
     # -- hooks for engine subclasses (ucx, nixl, mooncake) -----------------------
     def _progress_engine(self) -> None:
@@ -428,7 +570,7 @@ class ZmqTransport(Transport):
 
     def _malformed(self, peer: str, why: str) -> None:
         self.stats["malformed"] += 1
-        log.warning("dropped a malformed frame from %s: %s", peer, why)
+        self._warn.warning("malformed frame", "dropped a malformed frame from %s: %s", peer, why)
         self._drain()
 
     def _handle(self, peer: str) -> None:
@@ -468,33 +610,53 @@ class ZmqTransport(Transport):
             self._malformed(peer, f"unknown frame kind {kind[:8]!r}")
 
     def _handle_piece(self, peer: str) -> None:
-        header = self._router.recv()
-        if len(header) != _PIECE.size or not self._router.getsockopt(zmq.RCVMORE):
+        """A W message: check every piece against the live regions, then take each
+        straight into its region (or drop it); acknowledge after the last message."""
+        head = self._router.recv() if self._router.getsockopt(zmq.RCVMORE) else b""
+        if len(head) < _WRITE_HEAD.size:
             self._malformed(peer, "bad write header")
             return
-        write_id, region_id, offset, length, last = _PIECE.unpack(header)
+        write_id, count, last = _WRITE_HEAD.unpack_from(head)
+        if (
+            not 0 < count <= _MAX_PIECES
+            or len(head) != _WRITE_HEAD.size + count * _WRITE_PIECE.size
+        ):
+            self._malformed(peer, "bad write header")
+            return
         key = (peer, write_id)
-        region, error = self._lookup(region_id, offset, length)
-        if error is None and key not in self._incoming_errors:
-            assert region is not None
-            got = self._router.recv_into(region.data.numpy()[offset : offset + length].data)
-            if got != length:
-                error = f"a piece of {got} bytes arrived where {length} were announced"
-        else:
-            self._router.recv_into(bytearray())
+        error = self._incoming_errors.get(key)
+        for i in range(count):
+            if not self._router.getsockopt(zmq.RCVMORE):
+                error = error or f"a write message announced {count} pieces and held {i}"
+                break
+            region_id, offset, length = _WRITE_PIECE.unpack_from(
+                head, _WRITE_HEAD.size + i * _WRITE_PIECE.size
+            )
+            region, why = self._lookup(region_id, offset, length)
+            if error is None and why is None:
+                assert region is not None
+                got = self._router.recv_into(region.data.numpy()[offset : offset + length].data)
+                if got != length:
+                    why = f"a piece of {got} bytes arrived where {length} were announced"
+            else:
+                self._router.recv_into(bytearray())
+            error = error or why
+        if self._router.getsockopt(zmq.RCVMORE):
+            error = error or "extra frames after a write's pieces"
         self._drain()
-        if error is not None:
+        if error is not None and key not in self._incoming_errors:
             self.stats["rejected_writes"] += 1
-            log.warning("rejected a write from %s: %s", peer, error)
-            self._incoming_errors.setdefault(key, error)
+            self._incoming_errors[key] = error
+            while len(self._incoming_errors) > _MAX_INCOMING:  # a peer that never ends its writes
+                self._incoming_errors.pop(next(iter(self._incoming_errors)))
         if last:
             self._acknowledge(peer, write_id, self._incoming_errors.pop(key, None))
 
     def _acknowledge(self, peer: str, write_id: int, error: str | None) -> None:
         """Tell the writer that its write ``write_id`` landed (or why not)."""
-        with contextlib.suppress(TransportError, zmq.ZMQError):
-            self._dealer(peer).send_multipart(
-                [_ACKNOWLEDGE, _ACK.pack(write_id, error is None), (error or "").encode()]
+        with contextlib.suppress(TransportError):
+            self._post(
+                peer, [_ACKNOWLEDGE, _ACK.pack(write_id, error is None), (error or "").encode()]
             )
 
     def _lookup(self, region_id: int, offset: int, length: int) -> tuple[Region | None, str | None]:
@@ -545,8 +707,13 @@ class ZmqTransport(Transport):
                 dealer.send(_BYE, zmq.NOBLOCK)
             dealer.close(200)
         self._dealers.clear()
+        self._router.disable_monitor()
+        self._monitor.close(0)
         self._router.close(0)
+        if self._gate is not None:
+            self._gate.close()
         self._ctx.term()
+        self._warn.flush()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -556,3 +723,17 @@ class ZmqTransport(Transport):
         self._attachments.close()
         self._pending.clear()
         self._events.clear()
+
+
+def _warn_if_open(host: str) -> None:
+    """Warn once per process: an endpoint without a secret listens beyond loopback."""
+    global _warned_open
+    if _warned_open or host.startswith(_LOOPBACK):
+        return
+    _warned_open = True
+    log.warning(
+        "kvpoll listens on %s without a cluster secret: anyone who can reach this port can "
+        "open, feed or abort rooms. Set secret_file in kvpoll.toml (or KVPOLL_SECRET_FILE) "
+        "on every endpoint; see docs/security.md",
+        host,
+    )
