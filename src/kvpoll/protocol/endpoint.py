@@ -666,14 +666,21 @@ class Endpoint(Generic[R]):
 
     # -- room helpers (the lock is held, on the I/O thread) ----------------------------
     def _send(self, peer: str, message: Any) -> None:
+        """Send a message; if that fails, the room it concerns fails (no other)."""
         try:
             self._transport.send(peer, encode(message))
             self._stats["messages_out"] += 1
-        except Exception as exc:  # a transport or socket error: this message is lost, no more
+        except Exception as exc:  # a transport or socket error: this message is lost
             self._stats["send_errors"] += 1
             self._warn.warning(
                 "send failed", "could not send %s to %s: %s", type(message).__name__, peer, exc
             )
+            room = getattr(message, "room", None)
+            if not isinstance(room, int):
+                return
+            rec = self._rooms.get(room)
+            if rec is not None and (peer in rec.peers or peer == getattr(rec, "sender", None)):
+                self._fail(room, rec, f"could not send {message.type} to {peer}: {exc}")
 
     def _watch(self, room: int, rec: R, peer: str) -> None:
         rec.peers.add(peer)

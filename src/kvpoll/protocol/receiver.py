@@ -447,9 +447,11 @@ class Receiver(Endpoint[_ReceiverRoom]):
                 **fields,
             )
             self._transport.send(rec.sender, encode(bootstrap))
-        except TransportError as exc:
+        except Exception as exc:  # nothing was opened: the caller learns why
             if region is not None:
                 self._transport.release(region, reuse=False)
+            if not isinstance(exc, TransportError):
+                raise
             raise InvalidArgument(
                 f"room {room}: cannot reach the sender at {rec.sender!r}: {exc}"
             ) from exc

@@ -532,6 +532,8 @@ class Sender(Endpoint[_SenderRoom]):
             peer,
             BootstrapAck(room=room, session=message.session, rank=message.rank, transport=path),
         )
+        if rec.state.is_final:  # the acknowledgement could not be sent: the room failed
+            return
         if len(rec.dests) == rec.required and self._step(
             room, rec, "bootstrapped", rec.state.bootstrapped
         ):

@@ -31,6 +31,7 @@ import secrets
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -83,6 +84,10 @@ _REQUEST_RANGE = struct.Struct("<QQQQ")  # region id, offset, length, tag
 _MAX_RANGES = 1 << 16
 _WRITE_REQUEST = b"U"
 _SCRATCH = 64
+MAX_RECEIVES = 1 << 18
+"""Receives posted at once, over all peers; a request past it is refused."""
+MAX_PEER_RECEIVES = 1 << 17
+"""Receives posted at once for one peer's requests; a request past it is refused."""
 _SIOCGIFADDR = 0x8915
 
 
@@ -154,6 +159,7 @@ class _Incoming:
     remaining: int
     answered: bool
     error: str | None = None
+    deadline: float = 0.0
 
 
 @dataclass
@@ -162,6 +168,7 @@ class _Receive:
     request: Any
     region_id: int | None  # None: a scratch receive that drops a refused write
     keep: Any  # the buffer UCX writes into, alive until the receive ends
+    tag: int = 0
 
 
 class UcxTransport(ZmqTransport):
@@ -232,8 +239,12 @@ class UcxTransport(ZmqTransport):
         self._endpoint_peers: dict[str, str] = {}  # worker -> the peer whose regions it holds
         self._sends: dict[int, list[Any]] = {}  # write id -> its UCX send requests
         self._receives: list[_Receive] = []
+        self._posted: dict[str, int] = {}  # peer -> receives posted for its requests
+        self._incoming: deque[_Incoming] = deque()  # batches with receives posted, oldest first
+        self._retiring: list[Any] = []  # the empty sends of _expire_receives in flight
+        self._self_endpoint: Any = None  # retires expired receives with empty messages
         self._parked: dict[int, tuple[Segment | None, bool]] = {}  # released while receiving
-        self.stats.update({"ucx_writes": 0})
+        self.stats.update({"ucx_writes": 0, "receives_posted": 0, "receives_expired": 0})
 
     def paths(self) -> list[str]:
         return [self.name]  # UCX picks shared memory, cma or the network itself
@@ -347,7 +358,16 @@ class UcxTransport(ZmqTransport):
             _, error = self._lookup(region_id, offset, length)
             if error is not None:
                 break
-        batch = _Incoming(peer, write_id, count, answered=error is not None, error=error)
+        if error is None:
+            error = self._receive_budget(peer, count)
+        batch = _Incoming(
+            peer,
+            write_id,
+            count,
+            answered=error is not None,
+            error=error,
+            deadline=time.monotonic() + self._write_timeout,
+        )
         if error is not None:
             self.stats["rejected_writes"] += 1
             self._warn.warning("rejected write", "rejected a write from %s: %s", peer, error)
@@ -360,9 +380,48 @@ class UcxTransport(ZmqTransport):
                 keep = np.empty(_SCRATCH, dtype=np.uint8)  # truncates, dropping the bytes
             request = self._worker.tag_recv(Array(keep), libucxx.UCXXTag(tag))
             self._receives.append(
-                _Receive(batch, request, region_id if region is not None else None, keep)
+                _Receive(batch, request, region_id if region is not None else None, keep, tag)
             )
+        self._posted[peer] = self._posted.get(peer, 0) + count
+        self._incoming.append(batch)
+        self.stats["receives_posted"] = len(self._receives)
         return True
+
+    def _receive_budget(self, peer: str, count: int) -> str | None:
+        """Why a request of ``count`` ranges from ``peer`` gets no receives (None: it does).
+
+        A refused request still gets scratch receives when there is room in the
+        total, so the writer's data is dropped rather than left in UCX's queue.
+        """
+        if self._posted.get(peer, 0) + count > MAX_PEER_RECEIVES:
+            return f"{peer} has {MAX_PEER_RECEIVES} receives posted here already"
+        if len(self._receives) + count > MAX_RECEIVES:
+            return f"{MAX_RECEIVES} receives are posted here already"
+        return None
+
+    def _expire_receives(self, now: float) -> None:
+        """Retire the receives of batches older than the write time-out (a writer that
+        never sent, or a forged request): each gets an empty message from this worker,
+        which completes it without touching the memory it was posted for."""
+        self._retiring = [r for r in self._retiring if not r.completed]
+        while self._incoming:
+            batch = self._incoming[0]
+            if batch.remaining and now < batch.deadline:
+                return
+            self._incoming.popleft()
+            if not batch.remaining:
+                continue
+            if self._self_endpoint is None:
+                self._self_endpoint = self._worker.create_endpoint_from_worker_address(
+                    self._worker.address, True
+                )
+            for receive in self._receives:  # only those still waiting: no message is left over
+                if receive.batch is batch and not receive.request.completed:
+                    self._retiring.append(
+                        self._self_endpoint.tag_send(Array(_EMPTY), libucxx.UCXXTag(receive.tag))
+                    )
+            self.stats["receives_expired"] += batch.remaining
+            batch.error = batch.error or "the writer's data did not arrive in time"
 
     # -- progress ----------------------------------------------------------------
     def _in_flight(self) -> bool:
@@ -392,6 +451,11 @@ class UcxTransport(ZmqTransport):
                     continue
                 batch = receive.batch
                 batch.remaining -= 1
+                left = self._posted.get(batch.peer, 0) - 1
+                if left > 0:
+                    self._posted[batch.peer] = left
+                else:
+                    self._posted.pop(batch.peer, None)
                 if receive.region_id is not None:
                     batch.error = batch.error or _request_error(receive.request)
                     self._unpark(receive.region_id)
@@ -399,6 +463,9 @@ class UcxTransport(ZmqTransport):
                     batch.answered = True
                     self._acknowledge(batch.peer, batch.write_id, batch.error)
             self._receives = waiting
+            self.stats["receives_posted"] = len(waiting)
+        if self._incoming:
+            self._expire_receives(time.monotonic())
 
     def _unpark(self, region_id: int) -> None:
         if region_id in self._parked and not any(
@@ -421,6 +488,12 @@ class UcxTransport(ZmqTransport):
         for worker_hex in list(self._endpoints):
             self._close_endpoint(worker_hex)
         self._endpoint_peers.clear()
+        if self._self_endpoint is not None:
+            with contextlib.suppress(Exception):
+                self._self_endpoint.close()
+            self._self_endpoint = None
+        self._incoming.clear()
+        self._posted.clear()
         with contextlib.suppress(Exception):
             self._poller.unregister(self._worker.epoll_file_descriptor)
         for segment, _ in self._parked.values():
@@ -430,6 +503,9 @@ class UcxTransport(ZmqTransport):
         self._sends.clear()
         self._receives.clear()
         super().close()
+
+
+_EMPTY = np.empty(0, dtype=np.uint8)
 
 
 def _buffer(data: torch.Tensor, offset: int, nbytes: int) -> Any:
