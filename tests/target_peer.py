@@ -47,7 +47,8 @@ def serve(conn: Any, side: str, transport: str, options: dict[str, Any], log_fil
             elif method == "send_ones":  # a room's data made here: tokens x 4 floats
                 room, tokens = args
                 assert isinstance(endpoint, Sender)
-                result = endpoint.send(room, torch.arange(tokens * 4.0).reshape(tokens, 4))
+                endpoint.send(room, torch.arange(tokens * 4.0).reshape(tokens, 4))
+                result = None
             else:
                 result = getattr(endpoint, method)
                 result = result(*args, **kwargs) if callable(result) else result
