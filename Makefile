@@ -30,6 +30,9 @@ lint: $(STAMP)          ## ruff and mypy --strict
 
 check: lint test
 
+fuzz: $(STAMP)          ## fuzz every wire message against live endpoints (KVPOLL_FUZZ_CASES, default 100000)
+	KVPOLL_FUZZ_CASES=$${KVPOLL_FUZZ_CASES:-100000} $(BIN)/python -m pytest -q tests/test_fuzz.py
+
 bench: $(STAMP)
 	$(BIN)/kvpoll bench statemachine
 

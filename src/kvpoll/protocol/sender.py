@@ -273,6 +273,11 @@ class Sender(Endpoint[_SenderRoom]):
         if tensor is not None:
             if pages is not None or pool is not None:
                 raise InvalidArgument(f"room {room}: send() takes a tensor or pages, not both")
+            if not is_last:
+                raise InvalidArgument(
+                    f"room {room}: a tensor is the room's whole data (is_last=False does not "
+                    "apply); to hand data over piece by piece, send pages of a registered pool"
+                )
             tensor = _check_tensor(room, tensor)
             own = PagedPool([tensor], page_size=1)
             runs = [(0, int(tensor.shape[0]))]
