@@ -23,6 +23,7 @@ import signal
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -192,12 +193,13 @@ def main() -> None:
         secret = _secret_file(tmp)
         ratios: dict[str, list[float]] = {}
         for _ in range(args.repeat):  # alternate plain and secret, minutes apart at most
-            for name, measure in (
+            measures: list[tuple[str, Callable[[str | None], list[float]]]] = [
                 ("control round trip", lambda s: [control_round_trip(s)]),
                 ("4 KiB room (tcp)", lambda s: room_time(s, 4096, False, 200)),
                 ("16 MiB room (tcp)", lambda s: room_time(s, 16 * MiB, False, 5)),
                 ("16 MiB room (shm)", lambda s: room_time(s, 16 * MiB, True, 5)),
-            ):
+            ]
+            for name, measure in measures:
                 plain = statistics.median(measure(None))
                 auth = statistics.median(measure(secret))
                 ratios.setdefault(name, []).append(auth / plain)

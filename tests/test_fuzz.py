@@ -15,6 +15,7 @@ CI runs ``KVPOLL_FUZZ_CASES`` cases (default 1,500); a dedicated run takes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -56,7 +57,7 @@ def examples(rogue: str, session: int) -> list[dict[str, Any]]:
     """One valid message of every type, as JSON-shaped dicts."""
     region = RegionDescriptor(transport="zmq", endpoint=rogue, region_id=5, nbytes=1 << 16)
     buffer = PoolBuffer(region=region, row_bytes=16, dtype="float32", row_shape=[4])
-    room = {"room": ROOM, "session": session, "rank": 0}
+    room: dict[str, Any] = {"room": ROOM, "session": session, "rank": 0}
     messages = [
         PoolOffer(pool=3, page_size=4, num_pages=64, buffers=[buffer], aux=[buffer], aux_rows=2),
         Bootstrap(**room, pool=3, pages=[(0, 2), (9, 1)], aux_index=1, transports=["zmq/tcp"]),
@@ -166,10 +167,8 @@ def test_every_wire_message_fuzzed_against_live_endpoints() -> None:
         )
         @given(payload=payloads(bases), frame=frames)
         def case(payload: bytes, frame: tuple[bytes, list[bytes]]) -> None:
-            try:
+            with contextlib.suppress(MessageError):  # the one error decode may raise
                 decode(payload)
-            except MessageError:
-                pass  # the one error decode may raise
             for sock in socks.values():
                 sock.send_multipart([b"C", payload])
                 sock.send_multipart([frame[0], *frame[1]])
@@ -186,9 +185,19 @@ def test_every_wire_message_fuzzed_against_live_endpoints() -> None:
             assert endpoint._thread.is_alive()
             assert endpoint.stats["internal_errors"] == 0, endpoint.stats
         # the fuzzed room is untouched by a peer that does not own it; it ends normally
-        assert rx.poll(ROOM) is TransferStatus.Transferring, (rx.info(ROOM).reason, tx.info(ROOM).reason, tx.address, rx.address)
+        assert rx.poll(ROOM) is TransferStatus.Transferring, (
+            rx.info(ROOM).reason,
+            tx.info(ROOM).reason,
+            tx.address,
+            rx.address,
+        )
         rx.resume(ROOM)
-        assert rx.wait(ROOM, 20) is TransferStatus.Success, (tx.info(ROOM), rx.info(ROOM), tx.stats, rx.stats)
+        assert rx.wait(ROOM, 20) is TransferStatus.Success, (
+            tx.info(ROOM),
+            rx.info(ROOM),
+            tx.stats,
+            rx.stats,
+        )
         assert torch.equal(rx.result(ROOM).tensor(), data)
         tx.add(ROOM + 1)
         rx.open(ROOM + 1, tx.address, row_shape=(4,), dtype=torch.float32, allocated_tokens=4)
