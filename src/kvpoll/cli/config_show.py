@@ -65,8 +65,11 @@ def render(config: Config, out: TextIO) -> None:
         if section != (table or ""):
             table = section
             print(f"\n[{'.'.join(_key(p) for p in section.split('.'))}]", file=out)
-        line = f"{_key(name)} = {toml_value(value)}"
-        note = f"{source}; 0 = no limit" if value is None else source
+        if key == "secret_file" and value is None:
+            line, note = "# secret_file = (unset)", f"{source}: connections are not authenticated"
+        else:
+            line = f"{_key(name)} = {toml_value(value)}"
+            note = f"{source}; 0 = no limit" if value is None else source
         print(f"{line:<40} # {note}", file=out)
     defaults = transport_defaults()
     for transport in sorted(set(defaults) | set(config.transports)):
