@@ -443,3 +443,47 @@ def record(tmp_path: Path, what: str, **figures: int) -> None:
     if out:
         with open(out, "a") as f:
             f.write(json.dumps({"what": what, **figures}) + "\n")
+
+
+# -- plain faults: kill -9 of either side, over every transport ------------------------
+
+
+@pytest.mark.parametrize("transport", ["zmq", "ucx", "nixl", "mooncake"])
+@pytest.mark.parametrize("killed", ["sender", "receiver"])
+def test_kill_9_of_either_side_fails_the_survivors_rooms(
+    tmp_path: Path, transport: str, killed: str
+) -> None:
+    need_transport(transport)
+    survivor_cls = Receiver if killed == "sender" else Sender
+    with survivor_cls(transport, **FAST) as survivor:
+        for kill in range(2):
+            rooms = [10 * kill + i for i in range(3)]
+            with target(tmp_path, killed, transport, **FAST) as t:
+                for room in rooms:
+                    if killed == "sender":
+                        t.call("add", room)
+                        survivor.open(
+                            room,
+                            t.address,
+                            row_shape=(4,),
+                            dtype=torch.float32,
+                            allocated_tokens=3,
+                        )
+                    else:
+                        survivor.add(room)
+                        t.call(
+                            "open",
+                            room,
+                            survivor.address,
+                            row_shape=(4,),
+                            dtype=torch.float32,
+                            allocated_tokens=3,
+                        )
+                    wait_until(lambda room=room: survivor.poll(room) is S.WaitingForInput, 30)
+                os.kill(t.proc.pid, signal.SIGKILL)
+                t.proc.join(10)
+                killed_at = time.monotonic()
+                for room in rooms:
+                    assert survivor.wait(room, 10) is S.Failed, survivor.info(room)
+                assert time.monotonic() - killed_at < 5  # heartbeats of 0.2 s x 3, not 300 s
+            assert survivor.stats["internal_errors"] == 0

@@ -268,6 +268,7 @@ def decode(payload: bytes) -> Message:
     try:
         return _ADAPTER.validate_json(payload)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise MessageError(f"{first.get('msg', 'invalid')} at {where or 'top level'}") from None
+        first = exc.errors(include_input=False, include_url=False)[0]
+        # field names may come from the peer: each shortened, never a payload in a log
+        where = ".".join(str(p)[:32] for p in first.get("loc", ())[:6])
+        raise MessageError(f"{first.get('msg', 'invalid')[:200]} at {where or 'top level'}") from None
