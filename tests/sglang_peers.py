@@ -179,6 +179,7 @@ def prefill(scenario: str, port: int, room: int) -> None:
     polls = {int(sender.poll())}
     status = wait_for(sender, {2}, "WaitingForInput")  # the scheduler's bootstrap queue
     polls.add(status)
+    before_init = sorted(polls)
     if status == 2:
         sender.init(len(PREFILL_PAGES), PREFILL_AUX)
         start = 0
@@ -208,6 +209,7 @@ def prefill(scenario: str, port: int, room: int) -> None:
         event="done",
         status=status,
         polls=sorted(polls),
+        polls_before_init=before_init,
         reason=failure(sender) if status == 0 else None,
         metric=vars(sender.get_transfer_metric()),
     )

@@ -43,7 +43,7 @@ def one_room(tx: Sender, rx: Receiver, room: int) -> TransferStatus | None:
     return status
 
 
-@pytest.mark.parametrize("call", [1, 2, 3, 6])
+@pytest.mark.parametrize("call", [1, 3])
 @pytest.mark.parametrize("point", FAULT_POINTS)
 @pytest.mark.parametrize("side", ["sender", "receiver"])
 def test_a_fault_at_any_step_fails_at_most_its_room(side: str, point: str, call: int) -> None:

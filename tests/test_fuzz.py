@@ -9,7 +9,7 @@ or raises MessageError, nothing else; the endpoints handle every case without an
 internal error, their I/O threads live, and rooms between the real peers
 succeed with their data intact.
 
-CI runs ``KVPOLL_FUZZ_CASES`` cases (default 1,500); a dedicated run takes
+CI runs ``KVPOLL_FUZZ_CASES`` cases (default 1,000); a dedicated run takes
 100,000 or more: ``KVPOLL_FUZZ_CASES=100000 make fuzz``.
 """
 
@@ -46,7 +46,7 @@ from kvpoll.protocol.messages import (
 from kvpoll.transports.base import RegionDescriptor
 from tests.helpers import wait_until
 
-CASES = int(os.environ.get("KVPOLL_FUZZ_CASES", "1500"))
+CASES = int(os.environ.get("KVPOLL_FUZZ_CASES", "1000"))
 pytestmark = pytest.mark.timeout(max(300, CASES // 50))
 
 ROOM, TOKEN = 77, "the room's token"

@@ -232,8 +232,8 @@ def test_4_a_flood_of_messages_is_bounded_and_memory_returns(tmp_path: Path, ctx
         flood = rogue(ctx, t.address, "tcp://127.0.0.1:1", hwm=100_000)
         payload = b"x" * 1024
         sent = 0
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and sent < 400_000:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sent < 250_000:
             try:
                 flood.send_multipart([b"C", payload], zmq.NOBLOCK)
                 sent += 1
@@ -269,15 +269,19 @@ def test_4_replies_to_a_peer_that_never_reads_are_dropped(tmp_path: Path, ctx: C
         unreachable.close()
 
 
-def test_4_bootstraps_for_unknown_rooms_are_bounded_per_peer(tmp_path: Path) -> None:
+def test_4_bootstraps_for_unknown_rooms_are_bounded_and_cannot_crowd_out_others(
+    tmp_path: Path,
+) -> None:
+    from kvpoll.protocol.sender import PENDING_ROOMS
+
     forger = ScriptedPeer()
     try:
         with target(tmp_path, "sender", **FAST) as t, Receiver("zmq", **FAST) as rx:
             before = t.call("process")["rss"]
             region = forger.transport.allocate(3 * 16).descriptor
-            for room in range(1_000, 3_500):  # more than one peer may hold waiting
+            for room in range(1_000, 1_000 + PENDING_ROOMS + 500):  # fills the table, and more
                 forger.send(t.address, forged_bootstrap(room, region))
-            big = [(i * 2, 1) for i in range(65_536)]  # ~1 MiB each
+            big = [(i * 2, 1) for i in range(65_536)]  # ~1 MiB each on the wire
             for room in range(10):
                 forger.send(
                     t.address,
@@ -285,13 +289,14 @@ def test_4_bootstraps_for_unknown_rooms_are_bounded_per_peer(tmp_path: Path) -> 
                         room=50_000 + room, session=1, pool=1, pages=big, transports=["zmq/tcp"]
                     ),
                 )
-            stats = t.wait_stat("pending_dropped", 2_500 - 1_000 + 10 - 4)
-            assert stats["pending_dropped"] <= 2_500 - 1_000 + 10
+            stats = t.wait_stat("pending_dropped", 510)
+            assert stats["messages_in"] == PENDING_ROOMS + 510
             after = t.call("process")["rss"]
             assert after - before < 200 * MiB, (before, after)
-            # a legitimate receiver opening before its sender adds the room still waits
+            # a legitimate receiver opening before its sender adds the room still gets in:
+            # the forger, holding the most, loses its oldest
             rx.open(9, t.address, row_shape=(4,), dtype=torch.float32, allocated_tokens=3)
-            time.sleep(0.3)
+            t.wait_stat("pending_dropped", 511)
             t.call("add", 9)
             t.call("send_ones", 9, 3)
             assert rx.wait(9, 30) is S.Success
@@ -456,7 +461,7 @@ def test_kill_9_of_either_side_fails_the_survivors_rooms(
     need_transport(transport)
     survivor_cls = Receiver if killed == "sender" else Sender
     with survivor_cls(transport, **FAST) as survivor:
-        for kill in range(2):
+        for kill in range(2 if transport == "zmq" else 1):
             rooms = [10 * kill + i for i in range(3)]
             with target(tmp_path, killed, transport, **FAST) as t:
                 for room in rooms:

@@ -271,4 +271,6 @@ def decode(payload: bytes) -> Message:
         first = exc.errors(include_input=False, include_url=False)[0]
         # field names may come from the peer: each shortened, never a payload in a log
         where = ".".join(str(p)[:32] for p in first.get("loc", ())[:6])
-        raise MessageError(f"{first.get('msg', 'invalid')[:200]} at {where or 'top level'}") from None
+        raise MessageError(
+            f"{first.get('msg', 'invalid')[:200]} at {where or 'top level'}"
+        ) from None

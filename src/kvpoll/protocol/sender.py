@@ -40,10 +40,8 @@ __all__ = ["Sender", "dtype_name"]
 
 PENDING_ROOMS = 10_000
 """Rooms with bootstraps waiting for :meth:`Sender.add`, at most (over all peers)."""
-PENDING_PER_PEER = 1_000
-"""Of those, from one peer at most: a flood from one peer cannot crowd out the others."""
-PENDING_RUNS_PER_PEER = 1 << 18
-"""Page runs held in one peer's waiting bootstraps, at most (memory, not just a count)."""
+PENDING_RUNS = 1 << 19
+"""Page runs held in waiting bootstraps, at most (their memory, not just their count)."""
 PENDING_PER_ROOM = 256
 """Bootstraps waiting for one room (one per rank), at most."""
 POOL_PEERS = 1_024
@@ -190,6 +188,7 @@ class Sender(Endpoint[_SenderRoom]):
     def _setup(self) -> None:
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
         self._pending_by_peer: dict[str, list[int]] = {}  # peer -> [rooms, runs] waiting
+        self._pending_runs = 0
         self._host = boot_id()
         self._peer_pools: dict[str, OrderedDict[int, PeerPool]] = {}
 
@@ -310,43 +309,66 @@ class Sender(Endpoint[_SenderRoom]):
         for peer, message in pending.bootstraps if pending else ():
             self._bootstrap(peer, message)
 
-    def _unpend(self, room: int) -> _Pending | None:
-        """Take the room's waiting bootstraps off the table (and their peers' budgets)."""
-        pending = self._pending.pop(room, None)
+    def _unpend(self, room: int, peer: str | None = None) -> _Pending | None:
+        """Take the room's waiting bootstraps (only ``peer``'s, when named) off the table."""
+        pending = self._pending.get(room)
         if pending is None:
             return None
-        for peer, message in pending.bootstraps:
-            budget = self._pending_by_peer.get(peer)
-            if budget is not None:
-                budget[1] -= _cost(message)
-        for peer in {p for p, _ in pending.bootstraps}:
-            budget = self._pending_by_peer.get(peer)
-            if budget is not None:
-                budget[0] -= 1
-                if budget[0] <= 0:
-                    del self._pending_by_peer[peer]
-        return pending
+        taken = [(p, m) for p, m in pending.bootstraps if peer is None or p == peer]
+        pending.bootstraps = [
+            (p, m) for p, m in pending.bootstraps if peer is not None and p != peer
+        ]
+        if not pending.bootstraps:
+            del self._pending[room]
+        for p, message in taken:
+            self._pending_runs -= _cost(message)
+            budget = self._pending_by_peer[p]
+            budget[1] -= _cost(message)
+        for p in {p for p, _ in taken}:
+            budget = self._pending_by_peer[p]
+            budget[0] -= 1
+            if budget[0] <= 0:
+                del self._pending_by_peer[p]
+        return _Pending(pending.at, taken)
 
     def _pend(self, peer: str, message: Bootstrap) -> str | None:
-        """Keep a bootstrap for a room not added yet; why not, when a limit refuses it."""
-        room = message.room
+        """Keep a bootstrap for a room not added yet; why not, when a limit refuses it.
+
+        When the table is full, the peer holding the most waits for room: it
+        is refused if it is the one asking, else its oldest waiting bootstrap
+        is dropped (and refused). A flood from one peer never crowds out another.
+        """
+        room, cost = message.room, _cost(message)
         pending = self._pending.get(room)
-        budget = self._pending_by_peer.get(peer, [0, 0])
-        new_for_peer = pending is None or all(p != peer for p, _ in pending.bootstraps)
-        if pending is None and len(self._pending) >= PENDING_ROOMS:
-            return f"too many bootstraps wait for rooms not added yet ({PENDING_ROOMS})"
-        if new_for_peer and budget[0] >= PENDING_PER_PEER:
-            return f"{PENDING_PER_PEER} rooms not added yet already wait for bootstraps from {peer}"
-        if budget[1] + _cost(message) > PENDING_RUNS_PER_PEER:
-            return f"bootstraps from {peer} for rooms not added yet hold too many pages"
         if pending is not None and len(pending.bootstraps) >= PENDING_PER_ROOM:
             return f"{PENDING_PER_ROOM} bootstraps already wait for room {room}"
+        while (pending is None and len(self._pending) >= PENDING_ROOMS) or (
+            self._pending_runs + cost > PENDING_RUNS
+        ):
+            by_rooms = self._pending_runs + cost <= PENDING_RUNS
+            heaviest = max(
+                self._pending_by_peer, key=lambda p: self._pending_by_peer[p][0 if by_rooms else 1]
+            )
+            if heaviest == peer:
+                return (
+                    f"too many bootstraps wait for rooms not added yet ({PENDING_ROOMS} rooms or "
+                    f"{PENDING_RUNS} page runs), and most of them come from {peer}"
+                )
+            oldest = next(
+                r for r, w in self._pending.items() if any(p == heaviest for p, _ in w.bootstraps)
+            )
+            dropped = self._unpend(oldest, heaviest)
+            for p, m in dropped.bootstraps if dropped else ():
+                self._stats["pending_dropped"] += 1
+                self._reject(p, m, "dropped: too many bootstraps wait for rooms not added yet")
+            pending = self._pending.get(room)
         if pending is None:
             pending = self._pending[room] = _Pending(time.monotonic())
+        budget = self._pending_by_peer.setdefault(peer, [0, 0])
+        budget[0] += all(p != peer for p, _ in pending.bootstraps)
+        budget[1] += cost
+        self._pending_runs += cost
         pending.bootstraps.append((peer, message))
-        budget[0] += new_for_peer
-        budget[1] += _cost(message)
-        self._pending_by_peer[peer] = budget
         return None
 
     def _set_data(
@@ -779,8 +801,8 @@ class Sender(Endpoint[_SenderRoom]):
             room, pending = next(iter(self._pending.items()))
             if now - pending.at < limit:
                 break
-            self._unpend(room)
-            for peer, message in pending.bootstraps:
+            expired = self._unpend(room)
+            for peer, message in expired.bootstraps if expired else ():
                 self._reject(
                     peer, message, f"no room {room} was added at the sender within {limit:g} s"
                 )
