@@ -140,7 +140,7 @@ def test_a_thousand_concurrent_rooms_through_one_pair(pair: tuple[Sender, Receiv
     for room in rooms:
         rx.open(room, tx.address, row_shape=(16,), dtype=torch.bfloat16, allocated_tokens=8)
     for room in rooms:
-        assert rx.wait(room, 60) is S.Success
+        assert rx.wait(room, 60) is S.Success, rx.info(room).reason
     assert all(tx.wait(room, 30) is S.Success for room in rooms)
     assert all(same(rx.result(room).tensor(), payloads[room]) for room in rooms)
     for room in rooms:

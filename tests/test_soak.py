@@ -10,7 +10,7 @@ def test_a_short_soak_loses_and_leaks_nothing(
     kvpoll_cmd: list[str], clean_env: dict[str, str]
 ) -> None:
     run = subprocess.run(
-        [*kvpoll_cmd, "soak", "--minutes", "0.25", "--kill-every", "2", "--json"],
+        [*kvpoll_cmd, "soak", "--minutes", "0.3", "--kill-every", "2", "--json"],
         capture_output=True,
         text=True,
         timeout=240,

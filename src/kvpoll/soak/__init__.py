@@ -74,16 +74,25 @@ class SoakReport:
 
 
 class _Worker:
+    """A worker process and its pipe; it is ready once it sent its address."""
+
     def __init__(self, ctx: Any, target: Callable[..., None], args: tuple[Any, ...]) -> None:
         self.parent, child = ctx.Pipe()
         self.proc = ctx.Process(target=target, args=(child, *args), daemon=True)
         self.proc.start()
         child.close()
-        if not self.parent.poll(120):
+        self.started = time.monotonic()
+        self.address = ""
+        self.backlog: list[Any] = []
+
+    def ready(self, timeout: float = 0.0) -> bool:
+        """Whether the worker is up (its address known); waits up to ``timeout``."""
+        if not self.address and self.parent.poll(timeout):
+            _, self.address = self.parent.recv()
+        if not self.address and time.monotonic() - self.started > 120:
             self.proc.kill()
             raise RuntimeError("a soak worker did not start within 120 s")
-        _, self.address = self.parent.recv()
-        self.backlog: list[Any] = []
+        return bool(self.address)
 
     def send(self, command: Any) -> None:
         self.parent.send(command)
@@ -157,6 +166,9 @@ def run_soak(
     report = SoakReport(seconds=0.0, transport=transport)
     sender = _Worker(ctx, sender_worker, args)
     workers = [_Worker(ctx, receiver_worker, args) for _ in range(receivers)]
+    for worker in (sender, *workers):
+        while not worker.ready(1.0):
+            pass
     generations = [0] * receivers
     injector = Injector([sender.address, *(w.address for w in workers)], sender.address)
     injector.start()
@@ -191,7 +203,8 @@ def run_soak(
             running = now < end
             collect(sender, None)
             for i, worker in enumerate(workers):
-                collect(worker, i)
+                if worker.address:
+                    collect(worker, i)
             _settle(rooms, report, now)
             if not running and not rooms:
                 break
@@ -210,10 +223,13 @@ def run_soak(
                     if room.receiver == victim and room.receiver_end is None:
                         room.killed_at = now
                 say(f"soak: killed receiver {victim} (kill {report.kills}); starting it again")
-                workers[victim] = _Worker(ctx, receiver_worker, args)
-                injector.targets[victim + 1] = workers[victim].address
+                workers[victim] = _Worker(ctx, receiver_worker, args)  # ready a little later
                 next_kill = time.monotonic() + kill_every
             for i, worker in enumerate(workers):
+                if not worker.address:
+                    if not worker.ready():
+                        continue
+                    injector.targets[i + 1] = worker.address
                 mine = sum(1 for r in rooms.values() if r.receiver == i and r.receiver_end is None)
                 while running and mine < in_flight:
                     room_id, next_room = next_room, next_room + 1
