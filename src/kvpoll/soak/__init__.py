@@ -11,7 +11,8 @@ Each room ends in one of three ways:
 
 * **delivered**: Success on both sides, the data equal bit for bit;
 * **interrupted**: its receiver was killed; the sender must fail it (within
-  the heartbeat window) or have finished it before;
+  the heartbeat window, or by its bootstrap time-out of 5 s when the receiver
+  died before it bootstrapped) or have finished it before;
 * **lost**: anything else (a failure nobody caused, a wrong byte, a room
   that never ended). A healthy kvpoll loses nothing.
 

@@ -21,6 +21,8 @@ import torch
 __all__ = ["HIDDEN", "payload", "probe", "receiver_worker", "sender_worker"]
 
 HIDDEN = 64
+BOOTSTRAP_TIMEOUT = 5.0
+"""Seconds a sender's room waits for its receiver's bootstrap (an engine's bootstrap time-out)."""
 
 
 def payload(room: int, tokens: int) -> torch.Tensor:
@@ -83,7 +85,13 @@ def sender_worker(conn: Any, transport: str, options: dict[str, Any], heartbeat:
     """Add each room it is told to and send its data (two chunks: see the receiver)."""
     from kvpoll import Sender
 
-    tx = Sender(transport, transport_options=options, heartbeat_interval=heartbeat)
+    # a receiver killed before it bootstrapped is unknown here: its room ends by time-out
+    tx = Sender(
+        transport,
+        transport_options=options,
+        heartbeat_interval=heartbeat,
+        timeouts={"Bootstrapping": BOOTSTRAP_TIMEOUT},
+    )
 
     def handle(command: tuple[Any, ...]) -> None:
         _, room, tokens, token = command
