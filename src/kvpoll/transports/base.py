@@ -303,7 +303,13 @@ class Transport(ABC):
 
     @abstractmethod
     def send(self, peer: str, payload: bytes) -> None:
-        """Queue a small control message to ``peer`` (an address)."""
+        """Queue a small control message to ``peer`` (an address); never waits.
+
+        Raises:
+            TransportError: the message cannot be queued (a bad address, or a
+                peer that does not read and whose queue is full); the caller
+                fails what the message concerned.
+        """
 
     @abstractmethod
     def progress(self, timeout: float) -> list[TransportEvent]:

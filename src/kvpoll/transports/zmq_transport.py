@@ -444,7 +444,10 @@ class ZmqTransport(Transport):
         self._check_open()
         if peer in self._closed_peers:
             return
-        self._post(peer, [_CONTROL, payload])
+        if not self._post(peer, [_CONTROL, payload]):
+            raise TransportError(
+                f"{peer} is not reading: {self._max_queued} messages are queued to it"
+            )
 
     def _post(self, peer: str, frames: list[Any], *, copy: bool = True) -> bool:
         """Queue one message to ``peer`` without waiting; False (and counted in
