@@ -679,7 +679,7 @@ class Endpoint(Generic[R]):
             if not isinstance(room, int):
                 return
             rec = self._rooms.get(room)
-            if rec is not None and (peer in rec.peers or peer == getattr(rec, "sender", None)):
+            if rec is not None and peer in rec.peers:
                 self._fail(room, rec, f"could not send {message.type} to {peer}: {exc}")
 
     def _watch(self, room: int, rec: R, peer: str) -> None:

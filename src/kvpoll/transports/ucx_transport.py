@@ -358,8 +358,12 @@ class UcxTransport(ZmqTransport):
             _, error = self._lookup(region_id, offset, length)
             if error is not None:
                 break
-        if error is None:
-            error = self._receive_budget(peer, count)
+        over = self._receive_budget(peer, count)
+        if over is not None:  # no receive at all past the limits, not even a scratch one
+            self.stats["rejected_writes"] += 1
+            self._warn.warning("rejected write", "rejected a write from %s: %s", peer, over)
+            self._acknowledge(peer, write_id, over)
+            return True
         batch = _Incoming(
             peer,
             write_id,
@@ -390,8 +394,9 @@ class UcxTransport(ZmqTransport):
     def _receive_budget(self, peer: str, count: int) -> str | None:
         """Why a request of ``count`` ranges from ``peer`` gets no receives (None: it does).
 
-        A refused request still gets scratch receives when there is room in the
-        total, so the writer's data is dropped rather than left in UCX's queue.
+        Within the limits a refused request (an unknown region) still gets
+        scratch receives, so the writer's data is dropped rather than left in
+        UCX's queue; past them it gets none.
         """
         if self._posted.get(peer, 0) + count > MAX_PEER_RECEIVES:
             return f"{peer} has {MAX_PEER_RECEIVES} receives posted here already"
