@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from kvpoll.processes import worker_context
 
 __all__ = ["ask", "sending_child"]
 
 
 @contextmanager
 def sending_child(target: Callable[[Any], None], name: str) -> Iterator[Any]:
-    """Run ``target(conn)`` in a spawned process; yield this end of the pipe.
+    """Run ``target(conn)`` in a worker process; yield this end of the pipe.
 
     On the way out the child is told ``("exit",)``, given 30 s, then killed.
     """
-    ctx = mp.get_context("spawn")
+    ctx = worker_context()
     conn, child_conn = ctx.Pipe()
     child = ctx.Process(target=target, args=(child_conn,), name=name, daemon=True)
     child.start()

@@ -47,13 +47,17 @@ def _options(pairs: list[str]) -> dict[str, object]:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kvpoll.config import load_config
-    from kvpoll.demo import DemoError, run_demo
+    from kvpoll.processes import worker_context
 
     if not args.heartbeat > 0:
         raise KvpollError("--heartbeat must be positive")
     config = load_config(args.config)
     transport = args.transport or config.transport
     options = {**config.options(transport), **_options(args.option)}
+    # the workers' imports start now, beside this process's own
+    worker_context("kvpoll.demo.workers")
+    from kvpoll.demo import DemoError, run_demo
+
     try:
         return run_demo(
             tokens=args.tokens,

@@ -21,7 +21,6 @@ table. The exit status is 0 only if everything held.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import queue
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from kvpoll.demo.workers import (
     receiver_main,
     sender_main,
 )
+from kvpoll.processes import worker_context
 from kvpoll.statemachine.trace import TraceChecker
 from kvpoll.transports import TransportError, resolve
 
@@ -77,7 +77,7 @@ class _Demo:
     def __init__(self, settings: Settings, out: TextIO) -> None:
         self.settings = settings
         self.out = out
-        self.ctx = mp.get_context("spawn")
+        self.ctx = worker_context("kvpoll.demo.workers")
         self.events: Any = self.ctx.Queue()
         self.rooms: dict[int, _Room] = {}
         self.ready: dict[str, str] = {}
@@ -140,6 +140,8 @@ class _Demo:
 
     # -- processes ---------------------------------------------------------------
     def start(self) -> None:
+        """Start every process at once (each spends seconds importing torch); the
+        language-model ranks learn the encoder's address once it is up."""
         self.commands["encoder"] = self.ctx.Queue()
         self.procs["encoder"] = self.ctx.Process(
             target=sender_main,
@@ -147,16 +149,18 @@ class _Demo:
             name="kvpoll-demo-encoder",
         )
         self.procs["encoder"].start()
-        self.pump(lambda: "encoder" in self.ready, 120, "the encoder to start")
-        sender = self.ready["encoder"]
         for rank, who in enumerate(self.receivers):
             self.commands[who] = self.ctx.Queue()
             self.procs[who] = self.ctx.Process(
                 target=receiver_main,
-                args=(self.settings, rank, sender, self.commands[who], self.events),
+                args=(self.settings, rank, self.commands[who], self.events),
                 name=f"kvpoll-demo-lm-{rank}",
             )
             self.procs[who].start()
+        self.pump(lambda: "encoder" in self.ready, 120, "the encoder to start")
+        sender = self.ready["encoder"]
+        for who in self.receivers:
+            self.commands[who].put(("sender", sender))
         self.pump(
             lambda: all(w in self.ready for w in self.receivers),
             120,

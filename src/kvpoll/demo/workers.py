@@ -156,12 +156,16 @@ def _stream(tx: Any, pool: Any, spec: RoomSpec, settings: Settings, data: torch.
         time.sleep(0.02)  # the next prefill chunk takes a while
 
 
-def receiver_main(settings: Settings, rank: int, sender: str, commands: Any, events: Any) -> None:
-    """Run receiver ``rank`` until told to exit."""
+def receiver_main(settings: Settings, rank: int, commands: Any, events: Any) -> None:
+    """Run receiver ``rank`` until told to exit; its first command names the sender."""
     from kvpoll.protocol import Receiver
 
     logging.basicConfig(level=logging.ERROR)
     who = f"lm rank {rank}"
+    first = commands.get(timeout=600)
+    if first[0] != "sender":
+        return
+    sender: str = first[1]
     rx = Receiver(
         settings.transport,
         transport_options=settings.options,

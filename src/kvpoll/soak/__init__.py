@@ -24,7 +24,6 @@ memfds, resident memory; and files left in /dev/shm.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 import os
 import secrets
 import time
@@ -32,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from kvpoll.processes import worker_context
 from kvpoll.soak.injector import Injector
 from kvpoll.soak.workers import receiver_worker, sender_worker
 
@@ -158,7 +158,7 @@ def run_soak(
     log: TextIO | None = None,
 ) -> SoakReport:
     """Run the soak for ``minutes``; see the module docstring."""
-    ctx = mp.get_context("spawn")
+    ctx = worker_context("kvpoll.soak.workers")
     options = dict(options or {})
     args = (transport, options, heartbeat)
     shm_before = _shm_files()
