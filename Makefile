@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml requirements-dev.txt requirements-sglang.txt
 demo: $(STAMP)          ## run the main job
 	$(BIN)/kvpoll demo
 
-test: $(STAMP)          ## run the whole test suite
-	$(BIN)/python -m pytest
+test: $(STAMP)          ## run the whole test suite, one worker per core
+	$(BIN)/python -m pytest -n auto --dist worksteal
 
 lint: $(STAMP)          ## ruff and mypy --strict
 	$(BIN)/ruff check src tests benchmarks

@@ -717,12 +717,11 @@ class Endpoint(Generic[R]):
         now = time.monotonic()
         if rec.ready_at is None and state.status is TransferStatus.WaitingForInput:
             rec.ready_at = now
-        if state.is_final:
-            rec.done_at = now
         self._status[room] = state.status
-        self._deadlines.enter(room, source, state.status, time.monotonic())
-        self._changed.notify_all()
-        if state.is_final:
+        self._deadlines.enter(room, source, state.status, now)
+        if state.is_final:  # every wait is for an end: other steps wake nobody
+            rec.done_at = now
+            self._changed.notify_all()
             self._waiter.wake()
         if self._on_status is not None:
             change = StatusChange(

@@ -2,7 +2,7 @@
 
 :class:`~kvpoll.protocol.endpoint.Endpoint` builds its ``wait*`` methods on
 :class:`Waiter`. A blocking wait sleeps on the endpoint's condition (notified
-on every step); an asyncio wait registers a *waker* that the I/O thread calls
+when a room ends or is removed: no other step wakes it); an asyncio wait registers a *waker* that the I/O thread calls
 (through ``loop.call_soon_threadsafe``) whenever a room ends or is removed, so
 no thread is tied up and nothing polls.
 
