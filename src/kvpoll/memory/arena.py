@@ -109,6 +109,23 @@ class Arenas:
         assert start is not None
         return Lease(pool, start, count), True
 
+    def take_existing(
+        self, row_shape: tuple[int, ...], dtype: torch.dtype, count: int
+    ) -> Lease | None:
+        """A run of ``count`` rows from an arena that exists already, or None (no
+        new memory is made, so no pool needs registering)."""
+        for arena in self._arenas.get((row_shape, dtype), ()):
+            start = arena.take(count)
+            if start is not None:
+                return Lease(arena.pool, start, count)
+        return None
+
+    def put_back(self, lease: Lease) -> None:
+        """Undo a :meth:`take_existing` at once (the run was never used; no arena is dropped)."""
+        arena = self._by_pool.get(lease.pool.id)
+        if arena is not None:
+            arena.give(lease.start, lease.count)
+
     def give(self, lease: Lease, *, quarantine: bool = False) -> list[PagedPool]:
         """Return a run; pools of arenas now dropped are returned (to unregister)."""
         if quarantine and self.quarantine > 0:

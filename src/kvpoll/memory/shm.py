@@ -115,7 +115,7 @@ class Segment:
         info: what a peer on this host needs to attach it.
     """
 
-    __slots__ = ("_fd", "data", "info", "owner", "size")
+    __slots__ = ("_closed", "_fd", "data", "info", "owner", "size")
 
     def __init__(self, fd: int, size: int, info: SegmentInfo, *, owner: bool) -> None:
         # torch maps the file itself and keeps no descriptor: the mapping belongs to
@@ -132,9 +132,15 @@ class Segment:
                 f"memory exhausted): {exc}"
             ) from exc
         self._fd = fd
+        self._closed = False
         self.size = size
         self.info = info
         self.owner = owner
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (its mapping may live on in views)."""
+        return self._closed
 
     @classmethod
     def create(cls, size: int) -> Segment:
@@ -238,6 +244,7 @@ class Segment:
         an application holds never dangles); then the kernel frees it.
         """
         self._unpublish()
+        self._closed = True
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._fd)

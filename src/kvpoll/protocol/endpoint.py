@@ -1,9 +1,13 @@
 """What a sender and a receiver share: one I/O thread, rooms, heartbeats, time-outs.
 
 An endpoint owns a transport and one I/O thread, whatever the number of rooms.
-That thread is the only one that touches the transport and changes a room.
-Application calls either read (``poll`` never waits for the thread) or hand
-the thread a command and wait for it, with a time-out.
+That thread is the only one that touches the transport. Application calls
+either read (``poll`` never waits for the thread), hand the thread a command
+and wait for it, with a time-out, or - where nothing but a message must reach
+the transport - change rooms themselves under the endpoint's lock and leave
+the encoded message in the *outbox*, which the I/O thread sends first thing
+on its next turn (woken once per batch, so many rooms opened at once cost one
+wake-up and no round trip each).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -271,6 +275,9 @@ class Endpoint(Generic[R]):
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
             queue.SimpleQueue()
         )
+        # (peer, encoded message, its room and record): sent by the I/O thread unless
+        # the room ended or went meanwhile; filled by callers under the lock
+        self._outbox: deque[tuple[str, bytes, str, int, R]] = deque()
         self._history = history
         self._on_status = on_status
         self._interval = heartbeat_interval
@@ -529,7 +536,38 @@ class Endpoint(Generic[R]):
                 f"the {self.side}'s I/O thread did not answer within {self._command_timeout:g} s"
             ) from None
 
+    def _here(self) -> bool:
+        """Whether an application call may change rooms on its own thread (then the
+        lock is held): the endpoint is open and this is not the I/O thread.
+
+        Raises:
+            EndpointClosed: the endpoint is closed or its I/O thread stopped.
+        """
+        if threading.current_thread() is self._thread:
+            return False
+        if self._closed or not self._thread.is_alive():
+            raise EndpointClosed(f"the {self.side} at {self.address} is closed")
+        return True
+
+    def _queue(self, peer: str, message: Message, room: int, rec: R) -> None:
+        """Leave a room's message for the I/O thread (the lock is held, any thread)."""
+        self._outbox.append((peer, encode(message), message.type, room, rec))
+        if len(self._outbox) == 1:  # later ones ride on this wake-up
+            self._transport.wakeup()
+
+    def _flush(self) -> None:
+        """Send what callers queued, in order (the lock is held, on the I/O thread).
+
+        A message for a room that ended or was removed meanwhile is dropped.
+        """
+        while self._outbox:
+            peer, payload, what, room, rec = self._outbox.popleft()
+            if self._rooms.get(room) is rec and not rec.state.is_final:
+                self._send_payload(peer, payload, room, what)
+
     def _run_commands(self) -> None:
+        with self._lock:
+            self._flush()
         while True:
             try:
                 fn, future = self._commands.get_nowait()
@@ -667,20 +705,21 @@ class Endpoint(Generic[R]):
     # -- room helpers (the lock is held, on the I/O thread) ----------------------------
     def _send(self, peer: str, message: Any) -> None:
         """Send a message; if that fails, the room it concerns fails (no other)."""
+        room = getattr(message, "room", None)
+        self._send_payload(
+            peer, encode(message), room if isinstance(room, int) else None, message.type
+        )
+
+    def _send_payload(self, peer: str, payload: bytes, room: int | None, what: str) -> None:
         try:
-            self._transport.send(peer, encode(message))
+            self._transport.send(peer, payload)
             self._stats["messages_out"] += 1
         except Exception as exc:  # a transport or socket error: this message is lost
             self._stats["send_errors"] += 1
-            self._warn.warning(
-                "send failed", "could not send %s to %s: %s", type(message).__name__, peer, exc
-            )
-            room = getattr(message, "room", None)
-            if not isinstance(room, int):
-                return
-            rec = self._rooms.get(room)
-            if rec is not None and peer in rec.peers:
-                self._fail(room, rec, f"could not send {message.type} to {peer}: {exc}")
+            self._warn.warning("send failed", "could not send %s to %s: %s", what, peer, exc)
+            rec = None if room is None else self._rooms.get(room)
+            if room is not None and rec is not None and peer in rec.peers:
+                self._fail(room, rec, f"could not send {what} to {peer}: {exc}")
 
     def _watch(self, room: int, rec: R, peer: str) -> None:
         rec.peers.add(peer)

@@ -218,6 +218,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
 
     def _setup(self) -> None:
         self._arenas = Arenas(self._transport.memory_kind())
+        self._paths = list(self._transport.paths())  # fixed for the transport's life
 
     def _teardown(self) -> None:
         self._arenas.close()  # descriptors go now; views keep their memory mapped
@@ -291,6 +292,11 @@ class Receiver(Endpoint[_ReceiverRoom]):
                 raise InvalidArgument(
                     f"room {room}: aux_index must be a row of the pool's {pool.aux_rows} aux rows"
                 )
+            with self._lock:
+                if self._here() and self._open_paged_here(
+                    room, sender, pool, runs, aux_index, rank, wire_token
+                ):
+                    return
             self._call(
                 lambda: self._open_paged(room, sender, pool, runs, aux_index, rank, wire_token)
             )
@@ -314,6 +320,11 @@ class Receiver(Endpoint[_ReceiverRoom]):
         _check_buffer(buffer, shape, dtype, room)
         if buffer is None:
             _check_fits(room, allocated_tokens, shape, dtype)
+            with self._lock:
+                if self._here() and self._open_here(
+                    room, sender, shape, dtype, allocated_tokens, rank, auto_resume, wire_token
+                ):
+                    return
         self._call(
             lambda: self._open(
                 room, sender, shape, dtype, allocated_tokens, rank, buffer, auto_resume, wire_token
@@ -365,6 +376,65 @@ class Receiver(Endpoint[_ReceiverRoom]):
         rec = _ReceiverRoom(room, self._history)
         rec.sender, rec.rank, rec.token = sender, rank, token
         return rec
+
+    def _open_paged_here(
+        self,
+        room: int,
+        sender: str,
+        pool: PagedPool,
+        runs: list[tuple[int, int]],
+        aux_index: int | None,
+        rank: int,
+        token: str | None,
+    ) -> bool:
+        """Open a paged room on the caller's thread (the lock is held) when only the
+        bootstrap must reach the transport: the pool is registered and offered to
+        this sender already. False, with nothing changed, otherwise."""
+        entry = self._pools.get(pool.id)
+        if entry is None or entry.pool is not pool or sender not in entry.offered_to:
+            return False
+        rec = self._new_room(room, sender, rank, token)
+        rec.pool, rec.aux_index, rec.auto_resume = pool, aux_index, False
+        rec.parts.append(_Part(0, pool, token_runs(runs, pool.page_size)))
+        self._enter(room, rec, self._bootstrap_message(room, rec, pool=pool, pages=runs))
+        return True
+
+    def _open_here(
+        self,
+        room: int,
+        sender: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        allocated: int,
+        rank: int,
+        auto_resume: bool,
+        token: str | None,
+    ) -> bool:
+        """Open a buffer room on the caller's thread (the lock is held) when only the
+        bootstrap must reach the transport: an arena already registered and offered
+        to this sender has the rows. False, with nothing changed, otherwise."""
+        if room in self._rooms:
+            raise DuplicateRoom(room)
+        lease = self._arenas.take_existing(shape, dtype, allocated)
+        if lease is None:
+            return False
+        entry = self._pools.get(lease.pool.id)
+        if entry is None or sender not in entry.offered_to:
+            self._arenas.put_back(lease)
+            return False
+        rec = self._new_room(room, sender, rank, token)
+        rec.row_shape, rec.dtype, rec.auto_resume = shape, dtype, auto_resume
+        rec.whole, rec.allocated = True, allocated
+        rec.parts.append(_Part(0, lease.pool, PageList([(lease.start, allocated)]), lease=lease))
+        pages = [(lease.start, allocated)]
+        self._enter(room, rec, self._bootstrap_message(room, rec, pool=lease.pool, pages=pages))
+        return True
+
+    def _enter(self, room: int, rec: _ReceiverRoom, bootstrap: Bootstrap) -> None:
+        """Register a room opened on the caller's thread; its bootstrap goes out next."""
+        self._register(room, rec)
+        self._watch(room, rec, rec.sender)
+        self._queue(rec.sender, bootstrap, room, rec)
 
     def _open_paged(
         self,
@@ -418,33 +488,11 @@ class Receiver(Endpoint[_ReceiverRoom]):
         region: Region | None = None,
         tokens: int = 0,
     ) -> None:
-        fields: dict[str, Any] = {}
         try:  # an address this transport cannot use is the caller's error, not a hang
             if pool is not None:
                 self._offer(rec.sender, pool)
-                fields = {
-                    "pool": pool.id,
-                    "pages": pages,
-                    "aux_index": rec.aux_index,
-                    "whole": rec.whole,
-                }
-            else:
-                assert region is not None
-                fields = {
-                    "region": region.descriptor,
-                    "allocated_tokens": tokens,
-                    "row_bytes": region.nbytes // tokens,
-                    "dtype": dtype_name(rec.dtype),
-                    "row_shape": list(rec.row_shape),
-                }
-            bootstrap = Bootstrap(
-                room=room,
-                session=rec.session,
-                rank=rec.rank,
-                transports=self._transport.paths(),
-                host=boot_id(),
-                token=rec.token,
-                **fields,
+            bootstrap = self._bootstrap_message(
+                room, rec, pool=pool, pages=pages, region=region, tokens=tokens
             )
             self._transport.send(rec.sender, encode(bootstrap))
         except Exception as exc:  # nothing was opened: the caller learns why
@@ -458,6 +506,44 @@ class Receiver(Endpoint[_ReceiverRoom]):
         self._stats["messages_out"] += 1
         self._register(room, rec)
         self._watch(room, rec, rec.sender)
+
+    def _bootstrap_message(
+        self,
+        room: int,
+        rec: _ReceiverRoom,
+        *,
+        pool: PagedPool | None = None,
+        pages: list[tuple[int, int]] | None = None,
+        region: Region | None = None,
+        tokens: int = 0,
+    ) -> Bootstrap:
+        """The room's bootstrap: pages of an offered pool, or one region inline."""
+        fields: dict[str, Any]
+        if pool is not None:
+            fields = {
+                "pool": pool.id,
+                "pages": pages,
+                "aux_index": rec.aux_index,
+                "whole": rec.whole,
+            }
+        else:
+            assert region is not None
+            fields = {
+                "region": region.descriptor,
+                "allocated_tokens": tokens,
+                "row_bytes": region.nbytes // tokens,
+                "dtype": dtype_name(rec.dtype),
+                "row_shape": list(rec.row_shape),
+            }
+        return Bootstrap(
+            room=room,
+            session=rec.session,
+            rank=rec.rank,
+            transports=self._paths,
+            host=boot_id(),
+            token=rec.token,
+            **fields,
+        )
 
     def _offer(self, sender: str, pool: PagedPool) -> None:
         """Register ``pool`` here and announce it to ``sender``, each once.

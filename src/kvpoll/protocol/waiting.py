@@ -2,9 +2,10 @@
 
 :class:`~kvpoll.protocol.endpoint.Endpoint` builds its ``wait*`` methods on
 :class:`Waiter`. A blocking wait sleeps on the endpoint's condition (notified
-when a room ends or is removed: no other step wakes it); an asyncio wait registers a *waker* that the I/O thread calls
-(through ``loop.call_soon_threadsafe``) whenever a room ends or is removed, so
-no thread is tied up and nothing polls.
+when a room ends or is removed: no other step wakes it); an asyncio wait
+registers a *waker* that the I/O thread calls (through
+``loop.call_soon_threadsafe``) whenever a room ends or is removed, so no
+thread is tied up and nothing polls.
 
 Time limits: ``timeout=None`` waits without a limit; a number is seconds
 (``0``: look once and return).

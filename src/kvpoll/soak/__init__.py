@@ -134,9 +134,13 @@ class _Worker:
 
 
 def _shm_files() -> set[str]:
+    """This user's files in /dev/shm, less multiprocessing's own semaphores
+    (``sem.mp-*``: any Python process using multiprocessing makes them, kvpoll none)."""
     uid = os.getuid()
     out = set()
     for name in os.listdir("/dev/shm"):
+        if name.startswith("sem.mp-"):
+            continue
         try:
             if os.stat(f"/dev/shm/{name}").st_uid == uid:
                 out.add(name)

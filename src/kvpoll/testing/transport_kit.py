@@ -175,11 +175,20 @@ def _unknown_and_released(a: Transport, b: Transport) -> None:
         "a write to an unknown region succeeded",
     )
     descriptor = dst.descriptor
+    _expect(wait_for_write(a, b, a.write(src, 0, descriptor, 0, 100)).ok, "a write failed")
     b.release(dst)
     _expect(
         not wait_for_write(a, b, a.write(src, 0, descriptor, 0, 100)).ok,
-        "a write to a released region succeeded",
+        "a write to a released region succeeded (after one that was accepted)",
     )
+    # its memory handed to a new region: the old descriptor must not reach it
+    again = b.allocate(100)
+    again.data.fill_(3)
+    _expect(
+        not wait_for_write(a, b, a.write(src, 0, descriptor, 0, 100)).ok,
+        "a write through a released region's descriptor succeeded once its memory was reused",
+    )
+    _expect(bool((again.data == 3).all()), "a released region's descriptor changed a new region")
 
 
 def _dtypes(a: Transport, b: Transport) -> None:

@@ -343,7 +343,8 @@ class Transport(ABC):
         """The data paths this endpoint speaks, most preferred first.
 
         Announced at bootstrap so both sides agree on one. A path ending in
-        ``/shm`` reaches only endpoints on the same host. Default: the name.
+        ``/shm`` reaches only endpoints on the same host. Fixed for the
+        transport's life (an endpoint reads it once). Default: the name.
         """
         return [self.name]
 

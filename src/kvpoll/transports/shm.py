@@ -9,7 +9,9 @@ are reused by size class, so receive buffers stay warm.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
+import numpy as np
 import torch
 
 from kvpoll.memory.shm import Attachments, Segment, SegmentError, SegmentInfo, boot_id
@@ -22,6 +24,7 @@ __all__ = [
     "SegmentInfo",
     "SegmentPool",
     "boot_id",
+    "check_header",
     "check_stamp",
     "stamp",
     "unstamp",
@@ -50,7 +53,12 @@ def check_stamp(segment: Segment, region_id: int, end: int) -> str | None:
     """Why a write of bytes up to ``end`` into ``region_id`` must not happen, or None."""
     if segment.data.numel() < HEADER:
         return "the segment has no header"
-    magic, current, nbytes = segment.data[:24].view(torch.int64).tolist()
+    return check_header(segment.data.numpy()[:24].view(np.int64), region_id, end)
+
+
+def check_header(header: Any, region_id: int, end: int) -> str | None:
+    """:func:`check_stamp` on a segment's first 24 bytes seen as three int64."""
+    magic, current, nbytes = int(header[0]), int(header[1]), int(header[2])
     if magic != _MAGIC or current != region_id:
         return f"region {region_id} is no longer registered there"
     if end > nbytes:

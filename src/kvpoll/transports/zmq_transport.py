@@ -73,6 +73,7 @@ from kvpoll.transports.shm import (
     SegmentInfo,
     SegmentPool,
     boot_id,
+    check_header,
     check_stamp,
     stamp,
 )
@@ -87,6 +88,7 @@ _MAX_PIECES = 1024  # pieces in one W message
 _ACK = struct.Struct("<QB")  # write id, ok
 _CONTROL, _WRITE, _ACKNOWLEDGE, _BYE = b"C", b"W", b"A", b"B"
 _BATCH = 512
+_TARGETS = 4096  # destination descriptors whose shared memory is kept resolved
 _MAX_INCOMING = 4096  # writes whose pieces are arriving with an error noted, at most
 _HEARTBEAT_MS = 1000  # ZMTP heartbeats: a dead connection is closed within the time-out
 _HEARTBEAT_TIMEOUT_MS = 5000
@@ -223,6 +225,11 @@ class ZmqTransport(Transport):
         # Only with shm on are they advertised for peers on this host to map.
         self._pool = SegmentPool(max_idle_bytes=max_idle_pool_bytes)
         self._attachments = Attachments(max_attached)
+        # id(descriptor) -> (the descriptor, its segment, the region's offset there,
+        # stamped); a hit must be the very descriptor object (held here, so its id is
+        # not reused) on a segment still open. No view of the memory is held: a
+        # segment the attachments drop is unmapped as soon as they close it.
+        self._targets: OrderedDict[int, tuple[RegionDescriptor, Segment, int, bool]] = OrderedDict()
         self._regions: dict[int, Region] = {}
         self._segments: dict[int, Segment] = {}
         self._pending: dict[int, _Pending] = {}
@@ -367,7 +374,34 @@ class ZmqTransport(Transport):
         return True
 
     def _shm_target(self, dst: RegionDescriptor) -> tuple[Any, int] | str:
-        """(the segment's bytes, the region's offset there), or why it cannot be written."""
+        """(the segment's bytes, the region's offset there), or why it cannot be written.
+
+        A descriptor seen lately is resolved from a cache (a peer's pool is
+        written through the same descriptors room after room); only the
+        region's stamp is read again.
+        """
+        hit = self._targets.get(id(dst))
+        if hit is not None and hit[0] is dst and not hit[1].closed:
+            _, segment, offset, stamped = hit
+            memory = segment.data.numpy()
+            if stamped:
+                error = check_header(memory[:24].view(np.int64), dst.region_id, dst.nbytes)
+                if error is not None:
+                    return error
+            return memory, offset
+        self._targets.pop(id(dst), None)
+        found = self._resolve(dst)
+        if isinstance(found, str):
+            return found
+        while len(self._targets) >= _TARGETS:
+            self._targets.popitem(last=False)
+        segment, offset, stamped = found
+        self._targets[id(dst)] = (dst, segment, offset, stamped)
+        return segment.data.numpy(), offset
+
+    def _resolve(self, dst: RegionDescriptor) -> tuple[Segment, int, bool] | str:
+        """What :meth:`_shm_target` caches: the segment, the offset and whether the
+        region is stamped there; or why it cannot be written."""
         extra = dst.extra
         try:
             info = SegmentInfo.from_dict(extra)
@@ -380,11 +414,12 @@ class ZmqTransport(Transport):
         self.stats["attached_segments"] = len(self._attachments)
         if offset + dst.nbytes > segment.size:
             return f"the destination lies outside its segment of {segment.size} bytes"
-        if extra.get("shm_stamped") is True:  # the region living there must be this one, whole
+        stamped = extra.get("shm_stamped") is True
+        if stamped:  # the region living there must be this one, whole
             error = check_stamp(segment, dst.region_id, dst.nbytes)
             if error is not None:
                 return error
-        return segment.data.numpy(), offset
+        return segment, offset, stamped
 
     def _write_remote(self, write_id: int, spans: Sequence[Span]) -> None:
         """The network path: pieces over ZMQ TCP (an engine subclass replaces it).
@@ -724,6 +759,7 @@ class ZmqTransport(Transport):
         self._segments.clear()
         self._pool.close()
         self._attachments.close()
+        self._targets.clear()
         self._pending.clear()
         self._events.clear()
 
