@@ -553,3 +553,90 @@ def test_on_status_sees_every_step_and_survives_a_bad_callback() -> None:
     assert ("receiver", 1, "Transferring", "Success") in seen
     assert ("sender", 1, "Bootstrapping", "WaitingForInput") in seen
     assert len([s for s in seen if s[0] == "receiver"]) == 4
+
+
+def _inline_bootstrap(peer: ScriptedPeer, room: int, ack_with_chunk: bool) -> Bootstrap:
+    buffer = peer.transport.allocate(8 * HIDDEN * 2)
+    return Bootstrap(
+        room=room,
+        session=room * 10,
+        region=buffer.descriptor,
+        allocated_tokens=8,
+        row_bytes=HIDDEN * 2,
+        dtype=dtype_name(torch.bfloat16),
+        row_shape=[HIDDEN],
+        ack_with_chunk=ack_with_chunk,
+    )
+
+
+def test_the_first_chunk_acknowledges_the_bootstrap_when_the_data_is_all_there() -> None:
+    peer = ScriptedPeer()
+    tx = Sender("zmq", **FAST)
+    try:
+        # data complete before the bootstrap: one message back, the chunk, acknowledging
+        tx.add(1)
+        tx.send(1, data(8))
+        peer.send(tx.address, _inline_bootstrap(peer, 1, ack_with_chunk=True))
+        chunk = peer.receive(Chunk)
+        assert chunk.transport == "zmq/shm"
+        assert chunk.is_last
+        assert tx.wait(1, 5) is S.Success
+        # no data yet: the acknowledgement comes at once, alone; the chunk says nothing more
+        tx.add(2)
+        peer.send(tx.address, _inline_bootstrap(peer, 2, ack_with_chunk=True))
+        assert peer.receive(BootstrapAck).room == 2
+        tx.send(2, data(8))
+        assert peer.receive(Chunk).transport is None
+        # a receiver that did not ask (an older one) always gets bootstrap_ack first
+        tx.add(3)
+        tx.send(3, data(8))
+        peer.send(tx.address, _inline_bootstrap(peer, 3, ack_with_chunk=False))
+        assert peer.receive(BootstrapAck).room == 3
+        assert peer.receive(Chunk).transport is None
+        assert not [m for _, m in peer.inbox if isinstance(m, BootstrapAck)]  # none for room 1
+    finally:
+        tx.close()
+        peer.close()
+
+
+def test_a_receiver_steps_through_waiting_for_input_on_an_acknowledging_chunk() -> None:
+    tx, rx = Sender("zmq", **FAST), Receiver("zmq", **FAST)
+    try:
+        tx.add(1)
+        tx.send(1, data(8))
+        open_room(rx, tx, 1)
+        assert rx.wait(1, 5) is S.Success
+        steps = [(t.source.name, t.dest.name) for t in rx.info(1).history]
+        assert steps == [("Bootstrapping", "WaitingForInput"), ("WaitingForInput", "Success")]
+        assert rx.info(1).paths == ("zmq/shm",)
+        assert rx.stats["messages_in"] == 1  # the chunk alone
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_an_acknowledging_chunk_for_a_room_past_bootstrapping_is_just_a_chunk() -> None:
+    peer = ScriptedPeer()
+    rx = Receiver("zmq", **FAST)
+    try:
+        rx.open(1, peer.address, row_shape=(HIDDEN,), dtype=torch.bfloat16, allocated_tokens=8)
+        boot = peer.receive(Bootstrap)
+        assert boot.ack_with_chunk
+        peer.send(rx.address, BootstrapAck(room=1, session=boot.session, transport="zmq/shm"))
+        wait_until(lambda: rx.poll(1) is S.WaitingForInput, 5)
+        peer.send(
+            rx.address,
+            Chunk(
+                room=1,
+                session=boot.session,
+                sent_tokens=8,
+                chunk_tokens=8,
+                is_last=True,
+                total_tokens=8,
+                transport="zmq/shm",
+            ),
+        )
+        assert rx.wait(1, 5) is S.Success
+    finally:
+        rx.close()
+        peer.close()

@@ -123,6 +123,10 @@ class Bootstrap(_RoomMessage):
     token: str | None = Field(default=None, max_length=MAX_TOKEN_CHARS)
     """The room's token, when the application gave one to both sides: a sender
     whose room has a token takes only bootstraps that carry it."""
+    ack_with_chunk: bool = False
+    """The receiver takes the acknowledgement inside the first chunk (its
+    ``transport`` set) when the sender has the room's whole data and writes at
+    once: one message less each way. Otherwise ``bootstrap_ack`` comes first."""
 
     @model_validator(mode="after")
     def _one_form(self) -> Bootstrap:
@@ -166,6 +170,9 @@ class Chunk(_RoomMessage):
     is_last: bool
     total_tokens: Count | None
     aux: bytes | None = Field(default=None, max_length=MAX_AUX_BYTES)
+    transport: str | None = Field(default=None, max_length=64)
+    """Set when this chunk also acknowledges the bootstrap (it asked for
+    ``ack_with_chunk``): the data path the sender chose, as in ``bootstrap_ack``."""
 
 
 class Resume(_RoomMessage):

@@ -542,6 +542,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
             transports=self._paths,
             host=boot_id(),
             token=rec.token,
+            ack_with_chunk=True,
             **fields,
         )
 
@@ -696,6 +697,11 @@ class Receiver(Endpoint[_ReceiverRoom]):
                     entry.offered_to.discard(peer)
             self._fail(room, rec, f"the sender refused: {message.reason}", tell=False)
         elif isinstance(message, Chunk):
+            if message.transport is not None and rec.state.can(Event.BOOTSTRAPPED):
+                # the acknowledgement came with the first chunk (ack_with_chunk)
+                rec.paths.add(message.transport)
+                if not self._step(room, rec, "bootstrapped", rec.state.bootstrapped):
+                    return
             self._chunk(room, rec, message)
         else:
             self._drop(peer, message, f"a receiver does not take {message.type}")

@@ -65,6 +65,7 @@ class _Dest:
     whole: bool = False  # one chunk per memory offered: full after every chunk
     base: int = 0
     resumed_at: int = -1  # sent_tokens of its last accepted resume (duplicates repeat it)
+    ack: str | None = None  # its bootstrap is acknowledged with the first chunk (this path)
 
     @property
     def capacity(self) -> int:
@@ -555,10 +556,19 @@ class Sender(Endpoint[_SenderRoom]):
         )
         self._watch(room, rec, peer)
         rec.paths.add(path)
-        self._send(
-            peer,
-            BootstrapAck(room=room, session=message.session, rank=message.rank, transport=path),
-        )
+        data = rec.data
+        if (
+            message.ack_with_chunk
+            and data is not None
+            and data.last
+            and len(rec.dests) == rec.required
+        ):  # the whole data is here: it is written now, and its chunk acknowledges
+            rec.dests[message.rank].ack = path
+        else:
+            self._send(
+                peer,
+                BootstrapAck(room=room, session=message.session, rank=message.rank, transport=path),
+            )
         if rec.state.is_final:  # the acknowledgement could not be sent: the room failed
             return
         if len(rec.dests) == rec.required and self._step(
@@ -791,8 +801,10 @@ class Sender(Endpoint[_SenderRoom]):
                     is_last=last,
                     total_tokens=data.total,
                     aux=data.aux_bytes if start == 0 else None,
+                    transport=dest.ack,
                 ),
             )
+            dest.ack = None
 
     # -- hooks ---------------------------------------------------------------------------
     def _on_tick(self, now: float) -> None:
