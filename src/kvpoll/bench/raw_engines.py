@@ -17,6 +17,7 @@ buffer; the receiving half's ``wait(sent)`` does what the receiver must do until
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 import time
@@ -38,9 +39,12 @@ def _buffer(nbytes: int) -> torch.Tensor:
 
 
 def _ucx_worker() -> tuple[Any, Any, Any]:
-    import ucxx._lib.libucxx as libucxx
-
+    # kvpoll's module first: it takes UCXX's defaults back out of the environment
+    # (where NIXL's UCX, later in this process, would read them) and hands them
+    # to the context instead
     from kvpoll.transports.ucx_transport import effective_settings
+
+    libucxx = importlib.import_module("ucxx._lib.libucxx")
 
     context = libucxx.UCXContext(
         effective_settings("127.0.0.1"), feature_flags=(libucxx.Feature.TAG,)

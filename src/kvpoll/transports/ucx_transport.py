@@ -51,14 +51,27 @@ from kvpoll.transports.shm import Segment
 from kvpoll.transports.zmq_transport import ZmqTransport
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+_SET_BEFORE = {key for key in os.environ if key.startswith("UCX_")}
 try:  # the import error names the package for the "pip install kvpoll[ucx]" hint
     import ucxx._lib.libucxx as libucxx
     from ucxx._lib.arr import Array
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(str(exc), name="ucxx-cu12") from exc
+# Importing UCXX writes its own defaults into os.environ (UCX_RNDV_THRESH,
+# UCX_RNDV_FRAG_MEM_TYPE=cuda, ...). Every other UCX in the process reads them
+# too: NIXL's bundled UCX, started later, moved 16 MiB ~10x slower with them
+# (0.33 against 3.3 GiB/s, same machine). They are taken back out of the
+# environment and handed to kvpoll's own UCX contexts explicitly instead.
+UCXX_SETTINGS: Mapping[str, str] = {
+    key.removeprefix("UCX_"): os.environ.pop(key)
+    for key in [k for k in os.environ if k.startswith("UCX_") and k not in _SET_BEFORE]
+}
+"""What importing UCXX put in the environment (without ``UCX_``): kvpoll's UCX
+contexts get them as settings, below :data:`DEFAULT_SETTINGS`."""
 
 __all__ = [
     "DEFAULT_SETTINGS",
+    "UCXX_SETTINGS",
     "UcxTransport",
     "effective_settings",
     "net_device_for",
@@ -122,17 +135,21 @@ def settings_with_sources(
 ) -> list[tuple[str, str, str]]:
     """(key, value, source) of every setting that matters, keys without ``UCX_``.
 
-    Sources: ``kvpoll default``, ``env UCX_<KEY>`` (UCX reads it itself), or
-    ``explicit`` (the transport's ``ucx`` option).
+    Sources: ``ucxx default`` (:data:`UCXX_SETTINGS`), ``kvpoll default``,
+    ``env UCX_<KEY>`` (UCX reads it itself), or ``explicit`` (the transport's
+    ``ucx`` option); each wins over the ones before it.
     """
     env = os.environ if environ is None else environ
     rows: dict[str, tuple[str, str]] = {}
-    for key, value in {**DEFAULT_SETTINGS, "NET_DEVICES": net_device_for(host)}.items():
+    defaults = [(k, v, "ucxx default") for k, v in UCXX_SETTINGS.items()]
+    defaults += [(k, v, "kvpoll default") for k, v in DEFAULT_SETTINGS.items()]
+    defaults.append(("NET_DEVICES", net_device_for(host), "kvpoll default"))
+    for key, value, source in defaults:
         variable = f"UCX_{key}"
         if variable in env:
             rows[key] = (env[variable], f"env {variable}")
         else:
-            rows[key] = (value, "kvpoll default")
+            rows[key] = (value, source)
     for key, value in (explicit or {}).items():
         rows[key.removeprefix("UCX_").upper()] = (str(value), "explicit")
     return [(key, value, source) for key, (value, source) in rows.items()]
