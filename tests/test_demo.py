@@ -64,7 +64,7 @@ def check_summary(summary: dict[str, Any], destinations: int) -> None:
 )
 def test_the_demo_json_summary(destinations: int, options: list[str]) -> None:
     out = demo("--json", "--hidden", "512", "--destinations", str(destinations), *options)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     summary = json.loads(out.stdout)
     check_summary(summary, destinations)
     assert "lm rank 0" in out.stderr  # the live steps went to stderr
@@ -124,7 +124,7 @@ def check_paged(summary: dict[str, Any], destinations: int, tokens: list[int]) -
 @pytest.mark.parametrize("transport", paged_transports())
 def test_the_paged_demo_over_every_transport(transport: list[str]) -> None:
     out = demo("--paged", "--json", "--hidden", "256", *transport)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     summary = json.loads(out.stdout)
     check_paged(summary, 1, [500, 2000, 5000])
     rooms = summary["rooms"]
@@ -154,7 +154,7 @@ def test_the_paged_demo_with_two_ranks_and_small_memory(transport: list[str]) ->
         "2",
         *transport,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     summary = json.loads(out.stdout)
     check_paged(summary, 2, [3000])
     assert summary["rooms"][0]["scenario"] == "6 chunks, 5 resumes"  # follows --tokens/--capacity

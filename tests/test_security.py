@@ -147,6 +147,32 @@ def test_1_sockets_to_dead_peers_are_closed(tmp_path: Path, spawn: Any) -> None:
 # -- finding 2: self-declared identities and handover --------------------------------
 
 
+def test_2_another_process_at_a_dead_peers_address_is_not_that_peer(tmp_path: Path) -> None:
+    # The sender dies; a new endpoint takes its port at once and answers the
+    # receiver's heartbeats under the same address. Those answers must not keep
+    # the dead sender's rooms alive (they did: found when the suite ran on two
+    # workers and a dead peer's port was taken again within the heartbeat window).
+    # a window of 5 s: the stranger answers long before silence could end the room
+    with (
+        Receiver("zmq", heartbeat_interval=0.2, heartbeat_misses=25) as rx,
+        target(tmp_path, "sender", "zmq", **FAST) as t,
+    ):
+        t.call("add", 1)
+        rx.open(1, t.address, row_shape=(4,), dtype=torch.float32, allocated_tokens=3)
+        wait_until(lambda: rx.poll(1) is TransferStatus.WaitingForInput, 10)
+        port = int(t.address.rsplit(":", 1)[1])
+        os.kill(t.proc.pid, signal.SIGKILL)
+        t.proc.join(10)
+        with Sender("zmq", transport_options={"port": port}, **FAST) as stranger:
+            assert stranger.address == t.address
+            start = time.monotonic()
+            status = rx.wait(1, 10)
+            assert status is TransferStatus.Failed
+            assert "another process answers at its address" in (rx.info(1).reason or "")
+            assert time.monotonic() - start < 4  # the stranger's first answer, not silence
+            assert rx.stats["peers_replaced"] == 1
+
+
 def test_2_a_connection_claiming_a_live_peers_address_cannot_cut_it(
     tmp_path: Path, ctx: Ctx
 ) -> None:

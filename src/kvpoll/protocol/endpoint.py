@@ -628,7 +628,7 @@ class Endpoint(Generic[R]):
                     if target is not None:
                         self._on_write_done(target[0], target[1], event)
                 elif isinstance(event, PeerClosed):
-                    self._peer_lost(event.peer, "closed its endpoint")
+                    self._peer_lost(event.peer, event.why)
         except Exception:
             self._stats["internal_errors"] += 1
             peer = getattr(event, "peer", None)

@@ -152,9 +152,13 @@ class MessageReceived:
 
 @dataclass(frozen=True)
 class PeerClosed:
-    """``peer`` closed its transport; its pending writes have failed."""
+    """``peer`` closed its transport; its pending writes have failed.
+
+    ``why`` says how that was learnt, for the rooms' failure reasons.
+    """
 
     peer: str
+    why: str = "closed its endpoint"
 
 
 TransportEvent = WriteDone | MessageReceived | PeerClosed

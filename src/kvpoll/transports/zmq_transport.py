@@ -35,6 +35,7 @@ import contextlib
 import itertools
 import logging
 import os
+import secrets
 import struct
 import time
 from collections import OrderedDict
@@ -88,6 +89,7 @@ _MAX_PIECES = 1024  # pieces in one W message
 _ACK = struct.Struct("<QB")  # write id, ok
 _CONTROL, _WRITE, _ACKNOWLEDGE, _BYE = b"C", b"W", b"A", b"B"
 _BATCH = 512
+_INCARNATION = "X-Kvpoll-Incarnation"  # handshake metadata: which instance connects
 _TARGETS = 4096  # destination descriptors whose shared memory is kept resolved
 _MAX_INCOMING = 4096  # writes whose pieces are arriving with an error noted, at most
 _HEARTBEAT_MS = 1000  # ZMTP heartbeats: a dead connection is closed within the time-out
@@ -235,6 +237,11 @@ class ZmqTransport(Transport):
         self._pending: dict[int, _Pending] = {}
         self._incoming_errors: dict[tuple[str, int], str] = {}
         self._closed_peers: OrderedDict[str, None] = OrderedDict()  # bounded like _dealers
+        # Each transport instance is an incarnation, announced in its connections'
+        # handshake metadata: a peer address answered by another process (the old
+        # one died and its port was taken again) is a peer closed, never the same peer.
+        self._incarnation = secrets.token_hex(8)
+        self._incarnations: OrderedDict[str, str] = OrderedDict()  # peer -> its incarnation
         self._events: list[TransportEvent] = []
         self._write_ids = itertools.count(1)
         self._max_frame = max_frame
@@ -250,6 +257,7 @@ class ZmqTransport(Transport):
             "peers_dropped": 0,
             "send_dropped": 0,
             "handshakes_refused": 0,
+            "peers_replaced": 0,
         }
 
     # -- regions -------------------------------------------------------------
@@ -527,6 +535,7 @@ class ZmqTransport(Transport):
         if self._keys is not None:
             self._keys.connect(dealer)
         dealer.setsockopt(zmq.IDENTITY, self._address.encode())
+        dealer.setsockopt(zmq.METADATA, f"{_INCARNATION}:{self._incarnation}".encode())
         try:
             dealer.connect(peer)
         except zmq.ZMQError as exc:
@@ -559,10 +568,12 @@ class ZmqTransport(Transport):
             elif sock is self._router:
                 for _ in range(_BATCH):
                     try:
-                        ident = self._router.recv(zmq.NOBLOCK)
+                        ident = self._router.recv(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._handle(ident.decode("utf-8", "replace"))
+                    peer = ident.bytes.decode("utf-8", "replace")
+                    self._check_incarnation(peer, ident)
+                    self._handle(peer)
         self._progress_engine()
         events, self._events = self._events, []
         return events
@@ -610,6 +621,24 @@ class ZmqTransport(Transport):
         self.stats["malformed"] += 1
         self._warn.warning("malformed frame", "dropped a malformed frame from %s: %s", peer, why)
         self._drain()
+
+    def _check_incarnation(self, peer: str, frame: zmq.Frame) -> None:
+        """A message from ``peer`` made by another incarnation than the one heard
+        before: that one is gone (its address was taken again), so it is closed."""
+        try:
+            incarnation = frame.get(_INCARNATION)
+        except (zmq.ZMQError, KeyError, UnicodeDecodeError):  # a peer without the property
+            return
+        if not isinstance(incarnation, str):
+            return
+        known = self._incarnations.get(peer)
+        self._incarnations[peer] = incarnation
+        self._incarnations.move_to_end(peer)
+        while len(self._incarnations) > 4 * self._max_peers:
+            self._incarnations.popitem(last=False)
+        if known is not None and known != incarnation:
+            self.stats["peers_replaced"] += 1
+            self._peer_closed(peer, "is gone: another process answers at its address")
 
     def _handle(self, peer: str) -> None:
         if not self._router.getsockopt(zmq.RCVMORE):
@@ -720,7 +749,7 @@ class ZmqTransport(Transport):
                     f"no acknowledgement from {pending.peer} within {self._write_timeout:g} s",
                 )
 
-    def _peer_closed(self, peer: str) -> None:
+    def _peer_closed(self, peer: str, why: str = "closed its endpoint") -> None:
         self._closed_peers[peer] = None
         while len(self._closed_peers) > 4 * self._max_peers:
             self._closed_peers.popitem(last=False)
@@ -730,7 +759,7 @@ class ZmqTransport(Transport):
         dealer = self._dealers.pop(peer, None)
         if dealer is not None:
             dealer.close(0)
-        self._events.append(PeerClosed(peer))
+        self._events.append(PeerClosed(peer, why))
 
     def wakeup(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
