@@ -57,16 +57,19 @@ def rows(room: int, count: int = 2) -> torch.Tensor:
     return torch.full((count, ROW), room % 251, dtype=torch.uint8)
 
 
-def test_open_does_not_wait_for_a_busy_io_thread(
-    stalled_pair: tuple[Sender, Receiver, Stalling],
-) -> None:
-    tx, rx, transport = stalled_pair
-    # the first room toward this sender goes through the I/O thread: it makes the
-    # arena and offers it to the sender
+def first_room(tx: Sender, rx: Receiver) -> None:
+    """Room 0, through the I/O thread: it makes the arena and offers it to the sender."""
     tx.add(0)
     tx.send(0, rows(0))
     rx.open(0, tx.address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=2)
     assert rx.wait(0, 10) is TransferStatus.Success
+
+
+def test_open_does_not_wait_for_a_busy_io_thread(
+    stalled_pair: tuple[Sender, Receiver, Stalling],
+) -> None:
+    tx, rx, transport = stalled_pair
+    first_room(tx, rx)
     sent = rx.stats["messages_out"]
 
     transport.stall()
@@ -115,10 +118,7 @@ def test_queued_bootstraps_go_out_before_later_commands(
     stalled_pair: tuple[Sender, Receiver, Stalling],
 ) -> None:
     tx, rx, transport = stalled_pair
-    tx.add(0)
-    tx.send(0, rows(0))
-    rx.open(0, tx.address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=2)
-    assert rx.wait(0, 10) is TransferStatus.Success
+    first_room(tx, rx)
     tx.add(1)
 
     transport.stall()
@@ -145,10 +145,7 @@ def test_a_room_that_ends_before_its_bootstrap_leaves_sends_none(
     stalled_pair: tuple[Sender, Receiver, Stalling],
 ) -> None:
     tx, rx, transport = stalled_pair
-    tx.add(0)
-    tx.send(0, rows(0))
-    rx.open(0, tx.address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=2)
-    assert rx.wait(0, 10) is TransferStatus.Success
+    first_room(tx, rx)
     sent = rx.stats["messages_out"]
 
     transport.stall()
