@@ -32,8 +32,8 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -177,6 +177,10 @@ class _Incoming:
     answered: bool
     error: str | None = None
     deadline: float = 0.0
+    receives: list[_Receive] = field(default_factory=list)
+    head: int = 0
+    """Receives before it were seen completed; each is looked at until it completes,
+    not on every turn (a paged write posts thousands)."""
 
 
 @dataclass
@@ -255,7 +259,9 @@ class UcxTransport(ZmqTransport):
         self._endpoints: dict[str, Any] = {}
         self._endpoint_peers: dict[str, str] = {}  # worker -> the peer whose regions it holds
         self._sends: dict[int, list[Any]] = {}  # write id -> its UCX send requests
-        self._receives: list[_Receive] = []
+        self._active: list[_Incoming] = []  # batches with receives not yet seen completed
+        self._waiting_count = 0  # those receives, over all batches
+        self._sends_done: dict[int, int] = {}  # write id -> its sends seen completed, in order
         self._posted: dict[str, int] = {}  # peer -> receives posted for its requests
         self._incoming: deque[_Incoming] = deque()  # batches with receives posted, oldest first
         self._retiring: list[Any] = []  # the empty sends of _expire_receives in flight
@@ -285,7 +291,7 @@ class UcxTransport(ZmqTransport):
 
     def release(self, region: Region, *, reuse: bool = True) -> None:
         rid = region.descriptor.region_id
-        if any(r.region_id == rid for r in self._receives):
+        if any(r.region_id == rid for r in self._waiting_receives()):
             # UCX may still write here: keep the memory until the receive ends.
             self._regions.pop(rid, None)
             self._parked[rid] = (self._segments.pop(rid, None), reuse)
@@ -400,13 +406,20 @@ class UcxTransport(ZmqTransport):
             else:
                 keep = np.empty(_SCRATCH, dtype=np.uint8)  # truncates, dropping the bytes
             request = self._worker.tag_recv(Array(keep), libucxx.UCXXTag(tag))
-            self._receives.append(
+            batch.receives.append(
                 _Receive(batch, request, region_id if region is not None else None, keep, tag)
             )
         self._posted[peer] = self._posted.get(peer, 0) + count
         self._incoming.append(batch)
-        self.stats["receives_posted"] = len(self._receives)
+        self._active.append(batch)
+        self._waiting_count += count
+        self.stats["receives_posted"] = self._waiting_count
         return True
+
+    def _waiting_receives(self) -> Iterator[_Receive]:
+        """Every receive not yet seen completed."""
+        for batch in self._active:
+            yield from batch.receives[batch.head :]
 
     def _receive_budget(self, peer: str, count: int) -> str | None:
         """Why a request of ``count`` ranges from ``peer`` gets no receives (None: it does).
@@ -417,7 +430,7 @@ class UcxTransport(ZmqTransport):
         """
         if self._posted.get(peer, 0) + count > MAX_PEER_RECEIVES:
             return f"{peer} has {MAX_PEER_RECEIVES} receives posted here already"
-        if len(self._receives) + count > MAX_RECEIVES:
+        if self._waiting_count + count > MAX_RECEIVES:
             return f"{MAX_RECEIVES} receives are posted here already"
         return None
 
@@ -437,8 +450,8 @@ class UcxTransport(ZmqTransport):
                 self._self_endpoint = self._worker.create_endpoint_from_worker_address(
                     self._worker.address, True
                 )
-            for receive in self._receives:  # only those still waiting: no message is left over
-                if receive.batch is batch and not receive.request.completed:
+            for receive in batch.receives[batch.head :]:  # only those still waiting
+                if not receive.request.completed:
                     self._retiring.append(
                         self._self_endpoint.tag_send(Array(_EMPTY), libucxx.UCXXTag(receive.tag))
                     )
@@ -447,7 +460,7 @@ class UcxTransport(ZmqTransport):
 
     # -- progress ----------------------------------------------------------------
     def _in_flight(self) -> bool:
-        return bool(self._sends or self._receives)
+        return bool(self._sends or self._active)
 
     def _wait_ms(self, timeout: float) -> int:
         if self._polling and self._in_flight():
@@ -460,38 +473,53 @@ class UcxTransport(ZmqTransport):
         while worker.progress_once():
             pass
         for write_id, requests in list(self._sends.items()):
-            if all(request.completed for request in requests):
-                del self._sends[write_id]
-                errors = [e for e in map(_request_error, requests) if e is not None]
-                if errors:
-                    self._finish(write_id, f"UCX send failed: {errors[0]}")
-        if self._receives:
-            waiting = []
-            for receive in self._receives:
-                if not receive.request.completed:
-                    waiting.append(receive)
-                    continue
-                batch = receive.batch
-                batch.remaining -= 1
-                left = self._posted.get(batch.peer, 0) - 1
-                if left > 0:
-                    self._posted[batch.peer] = left
-                else:
-                    self._posted.pop(batch.peer, None)
-                if receive.region_id is not None:
-                    batch.error = batch.error or _request_error(receive.request)
-                    self._unpark(receive.region_id)
-                if batch.remaining == 0 and not batch.answered:
-                    batch.answered = True
-                    self._acknowledge(batch.peer, batch.write_id, batch.error)
-            self._receives = waiting
-            self.stats["receives_posted"] = len(waiting)
+            # from the first send not seen completed on: each send is looked at until it
+            # completes, not on every turn (a paged write has thousands)
+            done = self._sends_done.get(write_id, 0)
+            while done < len(requests) and requests[done].completed:
+                done += 1
+            if done < len(requests):
+                self._sends_done[write_id] = done
+                continue
+            del self._sends[write_id]
+            self._sends_done.pop(write_id, None)
+            errors = [e for e in map(_request_error, requests) if e is not None]
+            if errors:
+                self._finish(write_id, f"UCX send failed: {errors[0]}")
+        if self._active:
+            for batch in list(self._active):
+                self._take_completed(batch)
+            self._active = [b for b in self._active if b.head < len(b.receives)]
+            self.stats["receives_posted"] = self._waiting_count
         if self._incoming:
             self._expire_receives(time.monotonic())
 
+    def _take_completed(self, batch: _Incoming) -> None:
+        """Count the batch's receives completed since the last look, in order; answer
+        the writer once all are."""
+        receives = batch.receives
+        while batch.head < len(receives) and receives[batch.head].request.completed:
+            receive = receives[batch.head]
+            batch.head += 1
+            self._waiting_count -= 1
+            batch.remaining -= 1
+            left = self._posted.get(batch.peer, 0) - 1
+            if left > 0:
+                self._posted[batch.peer] = left
+            else:
+                self._posted.pop(batch.peer, None)
+            if receive.region_id is not None:
+                batch.error = batch.error or _request_error(receive.request)
+                self._unpark(receive.region_id)
+            if batch.remaining == 0 and not batch.answered:
+                batch.answered = True
+                self._acknowledge(batch.peer, batch.write_id, batch.error)
+        if batch.head == len(receives):
+            batch.receives = []  # every buffer UCX wrote into is done with
+
     def _unpark(self, region_id: int) -> None:
         if region_id in self._parked and not any(
-            r.region_id == region_id for r in self._receives if not r.request.completed
+            r.region_id == region_id and not r.request.completed for r in self._waiting_receives()
         ):
             segment, reuse = self._parked.pop(region_id)
             if segment is not None:
@@ -506,7 +534,13 @@ class UcxTransport(ZmqTransport):
         while self._in_flight() and time.monotonic() < deadline:
             self._worker.progress_once()
             self._sends = {k: r for k, r in self._sends.items() if not all(x.completed for x in r)}
-            self._receives = [r for r in self._receives if not r.request.completed]
+            for batch in self._active:  # only the waiting ones matter now
+                while (
+                    batch.head < len(batch.receives)
+                    and batch.receives[batch.head].request.completed
+                ):
+                    batch.head += 1
+            self._active = [b for b in self._active if b.head < len(b.receives)]
         for worker_hex in list(self._endpoints):
             self._close_endpoint(worker_hex)
         self._endpoint_peers.clear()
@@ -523,7 +557,8 @@ class UcxTransport(ZmqTransport):
                 self._pool.release(segment, reuse=False)
         self._parked.clear()
         self._sends.clear()
-        self._receives.clear()
+        self._sends_done.clear()
+        self._active.clear()
         super().close()
 
 
