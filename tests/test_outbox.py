@@ -57,11 +57,15 @@ def rows(room: int, count: int = 2) -> torch.Tensor:
     return torch.full((count, ROW), room % 251, dtype=torch.uint8)
 
 
+def open_room(rx: Receiver, tx: Sender, room: int) -> None:
+    rx.open(room, tx.address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=2)
+
+
 def first_room(tx: Sender, rx: Receiver) -> None:
     """Room 0, through the I/O thread: it makes the arena and offers it to the sender."""
     tx.add(0)
     tx.send(0, rows(0))
-    rx.open(0, tx.address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=2)
+    open_room(rx, tx, 0)
     assert rx.wait(0, 10) is TransferStatus.Success
 
 
@@ -75,11 +79,11 @@ def test_open_does_not_wait_for_a_busy_io_thread(
     transport.stall()
     rooms = range(1, 201)
     for room in rooms:  # each would wait 3 s (then raise) if it needed the stalled thread
-        rx.open(room, tx.address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=2)
+        open_room(rx, tx, room)
     assert all(rx.poll(room) is TransferStatus.Bootstrapping for room in rooms)
     assert rx.stats["messages_out"] == sent  # nothing went out: the bootstraps wait
     with pytest.raises(DuplicateRoom):  # still checked at once
-        rx.open(5, tx.address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=2)
+        open_room(rx, tx, 5)
 
     for room in rooms:
         tx.add(room)
@@ -122,7 +126,7 @@ def test_queued_bootstraps_go_out_before_later_commands(
     tx.add(1)
 
     transport.stall()
-    rx.open(1, tx.address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=2)
+    open_room(rx, tx, 1)
     done = threading.Event()
 
     def abort() -> None:  # a command: it runs once the thread is back
@@ -149,11 +153,11 @@ def test_a_room_that_ends_before_its_bootstrap_leaves_sends_none(
     sent = rx.stats["messages_out"]
 
     transport.stall()
-    rx.open(1, tx.address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=2)
+    open_room(rx, tx, 1)
     with rx._lock:  # as the I/O thread's time-out check would, before its next turn
         rx._fail(1, rx._rooms[1], "timed out", tell=False)
     transport.go.set()
-    rx.open(2, tx.address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=2)
+    open_room(rx, tx, 2)
     tx.add(2)
     tx.send(2, rows(2))
     assert rx.wait(2, 10) is TransferStatus.Success
@@ -165,10 +169,10 @@ def test_open_on_a_closed_receiver_is_refused() -> None:
     try:
         tx.add(0)
         tx.send(0, rows(0))
-        rx.open(0, tx.address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=2)
+        open_room(rx, tx, 0)
         assert rx.wait(0, 10) is TransferStatus.Success
     finally:
         rx.close()
         tx.close()
     with pytest.raises(EndpointClosed):
-        rx.open(1, tx.address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=2)
+        open_room(rx, tx, 1)

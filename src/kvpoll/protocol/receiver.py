@@ -377,6 +377,39 @@ class Receiver(Endpoint[_ReceiverRoom]):
         rec.sender, rec.rank, rec.token = sender, rank, token
         return rec
 
+    def _paged_room(
+        self,
+        room: int,
+        sender: str,
+        pool: PagedPool,
+        runs: list[tuple[int, int]],
+        aux_index: int | None,
+        rank: int,
+        token: str | None,
+    ) -> _ReceiverRoom:
+        """A new record of a room on pages of ``pool`` (not registered yet)."""
+        rec = self._new_room(room, sender, rank, token)
+        rec.pool, rec.aux_index, rec.auto_resume = pool, aux_index, False
+        rec.parts.append(_Part(0, pool, token_runs(runs, pool.page_size)))
+        return rec
+
+    def _buffer_room(
+        self,
+        room: int,
+        sender: str,
+        rank: int,
+        token: str | None,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        allocated: int,
+        auto_resume: bool,
+    ) -> _ReceiverRoom:
+        """A new record of a buffer room, its memory not taken yet (not registered yet)."""
+        rec = self._new_room(room, sender, rank, token)
+        rec.row_shape, rec.dtype, rec.auto_resume = shape, dtype, auto_resume
+        rec.whole, rec.allocated = True, allocated
+        return rec
+
     def _open_paged_here(
         self,
         room: int,
@@ -393,9 +426,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
         entry = self._pools.get(pool.id)
         if entry is None or entry.pool is not pool or sender not in entry.offered_to:
             return False
-        rec = self._new_room(room, sender, rank, token)
-        rec.pool, rec.aux_index, rec.auto_resume = pool, aux_index, False
-        rec.parts.append(_Part(0, pool, token_runs(runs, pool.page_size)))
+        rec = self._paged_room(room, sender, pool, runs, aux_index, rank, token)
         self._enter(room, rec, self._bootstrap_message(room, rec, pool=pool, pages=runs))
         return True
 
@@ -422,9 +453,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
         if entry is None or sender not in entry.offered_to:
             self._arenas.put_back(lease)
             return False
-        rec = self._new_room(room, sender, rank, token)
-        rec.row_shape, rec.dtype, rec.auto_resume = shape, dtype, auto_resume
-        rec.whole, rec.allocated = True, allocated
+        rec = self._buffer_room(room, sender, rank, token, shape, dtype, allocated, auto_resume)
         rec.parts.append(_Part(0, lease.pool, PageList([(lease.start, allocated)]), lease=lease))
         pages = [(lease.start, allocated)]
         self._enter(room, rec, self._bootstrap_message(room, rec, pool=lease.pool, pages=pages))
@@ -446,9 +475,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
         rank: int,
         token: str | None,
     ) -> None:
-        rec = self._new_room(room, sender, rank, token)
-        rec.pool, rec.aux_index, rec.auto_resume = pool, aux_index, False
-        rec.parts.append(_Part(0, pool, token_runs(runs, pool.page_size)))
+        rec = self._paged_room(room, sender, pool, runs, aux_index, rank, token)
         self._bootstrap(room, rec, pool=pool, pages=runs)
 
     def _open(
@@ -463,9 +490,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
         auto_resume: bool,
         token: str | None,
     ) -> None:
-        rec = self._new_room(room, sender, rank, token)
-        rec.row_shape, rec.dtype, rec.auto_resume = shape, dtype, auto_resume
-        rec.whole, rec.allocated = True, allocated
+        rec = self._buffer_room(room, sender, rank, token, shape, dtype, allocated, auto_resume)
         part = self._buffer(rec, buffer, allocated, 0)
         rec.parts.append(part)
         try:

@@ -472,6 +472,13 @@ class UcxTransport(ZmqTransport):
         worker = self._worker
         while worker.progress_once():
             pass
+        self._collect()
+        if self._incoming:
+            self._expire_receives(time.monotonic())
+
+    def _collect(self) -> None:
+        """Take the sends and receives completed since the last look: a write whose
+        sends all completed is done; a batch whose receives all did is answered."""
         for write_id, requests in list(self._sends.items()):
             # from the first send not seen completed on: each send is looked at until it
             # completes, not on every turn (a paged write has thousands)
@@ -491,8 +498,6 @@ class UcxTransport(ZmqTransport):
                 self._take_completed(batch)
             self._active = [b for b in self._active if b.head < len(b.receives)]
             self.stats["receives_posted"] = self._waiting_count
-        if self._incoming:
-            self._expire_receives(time.monotonic())
 
     def _take_completed(self, batch: _Incoming) -> None:
         """Count the batch's receives completed since the last look, in order; answer
@@ -533,14 +538,7 @@ class UcxTransport(ZmqTransport):
         deadline = time.monotonic() + 1.0
         while self._in_flight() and time.monotonic() < deadline:
             self._worker.progress_once()
-            self._sends = {k: r for k, r in self._sends.items() if not all(x.completed for x in r)}
-            for batch in self._active:  # only the waiting ones matter now
-                while (
-                    batch.head < len(batch.receives)
-                    and batch.receives[batch.head].request.completed
-                ):
-                    batch.head += 1
-            self._active = [b for b in self._active if b.head < len(b.receives)]
+            self._collect()
         for worker_hex in list(self._endpoints):
             self._close_endpoint(worker_hex)
         self._endpoint_peers.clear()
