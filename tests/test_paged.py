@@ -338,7 +338,7 @@ def test_an_error_escaping_the_write_path_fails_the_room_at_once() -> None:
     from kvpoll.transports.zmq_transport import ZmqTransport
 
     class Faulty(ZmqTransport):  # fault injection: a transport with a bug in its write path
-        def write_batch(self, spans: Sequence[Span]) -> int:
+        def write_batch(self, spans: Sequence[Span], notice: bytes | None = None) -> int:
             raise ValueError("a bad size in a descriptor")
 
     with Sender(Faulty(), **FAST) as tx, Receiver("zmq", **FAST) as rx:

@@ -28,6 +28,7 @@ from kvpoll.protocol.messages import (
     Reject,
     Resume,
     check_token,
+    encode,
 )
 from kvpoll.protocol.negotiation import choose_path, mismatch
 from kvpoll.protocol.pools import MAX_PEER_POOLS, PeerPool, Registered, token_runs
@@ -66,6 +67,7 @@ class _Dest:
     base: int = 0
     resumed_at: int = -1  # sent_tokens of its last accepted resume (duplicates repeat it)
     ack: str | None = None  # its bootstrap is acknowledged with the first chunk (this path)
+    noticed: bool = False  # its next chunk message rides with the write in flight
 
     @property
     def capacity(self) -> int:
@@ -698,16 +700,25 @@ class Sender(Endpoint[_SenderRoom]):
         if end > written:
             last = data.last and end == available
             aux = need_aux and (rec.aux_with == "first" or last)
-            self._write(room, rec, written, end, aux)
+            self._write(room, rec, written, end, aux, last)
             return
         last = data.last and written == available
         if last and need_aux:
-            self._write(room, rec, written, written, True)  # the aux row alone
+            self._write(room, rec, written, written, True, False)  # the aux row alone
             return
         if written > rec.state.sent_tokens and (last or available > written):
             self._chunk_done(room, rec, last)
 
-    def _write(self, room: int, rec: _SenderRoom, start: int, end: int, aux: bool) -> None:
+    def _write(
+        self, room: int, rec: _SenderRoom, start: int, end: int, aux: bool, last: bool
+    ) -> None:
+        """Write tokens ``start..end`` (and the aux row) to every destination.
+
+        ``last``: this write completes the room's data, so the chunk message that
+        follows its confirmation is known now; where the transport takes notices
+        it travels with the data (each destination has it once its bytes are
+        there, without waiting for the confirmation to come back here).
+        """
         data = rec.data
         assert data is not None
         for rank, dest in sorted(rec.dests.items()):
@@ -743,8 +754,17 @@ class Sender(Endpoint[_SenderRoom]):
                     )
             if not spans:
                 continue
+            notice = None
+            if last and self._transport.capabilities.notices:
+                final = self._chunk(room, rec, rank, dest, rec.state.sent_tokens, end, True)
+                notice = encode(final)
             try:
-                write_id = self._transport.write_batch(spans)
+                if notice is None:
+                    write_id = self._transport.write_batch(spans)
+                else:
+                    write_id = self._transport.write_batch(spans, notice)
+                    dest.noticed = True
+                    self._stats["messages_out"] += 1
             except TransportError as exc:
                 self._fail(room, rec, f"cannot write to rank {rank}: {exc}")
                 return
@@ -790,21 +810,27 @@ class Sender(Endpoint[_SenderRoom]):
         for dest_rank, dest in sorted(rec.dests.items()):
             if dest.whole and not last:  # its memory took its chunk: it resumes with more
                 dest.base, dest.tokens = end, PageList()
-            self._send(
-                dest.peer,
-                Chunk(
-                    room=room,
-                    session=dest.session,
-                    rank=dest_rank,
-                    sent_tokens=end,
-                    chunk_tokens=end - start,
-                    is_last=last,
-                    total_tokens=data.total,
-                    aux=data.aux_bytes if start == 0 else None,
-                    transport=dest.ack,
-                ),
-            )
-            dest.ack = None
+            if not dest.noticed:  # else it went with the data (_write)
+                self._send(dest.peer, self._chunk(room, rec, dest_rank, dest, start, end, last))
+            dest.ack, dest.noticed = None, False
+
+    def _chunk(
+        self, room: int, rec: _SenderRoom, rank: int, dest: _Dest, start: int, end: int, last: bool
+    ) -> Chunk:
+        """The chunk message telling ``dest`` that tokens ``start..end`` are there."""
+        data = rec.data
+        assert data is not None
+        return Chunk(
+            room=room,
+            session=dest.session,
+            rank=rank,
+            sent_tokens=end,
+            chunk_tokens=end - start,
+            is_last=last,
+            total_tokens=data.total,
+            aux=data.aux_bytes if start == 0 else None,
+            transport=dest.ack,
+        )
 
     # -- hooks ---------------------------------------------------------------------------
     def _on_tick(self, now: float) -> None:

@@ -24,6 +24,7 @@ from kvpoll.transports.base import (
     Region,
     Span,
     Transport,
+    TransportError,
     TransportEvent,
     WriteDone,
 )
@@ -97,7 +98,9 @@ class FaultyTransport(Transport):
         self._count("release")
         self.inner.release(region, reuse=reuse)
 
-    def write_batch(self, spans: Sequence[Span]) -> int:
+    def write_batch(self, spans: Sequence[Span], notice: bytes | None = None) -> int:
+        if notice is not None:  # a failure it injects must be one the peer never saw
+            raise TransportError("the faulty transport delivers no notices")
         self._count("write_batch")
         write_id = self.inner.write_batch(spans)
         if self.calls["write_batch"] in self._fail_writes:

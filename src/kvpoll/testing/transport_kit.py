@@ -316,6 +316,87 @@ def _many_batches(a: Transport, b: Transport) -> None:
         )
 
 
+def _notices_of(events: list[TransportEvent], payload: bytes) -> list[MessageReceived]:
+    return [e for e in events if isinstance(e, MessageReceived) and e.payload == payload]
+
+
+def _both(
+    a: Transport, b: Transport, until: Callable[[list[TransportEvent]], bool]
+) -> tuple[list[TransportEvent], list[TransportEvent]]:
+    """Drive ``a`` and ``b`` until ``until(a's events + b's events)``; each one's events."""
+    seen: tuple[list[TransportEvent], list[TransportEvent]] = ([], [])
+    deadline = time.monotonic() + 15
+    while not until(seen[0] + seen[1]):
+        _expect(time.monotonic() < deadline, f"timed out; events so far: {seen}")
+        seen[0].extend(a.progress(0.002))
+        seen[1].extend(b.progress(0.002))
+    return seen
+
+
+def _done(events: list[TransportEvent], write_id: int) -> WriteDone | None:
+    return next((e for e in events if isinstance(e, WriteDone) and e.write_id == write_id), None)
+
+
+def _ok(events: list[TransportEvent], write_id: int) -> bool:
+    done = _done(events, write_id)
+    _expect(done is not None, f"write {write_id} did not complete")
+    return done is not None and done.ok
+
+
+def _notices(a: Transport, b: Transport) -> None:
+    """A notice reaches the destination once its batch's bytes are there, from the
+    writer, once; after what was sent before it; never for a refused write."""
+    if not a.capabilities.notices:
+        return
+    page = 4096
+    src = a.register(_random_bytes(64 * page, 12))
+    dst = b.allocate(64 * page)
+    spans = [
+        Span(src, 0, dst.descriptor, 32 * page, 16 * page),
+        Span(src, 40 * page, dst.descriptor, 0, 8 * page),
+    ]
+    a.send(b.address, b"before")
+    write_id = a.write_batch(spans, b"landed")
+    mine: list[TransportEvent] = []
+    seen: list[TransportEvent] = []
+    deadline = time.monotonic() + 15
+    while not _notices_of(seen, b"landed"):  # look at the memory as soon as it is there
+        _expect(time.monotonic() < deadline, "a write's notice never arrived")
+        seen.extend(b.progress(0.002))
+        mine.extend(a.progress(0))
+    _expect(
+        torch.equal(dst.data[32 * page : 48 * page], src.data[: 16 * page])
+        and torch.equal(dst.data[: 8 * page], src.data[40 * page : 48 * page]),
+        "a notice arrived before its write's bytes",
+    )
+    messages = [e for e in seen if isinstance(e, MessageReceived)]
+    _expect(
+        [m.payload for m in messages] == [b"before", b"landed"],
+        f"a notice did not follow what was sent before it: {[m.payload for m in messages]}",
+    )
+    _expect(messages[-1].peer == a.address, f"a notice names {messages[-1].peer}, not the writer")
+    mine += _both(a, b, lambda ev: _done(mine + ev, write_id) is not None)[0]
+    _expect(_ok(mine, write_id), "a write with a notice failed")
+    # refused writes (an unknown region, a forged size) deliver no notice; an empty
+    # batch delivers its notice once
+    forged = dst.descriptor.model_copy(update={"region_id": dst.descriptor.region_id ^ 1})
+    grown = dst.descriptor.model_copy(update={"nbytes": 128 * page})
+    refused = [
+        a.write_batch([Span(src, 0, d, at, page)], b"no")
+        for d, at in ((forged, 0), (grown, 64 * page))
+    ]
+    empty = a.write_batch([Span(src, 0, dst.descriptor, 0, 0)], b"empty")
+    ours, theirs = _both(a, b, lambda ev: all(_done(ev, w) for w in (*refused, empty)))
+    _expect(not any(_ok(ours, w) for w in refused), "a refused write succeeded")
+    _expect(_ok(ours, empty), "an empty write with a notice failed")
+    a.send(b.address, b"after")
+    more = _both(a, b, lambda ev: bool(_notices_of(ev, b"after")))[1]
+    _expect(not _notices_of(theirs + more, b"no"), "a refused write delivered its notice")
+    _expect(
+        len(_notices_of(theirs + more, b"empty")) == 1, "an empty write's notice did not come once"
+    )
+
+
 CHECKS: dict[str, Callable[[Transport, Transport], None]] = {
     "control messages arrive in order": _control_order,
     "a write arrives": _roundtrip,
@@ -328,6 +409,7 @@ CHECKS: dict[str, Callable[[Transport, Transport], None]] = {
     "a closed peer fails writes": _closed_peer,
     "a batch of scattered ranges is one write": _batch,
     "many batches in flight": _many_batches,
+    "notices come with the data": _notices,
 }
 
 

@@ -76,6 +76,10 @@ class Capabilities:
     """Regions may live in accelerator memory."""
     cross_process: bool = True
     """Endpoints may live in different processes (false for in-process transports)."""
+    notices: bool = False
+    """:meth:`Transport.write_batch` takes a ``notice``: a control message the
+    destination receives once the batch's bytes are there (so a "chunk landed"
+    message rides with the data instead of following its completion)."""
 
 
 class RegionDescriptor(BaseModel):
@@ -241,6 +245,11 @@ class Transport(ABC):
     * A batch (:meth:`write_batch`) is one write: every range is checked
       before any byte moves, and it ends in one :class:`WriteDone`, ok only
       when every range landed.
+    * Where ``capabilities.notices``: a batch's ``notice`` reaches the
+      destination's owner as a :class:`MessageReceived` from the writer's
+      address only after every byte of the batch is visible there, at most
+      once, and never for a write that was refused or failed. Control
+      messages sent to that peer before the batch arrive before it.
     * :meth:`close` always closes: it releases every region and resource, and
       tells connected peers, whose pending writes to it then fail.
     """
@@ -290,7 +299,7 @@ class Transport(ABC):
         return self.write_batch([Span(src, src_offset, dst, dst_offset, nbytes)])
 
     @abstractmethod
-    def write_batch(self, spans: Sequence[Span]) -> int:
+    def write_batch(self, spans: Sequence[Span], notice: bytes | None = None) -> int:
         """Start one write made of several ranges, all to one peer.
 
         Each transport moves a batch the way its engine is fastest (a loop of
@@ -298,10 +307,17 @@ class Transport(ABC):
         flight, a descriptor list). Returns one write id; its one
         :class:`WriteDone` is ok only when every range landed.
 
+        ``notice`` (only where ``capabilities.notices``; a transport without
+        them may leave the argument out): a control message for the
+        destination, handed to its owner once the whole batch landed there
+        (see the contract above); messages sent after the batch may overtake
+        it. The writer's :class:`WriteDone` comes as without one.
+
         Raises:
             RegionBoundsError: a range is outside its source or destination
                 (checked for all ranges before anything moves).
-            TransportError: no ranges, or destinations on several peers.
+            TransportError: no ranges, destinations on several peers, or a
+                notice where the transport delivers none.
             TransportClosed: this transport is closed.
         """
 

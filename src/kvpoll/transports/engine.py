@@ -11,7 +11,9 @@ region from a released one, a write is granted first:
    answers (``g``: write id, ok, reason);
 3. on a yes, the writer hands the whole batch to the engine (a descriptor
    list, or several operations in flight) and polls it; the write is done when
-   the engine says every byte is in the peer's memory.
+   the engine says every byte is in the peer's memory; a notice
+   (``write_batch(..., notice=)``) then goes to the peer on the control channel
+   before the write is reported done.
 
 A subclass supplies four things: how to register memory (and what a peer needs
 to reach it), how to start a batch, how to poll one, and how to shut down.
@@ -123,7 +125,7 @@ class EngineTransport(ZmqTransport):
         super().release(region, reuse=reuse)
 
     # -- writes -------------------------------------------------------------------------
-    def _write_remote(self, write_id: int, spans: Sequence[Span]) -> None:
+    def _write_remote(self, write_id: int, spans: Sequence[Span], notice: bytes | None) -> None:
         todo = [span for span in spans if span.nbytes]
         for span in todo:
             if span.dst.transport != self.name:
@@ -142,6 +144,7 @@ class EngineTransport(ZmqTransport):
             for span in todo
         ]
         self._expect_ack(write_id, todo[0].dst.endpoint)
+        self._notify_when_done(write_id, todo[0].dst.endpoint, notice)
 
     def _handle_frame(self, peer: str, kind: bytes) -> bool:
         if kind not in (_ASK, _ANSWER):

@@ -45,7 +45,11 @@ class LoopbackTransport(Transport):
 
     name: ClassVar[str] = "loopback"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        zero_copy=True, same_host_only=True, device_memory=False, cross_process=False
+        zero_copy=True,
+        same_host_only=True,
+        device_memory=False,
+        cross_process=False,
+        notices=True,
     )
 
     def __init__(self) -> None:
@@ -90,7 +94,7 @@ class LoopbackTransport(Transport):
         with self._cond:
             self._regions.pop(region.descriptor.region_id, None)
 
-    def write_batch(self, spans: Sequence[Span]) -> int:
+    def write_batch(self, spans: Sequence[Span], notice: bytes | None = None) -> int:
         self._check_open()
         address = check_batch(spans)
         write_id = next(self._write_ids)
@@ -105,6 +109,8 @@ class LoopbackTransport(Transport):
                 error = peer._accept_write(data, span.dst, span.dst_offset)
                 if error is not None:
                     break
+            if error is None and notice is not None:  # after the copies, as the data
+                peer._post(MessageReceived(self._address, bytes(notice)))
         self._post(WriteDone(write_id, error))
         return write_id
 

@@ -66,7 +66,7 @@ class MooncakeTransport(EngineTransport):
 
     name: ClassVar[str] = "mooncake"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        zero_copy=True, same_host_only=False, device_memory=False
+        zero_copy=True, same_host_only=False, device_memory=False, notices=True
     )
 
     def __init__(

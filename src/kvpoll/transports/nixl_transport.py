@@ -120,7 +120,7 @@ class NixlTransport(EngineTransport):
 
     name: ClassVar[str] = "nixl"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        zero_copy=True, same_host_only=False, device_memory=False
+        zero_copy=True, same_host_only=False, device_memory=False, notices=True
     )
 
     def __init__(

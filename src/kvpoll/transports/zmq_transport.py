@@ -83,7 +83,8 @@ __all__ = ["ZmqTransport"]
 
 log = logging.getLogger("kvpoll.transports.zmq")
 
-_WRITE_HEAD = struct.Struct("<QIB")  # write id, pieces, last
+_WRITE_HEAD = struct.Struct("<QIB")  # write id, pieces, flags (_LAST, _NOTICE)
+_LAST, _NOTICE = 1, 2  # the write's last message; a notice frame follows its pieces
 _WRITE_PIECE = struct.Struct("<QQQ")  # region id, offset, length
 _MAX_PIECES = 1024  # pieces in one W message
 _ACK = struct.Struct("<QB")  # write id, ok
@@ -137,8 +138,11 @@ class ZmqTransport(Transport):
 
     name: ClassVar[str] = "zmq"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        zero_copy=True, same_host_only=False, device_memory=False
+        zero_copy=True, same_host_only=False, device_memory=False, notices=True
     )
+    """Notices: after the copy into shared memory, on the control channel; over
+    TCP, in the write's last message, handed over by the destination once every
+    piece is in its region."""
 
     def __init__(
         self,
@@ -235,6 +239,7 @@ class ZmqTransport(Transport):
         self._regions: dict[int, Region] = {}
         self._segments: dict[int, Segment] = {}
         self._pending: dict[int, _Pending] = {}
+        self._notices: dict[int, tuple[str, bytes]] = {}  # write id -> (peer, notice)
         self._incoming_errors: dict[tuple[str, int], str] = {}
         self._closed_peers: OrderedDict[str, None] = OrderedDict()  # bounded like _dealers
         # Each transport instance is an incarnation, announced in its connections'
@@ -243,6 +248,9 @@ class ZmqTransport(Transport):
         self._incarnation = secrets.token_hex(8)
         self._incarnations: OrderedDict[str, str] = OrderedDict()  # peer -> its incarnation
         self._events: list[TransportEvent] = []
+        # (peer, write id, notice) of shared-memory writes done: the notices go out
+        # together at the start of the next progress(), then the writes are reported
+        self._landed: list[tuple[str, int, bytes]] = []
         self._write_ids = itertools.count(1)
         self._max_frame = max_frame
         self._write_timeout = write_timeout
@@ -331,21 +339,40 @@ class ZmqTransport(Transport):
             self._pool.release(segment, reuse=reuse)
 
     # -- writes ---------------------------------------------------------------
-    def write_batch(self, spans: Sequence[Span]) -> int:
+    def write_batch(self, spans: Sequence[Span], notice: bytes | None = None) -> int:
         self._check_open()
+        if notice is not None and not self.capabilities.notices:
+            raise TransportError(f"the {self.name} transport delivers no notices")
         peer = check_batch(spans)
         write_id = next(self._write_ids)
         if peer in self._closed_peers:
             self._events.append(WriteDone(write_id, f"peer {peer} is closed"))
         elif not any(span.nbytes for span in spans):
-            self._events.append(WriteDone(write_id))
-        elif not self._write_shm(write_id, spans):
-            self._write_remote(write_id, spans)
+            self._landed_here(peer, write_id, notice)
+        elif not self._write_shm(write_id, spans, notice):
+            self._write_remote(write_id, spans, notice)
         return write_id
 
-    def _write_shm(self, write_id: int, spans: Sequence[Span]) -> bool:
-        """Copy every range straight into the peer's shared memory; False when
-        some destination is not in shared memory of this host.
+    def _notify(self, peer: str, notice: bytes | None) -> str | None:
+        """Send a write's notice from here, its bytes being at ``peer`` already;
+        why it could not go (the write then fails), or None."""
+        if notice is None or self._post(peer, [_CONTROL, notice]):
+            return None
+        return f"{peer} is not reading: its queue is full"
+
+    def _landed_here(self, peer: str, write_id: int, notice: bytes | None) -> None:
+        """A write whose bytes are at ``peer`` already (copied from here): done, once
+        its notice is sent. Notices wait for the next :meth:`progress`, so the
+        notices of one turn's writes leave together (the peer wakes once for
+        them, not once each)."""
+        if notice is None:
+            self._events.append(WriteDone(write_id))
+        else:
+            self._landed.append((peer, write_id, notice))
+
+    def _write_shm(self, write_id: int, spans: Sequence[Span], notice: bytes | None) -> bool:
+        """Copy every range straight into the peer's shared memory, then send the
+        notice; False when some destination is not in shared memory of this host.
 
         Each destination is resolved and checked once per batch (spans of one
         buffer share its descriptor), then the ranges are a loop of memcpys
@@ -378,7 +405,7 @@ class ZmqTransport(Transport):
         for memory, start, source, src_offset, n in todo:
             np.copyto(memory[start : start + n], source[src_offset : src_offset + n])
         self.stats["shm_writes"] += 1
-        self._events.append(WriteDone(write_id))
+        self._landed_here(spans[0].dst.endpoint, write_id, notice)
         return True
 
     def _shm_target(self, dst: RegionDescriptor) -> tuple[Any, int] | str:
@@ -429,12 +456,13 @@ class ZmqTransport(Transport):
                 return error
         return segment, offset, stamped
 
-    def _write_remote(self, write_id: int, spans: Sequence[Span]) -> None:
+    def _write_remote(self, write_id: int, spans: Sequence[Span], notice: bytes | None) -> None:
         """The network path: pieces over ZMQ TCP (an engine subclass replaces it).
 
         Ranges are cut into pieces of at most ``max_frame`` bytes and grouped
         into messages of at most ``max_frame`` bytes and :data:`_MAX_PIECES`
-        pieces, each piece a zero-copy frame of the source.
+        pieces, each piece a zero-copy frame of the source. The notice is the
+        last message's last frame.
         """
         peer = spans[0].dst.endpoint
         messages: list[list[tuple[Span, int, int]]] = [[]]
@@ -453,7 +481,8 @@ class ZmqTransport(Transport):
                 sent += n
         views: dict[int, memoryview] = {}
         for i, pieces in enumerate(messages):
-            header = [_WRITE_HEAD.pack(write_id, len(pieces), i == len(messages) - 1)]
+            flags = 0 if i < len(messages) - 1 else _LAST | (_NOTICE if notice is not None else 0)
+            header = [_WRITE_HEAD.pack(write_id, len(pieces), flags)]
             frames: list[Any] = [_WRITE, b""]
             for span, sent, n in pieces:
                 header.append(_WRITE_PIECE.pack(span.dst.region_id, span.dst_offset + sent, n))
@@ -462,6 +491,8 @@ class ZmqTransport(Transport):
                     view = views[id(span.src)] = span.src.data.numpy().data
                 lo = span.src_offset + sent
                 frames.append(view[lo : lo + n])
+            if flags & _NOTICE:
+                frames.append(notice)
             frames[1] = b"".join(header)
             if not self._post(peer, frames, copy=False):
                 self._events.append(
@@ -478,9 +509,19 @@ class ZmqTransport(Transport):
         self._pending[write_id] = _Pending(peer, time.monotonic() + self._write_timeout)
 
     def _finish(self, write_id: int, error: str | None) -> None:
-        """Report a pending write done (once: a late second report is ignored)."""
+        """Report a pending write done (once: a late second report is ignored); a
+        notice left for the writer to send (:meth:`_notify_when_done`) goes first."""
+        notice = self._notices.pop(write_id, None)
         if self._pending.pop(write_id, None) is not None:
+            if notice is not None and error is None:
+                error = self._notify(*notice)
             self._events.append(WriteDone(write_id, error))
+
+    def _notify_when_done(self, write_id: int, peer: str, notice: bytes | None) -> None:
+        """Send ``notice`` to ``peer`` once the write is reported done without an
+        error (for engines whose completion at the writer means the bytes landed)."""
+        if notice is not None:
+            self._notices[write_id] = (peer, notice)
 
     # -- control ------------------------------------------------------------------
     def send(self, peer: str, payload: bytes) -> None:
@@ -553,6 +594,10 @@ class ZmqTransport(Transport):
     # -- progress ------------------------------------------------------------------
     def progress(self, timeout: float) -> list[TransportEvent]:
         self._check_open()
+        if self._landed:
+            landed, self._landed = self._landed, []
+            for peer, write_id, notice in landed:
+                self._events.append(WriteDone(write_id, self._notify(peer, notice)))
         self._expire_writes()
         self._progress_engine()
         wait_ms = 0 if self._events else self._wait_ms(timeout)
@@ -683,10 +728,13 @@ class ZmqTransport(Transport):
         if len(head) < _WRITE_HEAD.size:
             self._malformed(peer, "bad write header")
             return
-        write_id, count, last = _WRITE_HEAD.unpack_from(head)
+        write_id, count, flags = _WRITE_HEAD.unpack_from(head)
+        last = flags & _LAST
         if (
             not 0 < count <= _MAX_PIECES
             or len(head) != _WRITE_HEAD.size + count * _WRITE_PIECE.size
+            or flags & ~(_LAST | _NOTICE)
+            or flags == _NOTICE  # a notice comes with the last message only
         ):
             self._malformed(peer, "bad write header")
             return
@@ -708,6 +756,12 @@ class ZmqTransport(Transport):
             else:
                 self._router.recv_into(bytearray())
             error = error or why
+        notice = None
+        if flags & _NOTICE:
+            if self._router.getsockopt(zmq.RCVMORE):
+                notice = self._router.recv()
+            else:
+                error = error or "a write announced a notice and held none"
         if self._router.getsockopt(zmq.RCVMORE):
             error = error or "extra frames after a write's pieces"
         self._drain()
@@ -717,7 +771,10 @@ class ZmqTransport(Transport):
             while len(self._incoming_errors) > _MAX_INCOMING:  # a peer that never ends its writes
                 self._incoming_errors.pop(next(iter(self._incoming_errors)))
         if last:
-            self._acknowledge(peer, write_id, self._incoming_errors.pop(key, None))
+            error = self._incoming_errors.pop(key, None)
+            self._acknowledge(peer, write_id, error)
+            if error is None and notice is not None:  # every piece is in its region
+                self._events.append(MessageReceived(peer, notice))
 
     def _acknowledge(self, peer: str, write_id: int, error: str | None) -> None:
         """Tell the writer that its write ``write_id`` landed (or why not)."""
@@ -790,6 +847,8 @@ class ZmqTransport(Transport):
         self._attachments.close()
         self._targets.clear()
         self._pending.clear()
+        self._notices.clear()
+        self._landed.clear()
         self._events.clear()
 
 

@@ -1,0 +1,127 @@
+"""A room's last chunk message rides with its data (``write_batch(..., notice=)``):
+the receiver has Success once the bytes are there, without waiting for the
+writer to learn that its write completed and only then send the chunk."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from kvpoll import Receiver, Sender, TransferStatus
+from kvpoll.transports import resolve
+from kvpoll.transports.base import TransportEvent, WriteDone
+from tests.helpers import need_transport, wait_until
+
+ROW = 256
+PATHS = {  # name -> (transport, its options)
+    "zmq-shm": ("zmq", {}),
+    "zmq-tcp": ("zmq", {"shm": False}),
+    "ucx": ("ucx", {}),
+    "loopback": ("loopback", {}),
+}
+
+
+def holding(name: str, *, notices: bool = True) -> type[Any]:
+    """A real transport whose WriteDone events are kept from its endpoint until
+    ``confirm`` is set (as when the confirmation is slow to come back)."""
+    base: Any = resolve(name)
+
+    class Holding(base):  # type: ignore[misc]
+        capabilities = dataclasses.replace(base.capabilities, notices=notices)
+
+        def __init__(self, **options: Any) -> None:
+            super().__init__(**options)
+            self.confirm = threading.Event()
+            self.held: list[WriteDone] = []
+
+        def progress(self, timeout: float) -> list[TransportEvent]:
+            events = super().progress(timeout)
+            kept = [e for e in events if not isinstance(e, WriteDone)]
+            self.held += [e for e in events if isinstance(e, WriteDone)]
+            if self.confirm.is_set():
+                kept += self.held
+                self.held = []
+            return kept
+
+    return Holding
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request: pytest.FixtureRequest) -> str:
+    name = PATHS[request.param][0]
+    need_transport(name)
+    return str(request.param)
+
+
+@contextlib.contextmanager
+def pair(path: str, notices: bool) -> Iterator[tuple[Sender, Receiver, Any]]:
+    name, options = PATHS[path]
+    writer = holding(name, notices=notices)(**options)
+    tx = Sender(writer)
+    rx = Receiver(resolve(name)(**options))
+    try:
+        yield tx, rx, writer
+    finally:
+        writer.confirm.set()
+        rx.close()
+        tx.close()
+
+
+def data(room: int, rows: int = 3) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(room)
+    return torch.randint(0, 256, (rows, ROW), dtype=torch.uint8, generator=gen)
+
+
+def test_the_receiver_succeeds_before_the_writer_hears_back(path: str) -> None:
+    with pair(path, notices=True) as (tx, rx, writer):
+        tx.add(7)
+        tx.send(7, data(7))
+        rx.open(7, tx.address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=3)
+        assert rx.wait(7, 10) is TransferStatus.Success
+        assert torch.equal(rx.result(7).tensor(), data(7))  # the bytes were there with it
+        wait_until(lambda: writer.held, what="the write's confirmation at the sender")
+        assert tx.poll(7) is TransferStatus.WaitingForInput  # it is held from the sender
+        writer.confirm.set()
+        assert tx.wait(7, 10) is TransferStatus.Success
+        assert tx.info(7).sent_tokens == 3
+
+
+def test_without_notices_the_chunk_waits_for_the_confirmation(path: str) -> None:
+    with pair(path, notices=False) as (tx, rx, writer):
+        tx.add(8)
+        tx.send(8, data(8))
+        rx.open(8, tx.address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=3)
+        assert rx.wait(8, 1.0) is not TransferStatus.Success
+        writer.confirm.set()
+        assert rx.wait(8, 10) is TransferStatus.Success
+        assert torch.equal(rx.result(8).tensor(), data(8))
+        assert tx.wait(8, 10) is TransferStatus.Success
+
+
+def test_only_the_last_chunk_rides_with_its_data(path: str) -> None:
+    """Memory for 2 of 5 rows: two chunks go the usual way (each confirmed, then
+    announced, then resumed), the last one with its data."""
+    with pair(path, notices=True) as (tx, rx, writer):
+        writer.confirm.set()
+        tx.add(9)
+        tx.send(9, data(9, 5))
+        rx.open(9, tx.address, row_shape=(ROW,), dtype=torch.uint8, allocated_tokens=2)
+        assert rx.wait(9, 10) is TransferStatus.Success
+        got = torch.cat(rx.chunks(9))
+        assert torch.equal(got, data(9, 5))
+        assert tx.wait(9, 10) is TransferStatus.Success
+        steps = [str(t.event) for t in rx.info(9).history]
+        assert steps == [
+            "bootstrapped",
+            "chunk_sent",
+            "resumed",
+            "chunk_sent",
+            "resumed",
+            "last_chunk_sent",
+        ]
