@@ -15,7 +15,6 @@ valid as long as the view exists.
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,6 +22,7 @@ from typing import Any, Literal
 import torch
 
 from kvpoll.errors import InvalidArgument
+from kvpoll.ids import random_bits
 from kvpoll.memory.pages import Run, as_runs
 from kvpoll.memory.shm import Segment
 
@@ -113,7 +113,7 @@ class PagedPool:
         self.aux_rows = min((int(a.shape[0]) for a in self.aux), default=0)
         self.layouts = tuple(BufferLayout.of(b) for b in self.buffers)
         self.aux_layouts = tuple(BufferLayout.of(a) for a in self.aux)
-        self.id = secrets.randbits(62)
+        self.id = random_bits(62)
         self.segment: Segment | None = None
         if stage is not None and not isinstance(stage, bool):
             raise InvalidArgument(f"stage must be True, False or None, not {stage!r}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 
 from kvpoll.errors import DuplicateRoom, IllegalTransition, InvalidArgument, ResourceExhausted
+from kvpoll.ids import random_bits
 from kvpoll.memory.arena import Arenas, Lease
 from kvpoll.memory.pages import PageList
 from kvpoll.memory.pool import PagedPool, dtype_name
@@ -100,7 +100,7 @@ class _ReceiverRoom(RoomBase):
     def __init__(self, room: int, history: bool) -> None:
         super().__init__(room, history)
         self.sender = ""
-        self.session = secrets.randbits(62)
+        self.session = random_bits(62)
         self.token: str | None = None
         self.rank = 0
         self.row_shape: tuple[int, ...] = ()

@@ -14,7 +14,6 @@ owner cannot see: completions and messages are returned by
 
 from __future__ import annotations
 
-import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvpoll.errors import KvpollError
+from kvpoll.ids import random_bits
 
 __all__ = [
     "Capabilities",
@@ -170,7 +170,7 @@ TransportEvent = WriteDone | MessageReceived | PeerClosed
 
 def new_region_id() -> int:
     """A fresh random region id (never reused, so stale writes are caught)."""
-    return secrets.randbits(63)
+    return random_bits(63)
 
 
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
