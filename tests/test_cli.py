@@ -227,7 +227,10 @@ def test_bench_transfer_json(kvpoll_cmd: list[str]) -> None:
         assert fig["median"] > 0
     assert set(result["ratios"]) == {"zmq-shm/copy", "zmq-tcp/pyzmq", "zmq-shm/pyzmq"}
     for path in ("zmq-shm", "zmq-tcp"):
-        assert result["concurrent_rooms"][path]["succeeded"] == 50
+        rooms = result["concurrent_rooms"][path]
+        assert rooms["succeeded"] == rooms["cold_succeeded"] == 50
+        assert rooms["rooms_per_s"] > 0
+        assert rooms["cold_rooms_per_s"] > 0
 
 
 @pytest.mark.slow
