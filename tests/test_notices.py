@@ -125,3 +125,29 @@ def test_only_the_last_chunk_rides_with_its_data(path: str) -> None:
             "resumed",
             "last_chunk_sent",
         ]
+
+
+def test_a_notice_that_cannot_be_sent_fails_its_write_alone() -> None:
+    """Shared memory: the bytes are copied, then the notice cannot go (here: the
+    destination names no reachable address); that write fails, progress() goes on."""
+    from kvpoll.transports.base import Span
+    from kvpoll.transports.zmq_transport import ZmqTransport
+
+    a, b = ZmqTransport(), ZmqTransport()
+    try:
+        src = a.register(data(1, 1).reshape(-1))
+        dst = b.allocate(ROW)
+        astray = dst.descriptor.model_copy(update={"endpoint": "ipc://nowhere"})
+        failed = a.write_batch([Span(src, 0, astray, 0, ROW)], b"notice")
+        fine = a.write_batch([Span(src, 0, dst.descriptor, 0, ROW)], b"notice")
+        done: dict[int, WriteDone] = {}
+        for _ in range(200):
+            done.update((e.write_id, e) for e in a.progress(0.01) if isinstance(e, WriteDone))
+            if len(done) == 2:
+                break
+        assert not done[failed].ok
+        assert "notice" in (done[failed].error or "")
+        assert done[fine].ok
+    finally:
+        a.close()
+        b.close()

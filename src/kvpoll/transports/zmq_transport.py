@@ -356,8 +356,15 @@ class ZmqTransport(Transport):
     def _notify(self, peer: str, notice: bytes | None) -> str | None:
         """Send a write's notice from here, its bytes being at ``peer`` already;
         why it could not go (the write then fails), or None."""
-        if notice is None or self._post(peer, [_CONTROL, notice]):
+        if notice is None:
             return None
+        if peer in self._closed_peers:
+            return f"peer {peer} is closed"
+        try:
+            if self._post(peer, [_CONTROL, notice]):
+                return None
+        except TransportError as exc:  # never out of progress(): this write fails alone
+            return f"cannot send the write's notice: {exc}"
         return f"{peer} is not reading: its queue is full"
 
     def _landed_here(self, peer: str, write_id: int, notice: bytes | None) -> None:
