@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -91,75 +93,74 @@ def test_zmq_tcp_write_goes_straight_into_the_region_in_pieces() -> None:
         b.close()
 
 
-def test_malformed_frames_are_counted_and_never_break_the_endpoint() -> None:
+@pytest.fixture
+def rogue() -> Iterator[tuple[ZmqTransport, Any]]:
+    """A zmq transport and a raw DEALER socket connected to it (frames of one's own)."""
     import zmq
 
     t = ZmqTransport()
     ctx = zmq.Context()
-    rogue = ctx.socket(zmq.DEALER)
-    rogue.setsockopt(zmq.LINGER, 0)
-    rogue.setsockopt(zmq.IDENTITY, b"tcp://127.0.0.1:1")
-    rogue.connect(t.address)
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.IDENTITY, b"tcp://127.0.0.1:1")
+    dealer.connect(t.address)
     try:
-        dst = t.allocate(16)
-        for frames in (
-            [b"Z", b"junk"],
-            [b"W", b"short"],
-            [b"W", b"\0" * 33, b"x"],
-            [b"A", b"?"],
-            [b"C"],
-            [b"C", b"a", b"b"],
-            [b"W"],
-        ):
-            rogue.send_multipart(frames)
-        rogue.send_multipart([b"C", b"still alive"])
-        events = pump([t], lambda ev: any(isinstance(e, MessageReceived) for e in ev))
-        assert [e.payload for e in events if isinstance(e, MessageReceived)] == [b"still alive"]
-        assert t.stats["malformed"] >= 5
-        assert bool((dst.data == 0).all())
+        yield t, dealer
     finally:
-        rogue.close()
+        dealer.close()
         ctx.term()
         t.close()
 
 
-def test_a_write_notice_from_the_wire_is_handed_over_only_for_a_whole_accepted_write() -> None:
+def test_malformed_frames_are_counted_and_never_break_the_endpoint(
+    rogue: tuple[ZmqTransport, Any],
+) -> None:
+    t, dealer = rogue
+    dst = t.allocate(16)
+    for frames in (
+        [b"Z", b"junk"],
+        [b"W", b"short"],
+        [b"W", b"\0" * 33, b"x"],
+        [b"A", b"?"],
+        [b"C"],
+        [b"C", b"a", b"b"],
+        [b"W"],
+    ):
+        dealer.send_multipart(frames)
+    dealer.send_multipart([b"C", b"still alive"])
+    events = pump([t], lambda ev: any(isinstance(e, MessageReceived) for e in ev))
+    assert [e.payload for e in events if isinstance(e, MessageReceived)] == [b"still alive"]
+    assert t.stats["malformed"] >= 5
+    assert bool((dst.data == 0).all())
+
+
+def test_a_write_notice_from_the_wire_is_handed_over_only_for_a_whole_accepted_write(
+    rogue: tuple[ZmqTransport, Any],
+) -> None:
     import struct
 
-    import zmq
-
-    t = ZmqTransport()
-    ctx = zmq.Context()
-    rogue = ctx.socket(zmq.DEALER)
-    rogue.setsockopt(zmq.LINGER, 0)
-    rogue.setsockopt(zmq.IDENTITY, b"tcp://127.0.0.1:1")
-    rogue.connect(t.address)
+    t, dealer = rogue
 
     def write(write_id: int, flags: int, region: int, *extra: bytes) -> list[bytes]:
         head = struct.pack("<QIB", write_id, 1, flags) + struct.pack("<QQQ", region, 0, 4)
         return [b"W", head, b"abcd", *extra]
 
-    try:
-        dst = t.allocate(16)
-        rid = dst.descriptor.region_id
-        for frames in (
-            write(1, 2, rid, b"not last"),  # a notice flag without the last one
-            write(2, 0x80 | 1, rid, b"unknown flag"),
-            write(3, 3, rid),  # a notice announced, none held
-            write(4, 3, rid ^ 1, b"unknown region"),
-            write(5, 3, rid, b"one", b"two"),  # more frames than announced
-        ):
-            rogue.send_multipart(frames)
-        rogue.send_multipart(write(6, 3, rid, b"landed"))
-        events = pump([t], lambda ev: any(isinstance(e, MessageReceived) for e in ev))
-        assert [e.payload for e in events if isinstance(e, MessageReceived)] == [b"landed"]
-        assert bytes(dst.data[:4].tolist()) == b"abcd"
-        assert t.stats["malformed"] >= 2
-        assert t.stats["rejected_writes"] >= 3
-    finally:
-        rogue.close()
-        ctx.term()
-        t.close()
+    dst = t.allocate(16)
+    rid = dst.descriptor.region_id
+    for frames in (
+        write(1, 2, rid, b"not last"),  # a notice flag without the last one
+        write(2, 0x80 | 1, rid, b"unknown flag"),
+        write(3, 3, rid),  # a notice announced, none held
+        write(4, 3, rid ^ 1, b"unknown region"),
+        write(5, 3, rid, b"one", b"two"),  # more frames than announced
+    ):
+        dealer.send_multipart(frames)
+    dealer.send_multipart(write(6, 3, rid, b"landed"))
+    events = pump([t], lambda ev: any(isinstance(e, MessageReceived) for e in ev))
+    assert [e.payload for e in events if isinstance(e, MessageReceived)] == [b"landed"]
+    assert bytes(dst.data[:4].tolist()) == b"abcd"
+    assert t.stats["malformed"] >= 2
+    assert t.stats["rejected_writes"] >= 3
 
 
 def test_transports_are_found_by_name() -> None:
