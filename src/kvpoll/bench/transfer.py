@@ -13,8 +13,9 @@ Two processes: this one receives (a :class:`~kvpoll.Receiver`), a child sends
   command to the bytes being in the receiver's buffer; see
   :mod:`kvpoll.bench.raw_engines`).
 
-Then 2,000 concurrent one-chunk rooms through one endpoint pair per path
-beside raw pyzmq round trips with as many in flight, and the latency of one
+Then 2,000 concurrent one-chunk rooms through one endpoint pair per path, twice
+(the steady state is the second batch), beside raw pyzmq round trips with as
+many in flight, and the latency of one
 4 KiB room per path beside a raw pyzmq round trip (:mod:`kvpoll.bench.latency`).
 """
 

@@ -570,8 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--rooms",
         type=int,
         default=2000,
-        help="concurrent one-chunk rooms to push through one endpoint pair, beside raw "
-        "pyzmq round trips with as many in flight (default: 2000; 0 skips)",
+        help="concurrent one-chunk rooms to push through one endpoint pair (twice: the "
+        "second batch is the figure, the first is reported as cold), beside raw pyzmq "
+        "round trips with as many in flight (default: 2000; 0 skips)",
     )
     b.add_argument(
         "--latency-rooms",
