@@ -151,3 +151,63 @@ def test_a_notice_that_cannot_be_sent_fails_its_write_alone() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_ucx_holds_a_bounded_amount_of_notices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests whose data never comes hold their notices until they expire: each
+    notice and their sum are bounded; a request past either is refused, and the
+    budget comes back when held requests expire."""
+    need_transport("ucx")
+    import struct
+    import time
+
+    import zmq
+
+    from kvpoll.transports import ucx_transport
+
+    monkeypatch.setattr(ucx_transport, "MAX_NOTICE_BYTES", 500)
+    monkeypatch.setattr(ucx_transport, "MAX_HELD_NOTICE_BYTES", 1000)
+    t = ucx_transport.UcxTransport(write_timeout=1.0)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, b"tcp://127.0.0.1:9")
+    sock.connect(t.address)
+    try:
+        dst = t.allocate(8 * 4096)
+        rid = dst.descriptor.region_id
+
+        def request(i: int, notice: bytes) -> None:
+            head = struct.pack("<QQ", i, 1)
+            sock.send_multipart(
+                [b"U", head + struct.pack("<QQQQ", rid, 0, 4096, 7 << 32 | i), notice]
+            )
+
+        def settle(rejected: int) -> None:
+            deadline = time.monotonic() + 10
+            while t.stats["rejected_writes"] < rejected or t.stats["receives_posted"] < 1:
+                assert time.monotonic() < deadline, t.stats
+                t.progress(0.01)
+
+        for i, size in enumerate((400, 400, 400, 600, 100)):  # the 3rd: over the sum; 4th: too big
+            request(i, b"n" * size)
+        settle(2)
+        time.sleep(0.2)
+        t.progress(0.01)
+        assert t.stats["rejected_writes"] == 2
+        deadline = time.monotonic() + 15  # the held ones expire after the write time-out
+        while t.stats["receives_expired"] < 3:
+            assert time.monotonic() < deadline, t.stats
+            t.progress(0.05)
+        while t.stats["receives_posted"]:
+            assert time.monotonic() < deadline, t.stats
+            t.progress(0.05)
+        request(9, b"n" * 400)  # the budget is back
+        time.sleep(0.2)
+        for _ in range(20):
+            t.progress(0.01)
+        assert t.stats["rejected_writes"] == 2
+    finally:
+        sock.close()
+        ctx.term()
+        t.close()

@@ -106,6 +106,12 @@ MAX_RECEIVES = 1 << 18
 """Receives posted at once, over all peers; a request past it is refused."""
 MAX_PEER_RECEIVES = 1 << 17
 """Receives posted at once for one peer's requests; a request past it is refused."""
+MAX_NOTICE_BYTES = 2 << 20
+"""The largest notice a write request may carry (a chunk message with 1 MiB of aux
+bytes fits); a request with a larger one is refused."""
+MAX_HELD_NOTICE_BYTES = 256 << 20
+"""Notices held at once for requests whose data has not all arrived, over all
+peers; a request past it is refused."""
 _SIOCGIFADDR = 0x8915
 
 
@@ -273,6 +279,7 @@ class UcxTransport(ZmqTransport):
         self._retiring: list[Any] = []  # the empty sends of _expire_receives in flight
         self._self_endpoint: Any = None  # retires expired receives with empty messages
         self._parked: dict[int, tuple[Segment | None, bool]] = {}  # released while receiving
+        self._notice_bytes = 0  # held by batches whose receives have not all completed
         self.stats.update({"ucx_writes": 0, "receives_posted": 0, "receives_expired": 0})
 
     def paths(self) -> list[str]:
@@ -388,7 +395,13 @@ class UcxTransport(ZmqTransport):
             _, error = self._lookup(region_id, offset, length)
             if error is not None:
                 break
+        notice = frames[1] if len(frames) == 2 else None
         over = self._receive_budget(peer, count)
+        if error is None and notice is not None:
+            if len(notice) > MAX_NOTICE_BYTES:
+                error = f"a notice of {len(notice)} bytes; at most {MAX_NOTICE_BYTES}"
+            elif self._notice_bytes + len(notice) > MAX_HELD_NOTICE_BYTES:
+                error = f"{MAX_HELD_NOTICE_BYTES} bytes of notices are held here already"
         if over is not None:  # no receive at all past the limits, not even a scratch one
             self.stats["rejected_writes"] += 1
             self._warn.warning("rejected write", "rejected a write from %s: %s", peer, over)
@@ -401,8 +414,10 @@ class UcxTransport(ZmqTransport):
             answered=error is not None,
             error=error,
             deadline=time.monotonic() + self._write_timeout,
-            notice=frames[1] if len(frames) == 2 else None,
+            notice=notice if error is None else None,
         )
+        if batch.notice is not None:
+            self._notice_bytes += len(batch.notice)
         if error is not None:
             self.stats["rejected_writes"] += 1
             self._warn.warning("rejected write", "rejected a write from %s: %s", peer, error)
@@ -527,9 +542,11 @@ class UcxTransport(ZmqTransport):
             if batch.remaining == 0 and not batch.answered:
                 batch.answered = True
                 self._acknowledge(batch.peer, batch.write_id, batch.error)
-                if batch.error is None and batch.notice is not None:
-                    self._events.append(MessageReceived(batch.peer, batch.notice))
-                batch.notice = None
+                if batch.notice is not None:
+                    self._notice_bytes -= len(batch.notice)
+                    if batch.error is None:
+                        self._events.append(MessageReceived(batch.peer, batch.notice))
+                    batch.notice = None
         if batch.head == len(receives):
             batch.receives = []  # every buffer UCX wrote into is done with
 
@@ -559,6 +576,7 @@ class UcxTransport(ZmqTransport):
             self._self_endpoint = None
         self._incoming.clear()
         self._posted.clear()
+        self._notice_bytes = 0
         with contextlib.suppress(Exception):
             self._poller.unregister(self._worker.epoll_file_descriptor)
         for segment, _ in self._parked.values():
