@@ -307,11 +307,12 @@ class Transport(ABC):
         flight, a descriptor list). Returns one write id; its one
         :class:`WriteDone` is ok only when every range landed.
 
-        ``notice`` (only where ``capabilities.notices``; a transport without
-        them may leave the argument out): a control message for the
-        destination, handed to its owner once the whole batch landed there
-        (see the contract above); messages sent after the batch may overtake
-        it. The writer's :class:`WriteDone` comes as without one.
+        ``notice`` (only where ``capabilities.notices``; kvpoll never passes
+        one to a transport without them, which should raise TransportError
+        if it gets one anyway): a control message for the destination, handed
+        to its owner once the whole batch landed there (see the contract
+        above); messages sent after the batch may overtake it. The writer's
+        :class:`WriteDone` comes as without one.
 
         Raises:
             RegionBoundsError: a range is outside its source or destination
