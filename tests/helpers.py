@@ -1,10 +1,12 @@
-"""Test helpers: a scripted peer that speaks the wire protocol by hand."""
+"""Test helpers: a scripted peer that speaks the wire protocol by hand, raw sockets."""
 
 from __future__ import annotations
 
 import os
 import time
 from typing import Any, TypeVar
+
+import zmq
 
 from kvpoll.protocol.messages import Message, decode, encode
 from kvpoll.transports.base import MessageReceived
@@ -87,3 +89,17 @@ def need_transport(name: str) -> None:
         if os.environ.get("CI_REQUIRE_ENGINES") == "1":
             pytest.fail(str(exc))
         pytest.skip(str(exc))
+
+
+def raw_dealer(
+    ctx: zmq.Context[zmq.Socket[bytes]], address: str, identity: str, *, hwm: int = 1000
+) -> zmq.Socket[bytes]:
+    """A bare DEALER connected to ``address`` under ``identity``: frames of the
+    test's own making, as a hostile or broken peer would send them."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.SNDTIMEO, 10_000)
+    sock.setsockopt(zmq.IDENTITY, identity.encode())
+    sock.connect(address)
+    return sock

@@ -16,7 +16,7 @@ import torch
 from kvpoll import Receiver, Sender, TransferStatus
 from kvpoll.transports import resolve
 from kvpoll.transports.base import TransportEvent, WriteDone
-from tests.helpers import need_transport, wait_until
+from tests.helpers import need_transport, raw_dealer, wait_until
 
 ROW = 256
 PATHS = {  # name -> (transport, its options)
@@ -169,10 +169,7 @@ def test_ucx_holds_a_bounded_amount_of_notices(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(ucx_transport, "MAX_HELD_NOTICE_BYTES", 1000)
     t = ucx_transport.UcxTransport(write_timeout=1.0)
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, b"tcp://127.0.0.1:9")
-    sock.connect(t.address)
+    sock = raw_dealer(ctx, t.address, "tcp://127.0.0.1:9")
     try:
         dst = t.allocate(8 * 4096)
         rid = dst.descriptor.region_id

@@ -18,7 +18,7 @@ import zmq
 from kvpoll import Receiver, Sender, TransferStatus
 from kvpoll.protocol.messages import Abort, Bootstrap, Heartbeat, encode
 from tests.conftest import FAST
-from tests.helpers import ScriptedPeer, need_transport, wait_until
+from tests.helpers import ScriptedPeer, need_transport, raw_dealer, wait_until
 from tests.target_peer import Target, target
 
 S = TransferStatus
@@ -39,16 +39,6 @@ def secret(tmp_path: Path) -> str:
     path.write_bytes(os.urandom(32).hex().encode())
     path.chmod(0o600)
     return str(path)
-
-
-def rogue(ctx: Ctx, address: str, identity: str, *, hwm: int = 1000) -> zmq.Socket[bytes]:
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, hwm)
-    sock.setsockopt(zmq.SNDTIMEO, 10_000)
-    sock.setsockopt(zmq.IDENTITY, identity.encode())
-    sock.connect(address)
-    return sock
 
 
 def room_from(t: Target, rx: Receiver, room: int, token: int | None = None) -> None:
@@ -89,7 +79,7 @@ def test_1_a_flood_of_identities_keeps_sockets_bounded_and_the_io_thread_alive(
         base = t.stats["messages_in"]
         ctx.set(zmq.MAX_SOCKETS, 4096)
         for i in range(600):  # each answered, so each would get a socket of its own
-            sock = rogue(ctx, t.address, f"tcp://127.0.0.1:{20000 + i}")
+            sock = raw_dealer(ctx, t.address, f"tcp://127.0.0.1:{20000 + i}")
             sock.send_multipart([b"C", encode(Heartbeat(seq=i))])
             sock.close(linger=5000)
             if i % 200 == 199:  # delivered before more are opened (this process's fds)
@@ -180,7 +170,7 @@ def test_2_a_connection_claiming_a_live_peers_address_cannot_cut_it(
         t.call("add", 5)
         rx.open(5, t.address, row_shape=(4,), dtype=torch.float32, allocated_tokens=3)
         wait_until(lambda: t.call("poll", 5) is S.WaitingForInput, 20)
-        impostor = rogue(ctx, t.address, rx.address)
+        impostor = raw_dealer(ctx, t.address, rx.address)
         impostor.send_multipart([b"B"])  # "I am closing" under the receiver's address
         impostor.send_multipart(
             [b"C", encode(Abort(room=5, session=rx._rooms[5].session, reason="forged"))]
@@ -214,7 +204,7 @@ def test_2_with_a_secret_only_holders_connect(tmp_path: Path, ctx: Ctx, secret: 
         finally:
             for rx in outsiders:
                 rx.close()
-        plain = rogue(ctx, t.address, "tcp://127.0.0.1:9")  # a bare socket, no CURVE
+        plain = raw_dealer(ctx, t.address, "tcp://127.0.0.1:9")  # a bare socket, no CURVE
         plain.send_multipart([b"C", encode(Heartbeat(seq=1))])
         t.wait_stat("handshakes_refused", 3)
         stats = t.stats
@@ -279,7 +269,7 @@ def test_3_with_a_token_a_forged_bootstrap_neither_wins_nor_fails_the_room(
 def test_4_a_flood_of_messages_is_bounded_and_memory_returns(tmp_path: Path, ctx: Ctx) -> None:
     with target(tmp_path, "receiver", **FAST) as t:
         before = t.call("process")["rss"]
-        flood = rogue(ctx, t.address, "tcp://127.0.0.1:1", hwm=100_000)
+        flood = raw_dealer(ctx, t.address, "tcp://127.0.0.1:1", hwm=100_000)
         payload = b"x" * 1024
         sent = 0
         deadline = time.monotonic() + 10
@@ -309,7 +299,7 @@ def test_4_a_flood_of_messages_is_bounded_and_memory_returns(tmp_path: Path, ctx
 def test_4_replies_to_a_peer_that_never_reads_are_dropped(tmp_path: Path, ctx: Ctx) -> None:
     with target(tmp_path, "sender", transport_options={"max_queued": 1000}, **FAST) as t:
         before = t.call("process")["rss"]
-        unreachable = rogue(ctx, t.address, "tcp://127.0.0.1:9", hwm=0)
+        unreachable = raw_dealer(ctx, t.address, "tcp://127.0.0.1:9", hwm=0)
         for i in range(50_000):  # each asks a reply to an address nobody listens on
             unreachable.send_multipart([b"C", encode(Heartbeat(seq=i))])
         stats = t.wait_stat("messages_in", 50_000, timeout=120)
@@ -359,12 +349,12 @@ def test_4_bootstraps_for_unknown_rooms_are_bounded_and_cannot_crowd_out_others(
 
 def test_5_floods_log_summaries_without_payloads(tmp_path: Path, ctx: Ctx) -> None:
     with target(tmp_path, "sender", **FAST) as t, Receiver("zmq", **FAST) as rx:
-        sock = rogue(ctx, t.address, "tcp://127.0.0.1:9")
+        sock = raw_dealer(ctx, t.address, "tcp://127.0.0.1:9")
         for _ in range(5_000):
             sock.send_multipart([b"C", b'{"type": "nonsense", "x": "PAYLOAD"}'])
             sock.send_multipart([b"Z", b"PAYLOAD"])
         t.wait_stat("malformed", 10_000)
-        huge = rogue(ctx, t.address, "tcp://127.0.0.1:10")
+        huge = raw_dealer(ctx, t.address, "tcp://127.0.0.1:10")
         huge.send_multipart([b"C", b"PAYLOAD" * (50 * MiB // 7)])  # over max_message_bytes
         time.sleep(1.0)
         room_from(t, rx, 3)
@@ -385,7 +375,7 @@ def test_6_forged_ucx_write_requests_expire(tmp_path: Path, ctx: Ctx) -> None:
     import struct
 
     with target(tmp_path, "receiver", "ucx", transport_options={"write_timeout": 1.0}, **FAST) as t:
-        sock = rogue(ctx, t.address, "tcp://127.0.0.1:9")
+        sock = raw_dealer(ctx, t.address, "tcp://127.0.0.1:9")
         for i in range(2_000):  # one range each, for a region that does not exist
             request = struct.pack("<QQ", i, 1) + struct.pack("<QQQQ", 12345, 0, 4096, (7 << 32) | i)
             sock.send_multipart([b"U", request])

@@ -20,7 +20,7 @@ from kvpoll.transports import (
 )
 from kvpoll.transports.loopback import LoopbackTransport
 from kvpoll.transports.zmq_transport import ZmqTransport
-from tests.helpers import own_memfds
+from tests.helpers import own_memfds, raw_dealer
 
 
 def test_loopback_passes_the_kit() -> None:
@@ -100,10 +100,7 @@ def rogue() -> Iterator[tuple[ZmqTransport, Any]]:
 
     t = ZmqTransport()
     ctx = zmq.Context()
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.setsockopt(zmq.IDENTITY, b"tcp://127.0.0.1:1")
-    dealer.connect(t.address)
+    dealer = raw_dealer(ctx, t.address, "tcp://127.0.0.1:1")
     try:
         yield t, dealer
     finally:
