@@ -184,15 +184,15 @@ class PeerPool:
 
 def token_runs(runs: list[Run], page_size: int, tokens: int | None = None) -> PageList:
     """Pages as runs of tokens (the first ``tokens`` of them, when given)."""
-    out = PageList()
+    if tokens is None:
+        return PageList([(first * page_size, count * page_size) for first, count in runs if count])
+    out: list[Run] = []
     left = tokens
     for first, count in runs:
-        n = count * page_size
-        if left is not None:
-            n = min(n, left)
-            left -= n
+        n = min(count * page_size, left)
+        left -= n
         if n:
-            out.extend([(first * page_size, n)])
+            out.append((first * page_size, n))
         if left == 0:
             break
-    return out
+    return PageList(out)
