@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from kvpoll.errors import DuplicateRoom, IllegalTransition, InvalidArgument
@@ -36,6 +38,7 @@ from kvpoll.statemachine.registry import check_room_id
 from kvpoll.statemachine.status import Event, TransferStatus
 from kvpoll.transports.base import Span, TransportError, WriteDone
 from kvpoll.transports.shm import boot_id
+from kvpoll.transports.spans import SpanBatch
 
 __all__ = ["Sender", "dtype_name"]
 
@@ -45,6 +48,8 @@ PENDING_RUNS = 1 << 19
 """Page runs held in waiting bootstraps, at most (their memory, not just their count)."""
 PENDING_PER_ROOM = 256
 """Bootstraps waiting for one room (one per rank), at most."""
+_FEW_RANGES = 16
+"""A write of at most this many page ranges is a list of spans, not columns."""
 POOL_PEERS = 1_024
 """Peers whose offered pools are kept, at most (the least recently used goes)."""
 log = logging.getLogger("kvpoll.protocol")
@@ -133,6 +138,62 @@ class _SenderRoom(RoomBase):
 class _Pending:
     at: float
     bootstraps: list[tuple[str, Bootstrap]] = field(default_factory=list)
+
+
+def _spans(
+    entry: Registered,
+    pool: PeerPool,
+    runs: list[tuple[int, int, int]],
+    aux_rows: tuple[int, int] | None,
+) -> Sequence[Span] | None:
+    """The ranges of one write to one destination (None: nothing to move); as
+    columns (a :class:`SpanBatch`) unless they are few.
+
+    ``runs`` are (source token, destination token, tokens) of the pages; each
+    run is one range in every buffer (run-major, buffer-minor), with each
+    buffer's row size. ``aux_rows``: (source row, destination row) of the aux
+    row, one range in every aux buffer.
+    """
+    pairs = list(zip(entry.regions, [b.region for b in pool.buffers], strict=True))
+    row_bytes = [b.row_bytes for b in pool.buffers]
+    if len(runs) * len(pairs) <= _FEW_RANGES:  # columns would cost more than they save
+        spans = [
+            Span(src, s * rb, dst, d * rb, n * rb)
+            for s, d, n in runs
+            for (src, dst), rb in zip(pairs, row_bytes, strict=True)
+        ]
+        if aux_rows is not None:
+            spans += [
+                Span(
+                    src, aux_rows[0] * b.row_bytes, b.region, aux_rows[1] * b.row_bytes, b.row_bytes
+                )
+                for src, b in zip(entry.aux_regions, pool.aux, strict=True)
+            ]
+        return spans or None
+    columns = np.zeros((4, 0), dtype=np.int64)
+    if runs:
+        table = np.array(runs, dtype=np.int64)
+        rb = np.array(row_bytes, dtype=np.int64)
+        columns = np.stack(
+            [
+                np.tile(np.arange(len(rb), dtype=np.int64), len(table)),
+                (table[:, 0:1] * rb).reshape(-1),
+                (table[:, 1:2] * rb).reshape(-1),
+                (table[:, 2:3] * rb).reshape(-1),
+            ]
+        )
+    if aux_rows is not None:
+        src_row, dst_row = aux_rows
+        aux = [
+            (len(pairs) + i, src_row * b.row_bytes, dst_row * b.row_bytes, b.row_bytes)
+            for i, b in enumerate(pool.aux)
+        ]
+        pairs += zip(entry.aux_regions, [b.region for b in pool.aux], strict=True)
+        if aux:
+            columns = np.concatenate([columns, np.array(aux, dtype=np.int64).T], axis=1)
+    if not columns.shape[1]:
+        return None
+    return SpanBatch(pairs, *columns)
 
 
 def _cost(message: Bootstrap) -> int:
@@ -737,22 +798,14 @@ class Sender(Endpoint[_SenderRoom]):
                 self._fail(room, rec, f"cannot stage the data through host memory: {exc}")
                 return
         for rank, dest in sorted(rec.dests.items()):
-            spans = []
+            runs: list[tuple[int, int, int]] = []
             if end > start:
-                dst_runs = dest.tokens.slice(start - dest.base, end - dest.base)
-                for src_tok, dst_tok, n in pair_runs(src_runs, dst_runs):
-                    for region, buffer in zip(entry.regions, dest.pool.buffers, strict=True):
-                        rb = buffer.row_bytes
-                        spans.append(
-                            Span(region, src_tok * rb, buffer.region, dst_tok * rb, n * rb)
-                        )
+                runs = pair_runs(src_runs, dest.tokens.slice(start - dest.base, end - dest.base))
+            aux_rows = None
             if aux and dest.aux_index is not None and data.aux_index is not None:
-                for region, buffer in zip(entry.aux_regions, dest.pool.aux, strict=True):
-                    rb = buffer.row_bytes
-                    spans.append(
-                        Span(region, data.aux_index * rb, buffer.region, dest.aux_index * rb, rb)
-                    )
-            if not spans:
+                aux_rows = (data.aux_index, dest.aux_index)
+            spans = _spans(entry, dest.pool, runs, aux_rows)
+            if spans is None:
                 continue
             notice = None
             if last and self._transport.capabilities.notices:
@@ -773,7 +826,9 @@ class Sender(Endpoint[_SenderRoom]):
                 log.exception("%s: writing room %s to rank %s failed", self.side, room, rank)
                 self._fail(room, rec, f"cannot write to rank {rank}: internal error: {exc!r}")
                 return
-            rec.bytes_moved += sum(span.nbytes for span in spans)
+            rec.bytes_moved += (
+                spans.total if isinstance(spans, SpanBatch) else sum(span.nbytes for span in spans)
+            )
             self._writes[write_id] = (room, rank)
             rec.in_flight.add(write_id)
         if not rec.in_flight:  # nothing to move for anyone (no destination takes the aux row)

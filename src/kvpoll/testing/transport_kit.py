@@ -27,6 +27,7 @@ from kvpoll.transports.base import (
     TransportEvent,
     WriteDone,
 )
+from kvpoll.transports.spans import SpanBatch
 
 __all__ = ["check_transport", "pump", "wait_for_write"]
 
@@ -316,6 +317,49 @@ def _many_batches(a: Transport, b: Transport) -> None:
         )
 
 
+def _columns(a: Transport, b: Transport) -> None:
+    """A SpanBatch (ranges as columns, as the Sender hands over a paged chunk) writes
+    what its spans would; one with a range out of bounds is refused whole."""
+    page, pages, moved = 512, 128, 96
+    src = [a.register(_random_bytes(pages * page, 20 + i)) for i in range(2)]
+    dst = [b.allocate(pages * page) for _ in range(2)]
+    for d in dst:
+        d.data.fill_(7)
+    gen = torch.Generator().manual_seed(5)
+    src_pages = torch.randperm(pages, generator=gen)[:moved].tolist()
+    dst_pages = torch.randperm(pages, generator=gen)[:moved].tolist()
+    moves = list(zip(src_pages, dst_pages, strict=True))
+    pairs = [(s, d.descriptor) for s, d in zip(src, dst, strict=True)]
+    pair = [i for _ in moves for i in range(2)]
+    batch = SpanBatch(
+        pairs,
+        pair,
+        [sp * page for sp, _ in moves for _ in range(2)],
+        [dp * page for _, dp in moves for _ in range(2)],
+        [page] * len(pair),
+    )
+    _expect(len(batch) == 2 * moved and batch[1].src is src[1], "a SpanBatch is not its spans")
+    done = wait_for_write(a, b, a.write_batch(batch))
+    _expect(done.ok, f"a SpanBatch write failed: {done.error}")
+    for s, d in zip(src, dst, strict=True):
+        expected = torch.full((pages * page,), 7, dtype=torch.uint8)
+        for sp, dp in moves:
+            expected[dp * page : (dp + 1) * page] = s.data[sp * page : (sp + 1) * page]
+        _expect(torch.equal(d.data, expected), "a SpanBatch's ranges did not land as spans would")
+    for d in dst:
+        d.data.fill_(7)
+    bad = SpanBatch(pairs, [0, 1], [0, 0], [0, (pages - 1) * page], [page, 2 * page])
+    try:
+        a.write_batch(bad)
+    except RegionBoundsError:
+        pass
+    else:
+        raise AssertionError("a SpanBatch with a range outside its region was accepted")
+    _expect(
+        all(bool((d.data == 7).all()) for d in dst), "a refused SpanBatch changed the destination"
+    )
+
+
 def _notices_of(events: list[TransportEvent], payload: bytes) -> list[MessageReceived]:
     return [e for e in events if isinstance(e, MessageReceived) and e.payload == payload]
 
@@ -409,6 +453,7 @@ CHECKS: dict[str, Callable[[Transport, Transport], None]] = {
     "a closed peer fails writes": _closed_peer,
     "a batch of scattered ranges is one write": _batch,
     "many batches in flight": _many_batches,
+    "a batch held as columns writes what its spans would": _columns,
     "notices come with the data": _notices,
 }
 

@@ -39,6 +39,7 @@ from kvpoll.transports.base import (
     TransportUnavailable,
     WriteDone,
 )
+from kvpoll.transports.spans import SpanBatch
 
 __all__ = [
     "Capabilities",
@@ -47,6 +48,7 @@ __all__ = [
     "Region",
     "RegionBoundsError",
     "RegionDescriptor",
+    "SpanBatch",
     "Transport",
     "TransportClosed",
     "TransportError",

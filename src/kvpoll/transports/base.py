@@ -199,23 +199,32 @@ def check_range(what: str, offset: int, nbytes: int, size: int) -> None:
 def check_batch(spans: Sequence[Span]) -> str:
     """Check every range of a batch; return the one peer all destinations belong to.
 
+    A :class:`~kvpoll.transports.spans.SpanBatch` is checked over its columns.
+
     Raises:
         RegionBoundsError: a range lies outside its source or destination.
         TransportError: an empty batch, or destinations on several peers.
     """
+    from kvpoll.transports.spans import SpanBatch
+
+    if isinstance(spans, SpanBatch):
+        return spans.check()
     if not spans:
         raise TransportError("a batch needs at least one range")
     peer = spans[0].dst.endpoint
-    for i, span in enumerate(spans):
-        check_range(
-            f"range {i} of the batch: source", span.src_offset, span.nbytes, span.src.nbytes
-        )
-        check_range(
-            f"range {i} of the batch: destination", span.dst_offset, span.nbytes, span.dst.nbytes
-        )
-        if span.dst.endpoint != peer:
+    for i, (src, src_offset, dst, dst_offset, nbytes) in enumerate(spans):
+        if (  # one test per range; the message is made only for a bad one
+            src_offset < 0
+            or dst_offset < 0
+            or nbytes < 0
+            or src_offset + nbytes > src.descriptor.nbytes
+            or dst_offset + nbytes > dst.nbytes
+            or dst.endpoint != peer
+        ):
+            check_range(f"range {i} of the batch: source", src_offset, nbytes, src.nbytes)
+            check_range(f"range {i} of the batch: destination", dst_offset, nbytes, dst.nbytes)
             raise TransportError(
-                f"a batch writes to one peer; range {i} goes to {span.dst.endpoint}, not {peer}"
+                f"a batch writes to one peer; range {i} goes to {dst.endpoint}, not {peer}"
             )
     return peer
 
@@ -306,6 +315,11 @@ class Transport(ABC):
         copies into shared memory, pieces on one socket, several operations in
         flight, a descriptor list). Returns one write id; its one
         :class:`WriteDone` is ok only when every range landed.
+
+        ``spans`` may be a :class:`~kvpoll.transports.spans.SpanBatch` (many
+        ranges as columns; the Sender hands paged chunks over so): it is a
+        sequence of spans, so iterating it always works; reading its columns
+        is faster.
 
         ``notice`` (only where ``capabilities.notices``; kvpoll never passes
         one to a transport without them, which should raise TransportError

@@ -78,6 +78,7 @@ from kvpoll.transports.shm import (
     check_stamp,
     stamp,
 )
+from kvpoll.transports.spans import SpanBatch, copy_ranges
 
 __all__ = ["ZmqTransport"]
 
@@ -347,7 +348,7 @@ class ZmqTransport(Transport):
         write_id = next(self._write_ids)
         if peer in self._closed_peers:
             self._events.append(WriteDone(write_id, f"peer {peer} is closed"))
-        elif not any(span.nbytes for span in spans):
+        elif not (spans.total if isinstance(spans, SpanBatch) else any(s.nbytes for s in spans)):
             self._landed_here(peer, write_id, notice)
         elif not self._write_shm(write_id, spans, notice):
             self._write_remote(write_id, spans, notice)
@@ -382,35 +383,56 @@ class ZmqTransport(Transport):
         notice; False when some destination is not in shared memory of this host.
 
         Each destination is resolved and checked once per batch (spans of one
-        buffer share its descriptor), then the ranges are a loop of memcpys
-        over NumPy views: per range, only arithmetic and one copy.
+        buffer share its descriptor). The ranges of a :class:`SpanBatch` whose
+        destinations do not overlap are copied pair by pair as gathered rows
+        (:func:`copy_ranges`); other ranges are a loop of memcpys over NumPy
+        views, in order.
         """
         if not self._shm:
             return False
         # Ranges were checked against their descriptors (check_batch); a descriptor is
         # checked against the segment it names here, once per batch.
         resolved: dict[int, tuple[Any, int] | str] = {}  # id(descriptor) -> target
-        for span in spans:
-            if id(span.dst) not in resolved:
-                extra = span.dst.extra
+        if isinstance(spans, SpanBatch):
+            dsts = [spans.pairs[at][1] for at in spans.used]
+        else:
+            dsts = [span.dst for span in spans]
+        for dst in dsts:
+            if id(dst) not in resolved:
+                extra = dst.extra
                 if "shm_pid" not in extra or extra.get("boot_id") != self._boot:
                     return False
-                resolved[id(span.dst)] = self._shm_target(span.dst)
-        sources: dict[int, Any] = {}
-        todo = []
-        for span in spans:
-            target = resolved[id(span.dst)]
-            if isinstance(target, str):
-                self.stats["rejected_writes"] += 1
-                self._events.append(WriteDone(write_id, target))
-                return True
-            memory, offset = target
-            source = sources.get(id(span.src))
-            if source is None:
-                source = sources[id(span.src)] = span.src.data.numpy()
-            todo.append((memory, offset + span.dst_offset, source, span.src_offset, span.nbytes))
-        for memory, start, source, src_offset, n in todo:
-            np.copyto(memory[start : start + n], source[src_offset : src_offset + n])
+                resolved[id(dst)] = self._shm_target(dst)
+        failed = next((t for t in resolved.values() if isinstance(t, str)), None)
+        if failed is not None:
+            self.stats["rejected_writes"] += 1
+            self._events.append(WriteDone(write_id, failed))
+            return True
+        targets = {k: t for k, t in resolved.items() if not isinstance(t, str)}
+        if isinstance(spans, SpanBatch) and not spans.overlapping():
+            for at in spans.used:
+                src, dst = spans.pairs[at]
+                memory, offset = targets[id(dst)]
+                which = spans.pair == at
+                copy_ranges(
+                    memory[offset : offset + dst.nbytes],
+                    src.data.numpy(),
+                    spans.src_offset[which],
+                    spans.dst_offset[which],
+                    spans.nbytes[which],
+                )
+        else:
+            sources: dict[int, Any] = {}
+            for span in spans:
+                memory, offset = targets[id(span.dst)]
+                source = sources.get(id(span.src))
+                if source is None:
+                    source = sources[id(span.src)] = span.src.data.numpy()
+                start = offset + span.dst_offset
+                np.copyto(
+                    memory[start : start + span.nbytes],
+                    source[span.src_offset : span.src_offset + span.nbytes],
+                )
         self.stats["shm_writes"] += 1
         self._landed_here(spans[0].dst.endpoint, write_id, notice)
         return True
@@ -801,6 +823,24 @@ class ZmqTransport(Transport):
                 f"of {region.nbytes} bytes"
             )
         return region, None
+
+    def _lookup_all(self, table: Any) -> str | None:
+        """:meth:`_lookup` over a peer's ranges at once: ``table`` is rows of (region
+        id, offset, length) as unsigned ints off the wire. Why the first bad range is
+        refused, or None when every range lies in a live region."""
+        ids = table[:, 0]
+        for region_id in np.unique(ids).tolist():
+            region = self._regions.get(region_id)
+            if region is None:
+                return f"region {region_id} is not registered at {self._address}"
+            mine = ids == region_id
+            size = np.uint64(region.nbytes)
+            offsets, lengths = table[mine, 1], table[mine, 2]
+            bad = (lengths > size) | (offsets > size - np.minimum(lengths, size))
+            if bool(bad.any()):
+                at = int(np.argmax(bad))
+                return self._lookup(region_id, int(offsets[at]), int(lengths[at]))[1]
+        return None
 
     def _expire_writes(self) -> None:
         if not self._pending:
