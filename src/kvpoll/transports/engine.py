@@ -26,15 +26,16 @@ import struct
 import time
 from abc import abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from kvpoll.transports.base import Region, RegionDescriptor, Span, TransportError
+from kvpoll.transports.base import Region, Span, TransportError
+from kvpoll.transports.spans import SpanBatch
 from kvpoll.transports.zmq_transport import ZmqTransport
 
-__all__ = ["EngineTransport", "EngineWrite"]
+__all__ = ["EngineTransport"]
 
 _GRANT_HEAD = struct.Struct("<QQ")  # write id, ranges
 _GRANT_RANGE = struct.Struct("<QQQ")  # region id, offset, length
@@ -43,27 +44,12 @@ _GRANT = struct.Struct("<QB")  # write id, ok
 _ASK, _ANSWER = b"G", b"g"
 
 
-@dataclass(frozen=True)
-class EngineWrite:
-    """A granted write, as handed to :meth:`EngineTransport._start`."""
-
-    src: Region
-    src_offset: int
-    dst: RegionDescriptor
-    dst_offset: int
-    nbytes: int
-
-    @property
-    def src_address(self) -> int:
-        return int(self.src.data.data_ptr()) + self.src_offset
-
-
 class EngineTransport(ZmqTransport):
     """Base of the engine adapters: grants over ZMQ, bytes through the engine."""
 
     def __init__(self, *, poll_interval: float = 50e-6, **options: Any) -> None:
         super().__init__(shm=False, **options)
-        self._asked: dict[int, list[EngineWrite]] = {}
+        self._asked: dict[int, SpanBatch] = {}
         self._running: dict[int, Any] = {}
         # One engine registration per memory range, shared by the regions over it
         # (a sender may register one tensor for many rooms; engines refuse twice).
@@ -82,8 +68,11 @@ class EngineTransport(ZmqTransport):
         """Undo :meth:`_register`."""
 
     @abstractmethod
-    def _start(self, writes: Sequence[EngineWrite]) -> Any:
-        """Start the engine's writes of one batch (one peer); return a handle for :meth:`_poll`.
+    def _start(self, batch: SpanBatch) -> Any:
+        """Start the engine's writes of one batch (one peer, every range of at least
+        one byte); return a handle for :meth:`_poll`. The batch's columns give each
+        range's source address (:meth:`SpanBatch.src_addresses`), destination
+        offset and size; its pairs the regions.
 
         Raises:
             TransportError: the engine refused the write.
@@ -126,25 +115,25 @@ class EngineTransport(ZmqTransport):
 
     # -- writes -------------------------------------------------------------------------
     def _write_remote(self, write_id: int, spans: Sequence[Span], notice: bytes | None) -> None:
-        todo = [span for span in spans if span.nbytes]
-        for span in todo:
-            if span.dst.transport != self.name:
+        batch = SpanBatch.of(spans).nonempty()
+        for at in batch.used:
+            dst = batch.pairs[at][1]
+            if dst.transport != self.name:
                 raise TransportError(
-                    f"{span.dst!r} belongs to the {span.dst.transport} transport, not {self.name}"
+                    f"{dst!r} belongs to the {dst.transport} transport, not {self.name}"
                 )
-        if len(todo) > _MAX_RANGES:
-            raise TransportError(f"a batch of {len(todo)} ranges; at most {_MAX_RANGES}")
-        request = _GRANT_HEAD.pack(write_id, len(todo)) + b"".join(
-            _GRANT_RANGE.pack(span.dst.region_id, span.dst_offset, span.nbytes) for span in todo
+        if len(batch) > _MAX_RANGES:
+            raise TransportError(f"a batch of {len(batch)} ranges; at most {_MAX_RANGES}")
+        table = np.stack(
+            [batch.dst_column(lambda d: d.region_id), batch.dst_offset, batch.nbytes], axis=1
         )
-        if not self._post(todo[0].dst.endpoint, [_ASK, request]):
-            raise TransportError(f"{todo[0].dst.endpoint} is not reading: its queue is full")
-        self._asked[write_id] = [
-            EngineWrite(span.src, span.src_offset, span.dst, span.dst_offset, span.nbytes)
-            for span in todo
-        ]
-        self._expect_ack(write_id, todo[0].dst.endpoint)
-        self._notify_when_done(write_id, todo[0].dst.endpoint, notice)
+        request = _GRANT_HEAD.pack(write_id, len(batch)) + table.astype("<u8").tobytes()
+        peer = batch.peer
+        if not self._post(peer, [_ASK, request]):
+            raise TransportError(f"{peer} is not reading: its queue is full")
+        self._asked[write_id] = batch
+        self._expect_ack(write_id, peer)
+        self._notify_when_done(write_id, peer, notice)
 
     def _handle_frame(self, peer: str, kind: bytes) -> bool:
         if kind not in (_ASK, _ANSWER):
@@ -157,14 +146,8 @@ class EngineTransport(ZmqTransport):
             ):
                 self._malformed(peer, "bad write grant request")
                 return True
-            error = None
-            for i in range(count):
-                region_id, offset, length = _GRANT_RANGE.unpack_from(
-                    frames[0], _GRANT_HEAD.size + i * _GRANT_RANGE.size
-                )
-                _, error = self._lookup(region_id, offset, length)
-                if error is not None:
-                    break
+            table = np.frombuffer(frames[0], dtype="<u8", offset=_GRANT_HEAD.size)
+            error = self._lookup_all(table.reshape(count, 3))
             if error is not None:
                 self.stats["rejected_writes"] += 1
             reason = (error or "").encode()

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from kvpoll.transports.base import Capabilities, TransportError
-from kvpoll.transports.engine import EngineTransport, EngineWrite
+from kvpoll.transports.engine import EngineTransport
+from kvpoll.transports.spans import SpanBatch
 
 os.environ.setdefault("MC_LOG_LEVEL", "ERROR")  # the engine logs every connection at INFO
 try:
@@ -40,7 +40,7 @@ IN_FLIGHT = 256
 
 @dataclass
 class _Batch:
-    todo: list[EngineWrite]
+    todo: list[tuple[str, int, int, int]]  # session, source and remote address, bytes
     running: list[int] = field(default_factory=list)
     error: str | None = None
 
@@ -114,24 +114,32 @@ class MooncakeTransport(EngineTransport):
         if self._engine.unregister_memory(int(handle)) != 0:
             log.warning("Mooncake could not unregister memory at %#x", handle)
 
-    def _start(self, writes: Sequence[EngineWrite]) -> Any:
+    def _start(self, batch: SpanBatch) -> Any:
         """Submit the batch's ranges, at most ``IN_FLIGHT`` at once (the engine
         fails writes beyond its own limit), and poll them together."""
-        batch = _Batch(list(writes))
-        self._submit(batch)
-        return batch
+        try:
+            sessions = {at: str(batch.pairs[at][1].extra["mooncake_session"]) for at in batch.used}
+            remote = batch.dst_column(lambda d: int(d.extra["addr"])) + batch.dst_offset
+        except (KeyError, ValueError, TypeError, OverflowError) as exc:
+            raise TransportError(f"{batch[0].dst!r} is not a mooncake region: {exc}") from exc
+        todo = [
+            (sessions[p], src, dst, n)
+            for p, src, dst, n in zip(
+                batch.pair.tolist(),
+                batch.src_addresses().tolist(),
+                remote.tolist(),
+                batch.nbytes.tolist(),
+                strict=True,
+            )
+        ]
+        running = _Batch(todo)
+        self._submit(running)
+        return running
 
     def _submit(self, batch: _Batch) -> None:
         while batch.todo and len(batch.running) < IN_FLIGHT:
-            write = batch.todo.pop()
-            try:
-                session = str(write.dst.extra["mooncake_session"])
-                remote = int(write.dst.extra["addr"]) + write.dst_offset
-            except (KeyError, ValueError, TypeError) as exc:
-                raise TransportError(f"{write.dst!r} is not a mooncake region: {exc}") from exc
-            handle = self._engine.transfer_submit_write(
-                session, write.src_address, remote, write.nbytes
-            )
+            session, src, remote, nbytes = batch.todo.pop()
+            handle = self._engine.transfer_submit_write(session, src, remote, nbytes)
             if handle < 0:
                 raise TransportError(f"Mooncake refused a write to {session}")
             batch.running.append(handle)

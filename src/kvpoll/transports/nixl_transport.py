@@ -17,14 +17,16 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from kvpoll.transports.base import Capabilities, TransportError
-from kvpoll.transports.engine import EngineTransport, EngineWrite
+from kvpoll.transports.engine import EngineTransport
+from kvpoll.transports.spans import SpanBatch
 
 os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
@@ -176,31 +178,34 @@ class NixlTransport(EngineTransport):
         except Exception as exc:
             log.warning("NIXL could not deregister memory: %s", exc)
 
-    def _start(self, writes: Sequence[EngineWrite]) -> Any:
+    def _start(self, batch: SpanBatch) -> Any:
         """One NIXL transfer whose descriptor lists hold every range of the batch."""
+        first = batch[0].dst
         try:
-            agent = str(writes[0].dst.extra["nixl_agent"])
-            local, remote = [], []
-            for write in writes:
-                extra = write.dst.extra
+            agent = str(first.extra["nixl_agent"])
+            for at in batch.used:
+                dst = batch.pairs[at][1]
+                extra = dst.extra
                 if str(extra["nixl_agent"]) != agent:
                     raise ValueError("the ranges of one batch name two NIXL agents")
-                key = (agent, write.dst.region_id)
+                key = (agent, dst.region_id)
                 if key not in self._loaded:
                     self._agent.add_remote_agent(bytes.fromhex(str(extra["nixl_metadata"])))
                     self._loaded.add(key)
                     self._remote_agents.add(agent)
-                local.append((write.src_address, write.nbytes, 0))
-                remote.append((int(extra["addr"]) + write.dst_offset, write.nbytes, 0))
+            remote_base = batch.dst_column(lambda d: int(d.extra["addr"]))
+            zeros = np.zeros(len(batch), dtype=np.int64)
+            local = np.stack([batch.src_addresses(), batch.nbytes, zeros], axis=1)
+            remote = np.stack([remote_base + batch.dst_offset, batch.nbytes, zeros], axis=1)
             handle = self._agent.initialize_xfer(
                 "WRITE",
-                self._agent.get_xfer_descs(local, "DRAM"),
-                self._agent.get_xfer_descs(remote, "DRAM"),
+                self._agent.get_xfer_descs(local.astype(np.uint64), "DRAM"),
+                self._agent.get_xfer_descs(remote.astype(np.uint64), "DRAM"),
                 agent,
             )
             state = self._agent.transfer(handle)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise TransportError(f"{writes[0].dst!r} is not a nixl region: {exc}") from exc
+        except (KeyError, ValueError, TypeError, OverflowError) as exc:
+            raise TransportError(f"{first!r} is not a nixl region: {exc}") from exc
         except Exception as exc:
             raise TransportError(f"NIXL refused the write: {exc}") from exc
         if state == "ERR":

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import ipaddress
-import itertools
 import logging
 import os
 import secrets
@@ -53,6 +52,7 @@ from kvpoll.transports.base import (
     as_bytes,
 )
 from kvpoll.transports.shm import Segment
+from kvpoll.transports.spans import SpanBatch
 from kvpoll.transports.zmq_transport import ZmqTransport
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
@@ -267,7 +267,7 @@ class UcxTransport(ZmqTransport):
         self._worker_address = self._worker.address.tobytes().hex()
         self._poller.register(self._worker.epoll_file_descriptor, zmq.POLLIN)
         self._tag_prefix = secrets.randbits(31) << 32
-        self._tags = itertools.count(1)
+        self._next_tag = 1  # the low 32 bits of the next send's tag (wrapping)
         self._endpoints: dict[str, Any] = {}
         self._endpoint_peers: dict[str, str] = {}  # worker -> the peer whose regions it holds
         self._sends: dict[int, list[Any]] = {}  # write id -> its UCX send requests
@@ -346,31 +346,48 @@ class UcxTransport(ZmqTransport):
         super().forget(peer)
 
     def _write_remote(self, write_id: int, spans: Sequence[Span], notice: bytes | None) -> None:
-        todo = [span for span in spans if span.nbytes]
-        if len(todo) > _MAX_RANGES:
-            raise TransportError(f"a batch of {len(todo)} ranges; at most {_MAX_RANGES}")
-        worker_hex = todo[0].dst.extra.get("ucx_worker")
+        batch = SpanBatch.of(spans).nonempty()
+        count = len(batch)
+        if count > _MAX_RANGES:
+            raise TransportError(f"a batch of {count} ranges; at most {_MAX_RANGES}")
+        first = batch[0].dst
+        worker_hex = first.extra.get("ucx_worker")
         if not isinstance(worker_hex, str) or any(
-            span.dst.extra.get("ucx_worker") != worker_hex for span in todo
+            batch.pairs[at][1].extra.get("ucx_worker") != worker_hex for at in batch.used
         ):
-            raise TransportError(f"{todo[0].dst!r} is not a ucx region of one worker")
+            raise TransportError(f"{first!r} is not a ucx region of one worker")
         endpoint = self._endpoint(worker_hex)
-        self._endpoint_peers[worker_hex] = todo[0].dst.endpoint
-        tags = [self._tag_prefix | (next(self._tags) & 0xFFFFFFFF) for _ in todo]
-        request = _REQUEST_HEAD.pack(write_id, len(todo)) + b"".join(
-            _REQUEST_RANGE.pack(span.dst.region_id, span.dst_offset, span.nbytes, tag)
-            for span, tag in zip(todo, tags, strict=True)
+        self._endpoint_peers[worker_hex] = first.endpoint
+        tag0 = self._next_tag
+        self._next_tag += count
+        tags = np.uint64(self._tag_prefix) | (
+            np.arange(tag0, tag0 + count, dtype=np.uint64) & np.uint64(0xFFFFFFFF)
         )
+        table = np.stack(
+            [
+                batch.dst_column(lambda d: d.region_id).astype(np.uint64),
+                batch.dst_offset.astype(np.uint64),
+                batch.nbytes.astype(np.uint64),
+                tags,
+            ],
+            axis=1,
+        )
+        request = _REQUEST_HEAD.pack(write_id, count) + table.astype("<u8").tobytes()
         frames = [_WRITE_REQUEST, request] if notice is None else [_WRITE_REQUEST, request, notice]
-        if not self._post(todo[0].dst.endpoint, frames):
-            raise TransportError(f"{todo[0].dst.endpoint} is not reading: its queue is full")
+        if not self._post(first.endpoint, frames):
+            raise TransportError(f"{first.endpoint} is not reading: its queue is full")
+        sources = {at: _sliceable(batch.pairs[at][0].data) for at in batch.used}
         self._sends[write_id] = [
-            endpoint.tag_send(
-                Array(_buffer(span.src.data, span.src_offset, span.nbytes)), libucxx.UCXXTag(tag)
+            endpoint.tag_send(Array(sources[p][so : so + n]), libucxx.UCXXTag(tag))
+            for p, so, n, tag in zip(
+                batch.pair.tolist(),
+                batch.src_offset.tolist(),
+                batch.nbytes.tolist(),
+                tags.tolist(),
+                strict=True,
             )
-            for span, tag in zip(todo, tags, strict=True)
         ]
-        self._expect_ack(write_id, todo[0].dst.endpoint)
+        self._expect_ack(write_id, first.endpoint)
         self.stats["ucx_writes"] += 1
 
     def _handle_frame(self, peer: str, kind: bytes) -> bool:
@@ -386,15 +403,8 @@ class UcxTransport(ZmqTransport):
         ):
             self._malformed(peer, "bad ucx write request")
             return True
-        ranges = [
-            _REQUEST_RANGE.unpack_from(frames[0], _REQUEST_HEAD.size + i * _REQUEST_RANGE.size)
-            for i in range(count)
-        ]
-        error = None
-        for region_id, offset, length, _ in ranges:
-            _, error = self._lookup(region_id, offset, length)
-            if error is not None:
-                break
+        table = np.frombuffer(frames[0], dtype="<u8", offset=_REQUEST_HEAD.size).reshape(count, 4)
+        error = self._lookup_all(table[:, :3])
         notice = frames[1] if len(frames) == 2 else None
         over = self._receive_budget(peer, count)
         if error is None and notice is not None:
@@ -422,15 +432,20 @@ class UcxTransport(ZmqTransport):
             self.stats["rejected_writes"] += 1
             self._warn.warning("rejected write", "rejected a write from %s: %s", peer, error)
             self._acknowledge(peer, write_id, error)
-        for region_id, offset, length, tag in ranges:
-            region = self._regions.get(region_id) if error is None else None
-            if region is not None:
-                keep: Any = _buffer(region.data, offset, length)
+        targets: dict[int, Any] = {}  # region id -> what its slices are cut from
+        for region_id, offset, length, tag in table.tolist():
+            target = targets.get(region_id)
+            if target is None and error is None:
+                region = self._regions.get(region_id)
+                if region is not None:
+                    target = targets[region_id] = _sliceable(region.data)
+            if target is not None:
+                keep: Any = target[offset : offset + length]
             else:
                 keep = np.empty(_SCRATCH, dtype=np.uint8)  # truncates, dropping the bytes
             request = self._worker.tag_recv(Array(keep), libucxx.UCXXTag(tag))
             batch.receives.append(
-                _Receive(batch, request, region_id if region is not None else None, keep, tag)
+                _Receive(batch, request, region_id if target is not None else None, keep, tag)
             )
         self._posted[peer] = self._posted.get(peer, 0) + count
         self._incoming.append(batch)
@@ -592,11 +607,11 @@ class UcxTransport(ZmqTransport):
 _EMPTY = np.empty(0, dtype=np.uint8)
 
 
-def _buffer(data: torch.Tensor, offset: int, nbytes: int) -> Any:
-    """A slice UCXX's Array takes: a NumPy view of host memory, the tensor itself
-    (its ``__cuda_array_interface__``) for device memory."""
-    piece = data[offset : offset + nbytes]
-    return piece.numpy() if piece.device.type == "cpu" else piece
+def _sliceable(data: torch.Tensor) -> Any:
+    """What slices of ``data`` that UCXX's Array takes are cut from: a NumPy view of
+    host memory (slicing it is cheap), the tensor itself for device memory (its
+    slices have ``__cuda_array_interface__``)."""
+    return data.numpy() if data.device.type == "cpu" else data
 
 
 def _request_error(request: Any) -> str | None:
