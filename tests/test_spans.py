@@ -23,7 +23,7 @@ from kvpoll.transports.base import (
     TransportError,
     check_batch,
 )
-from kvpoll.transports.spans import copy_ranges
+from kvpoll.transports.spans import copy_batch
 from tests.conftest import FAST
 
 
@@ -128,32 +128,65 @@ def test_overlapping_destinations_are_found(spans: list[Span]) -> None:
     assert not SpanBatch.of([*spans, touching]).overlapping()
 
 
-@pytest.mark.parametrize(("count", "granule"), [(5, 4096), (40, 1), (40, 256), (300, 512)])
-def test_copy_ranges_copies_as_a_loop_of_copies_would(count: int, granule: int) -> None:
+@pytest.mark.parametrize(
+    ("count", "granule", "pairs"), [(5, 4096, 1), (40, 1, 2), (40, 256, 1), (300, 512, 3)]
+)
+def test_copy_batch_copies_as_a_loop_of_copies_would(count: int, granule: int, pairs: int) -> None:
     rng = np.random.default_rng(count + granule)
     size = count * granule * 4
-    src = rng.integers(0, 256, size, dtype=np.uint8)
-    dst = np.zeros(size, dtype=np.uint8)
+    srcs = [region(size, i) for i in range(pairs)]
+    dsts = [region(size, 10 + i) for i in range(pairs)]
+    for r in srcs:
+        r.data.copy_(torch.from_numpy(rng.integers(0, 256, size, dtype=np.uint8)))
+    pair = rng.integers(0, pairs, count)
     slots = rng.permutation(size // granule // 2)[:count]  # destinations do not overlap
-    lengths = rng.integers(1, 3, count) * granule
+    lengths = rng.integers(0, 3, count) * granule  # some empty
     src_offset = rng.integers(0, size // granule - 2, count) * granule
     dst_offset = slots * 2 * granule
-    expected = dst.copy()
-    for so, do, n in zip(src_offset, dst_offset, lengths, strict=True):
-        expected[do : do + n] = src[so : so + n]
-    copy_ranges(dst, src, src_offset, dst_offset, lengths)
-    assert np.array_equal(dst, expected)
+    expected = [d.data.clone() for d in dsts]
+    for p, so, do, n in zip(pair, src_offset, dst_offset, lengths, strict=True):
+        expected[p][do : do + n] = srcs[p].data[so : so + n]
+    batch = SpanBatch(
+        [(s, d.descriptor) for s, d in zip(srcs, dsts, strict=True)],
+        pair,
+        src_offset,
+        dst_offset,
+        lengths,
+    )
+    assert copy_batch(batch, lambda at: (dsts[at].data.numpy(), srcs[at].data.numpy()))
+    assert all(torch.equal(d.data, e) for d, e in zip(dsts, expected, strict=True))
+
+
+@pytest.mark.parametrize("shared_destination", [False, True])
+def test_copy_batch_copies_nothing_when_destinations_overlap(shared_destination: bool) -> None:
+    a, b = region(64 * 512, 1), region(64 * 512, 2)
+    c = region(64 * 512, 3)
+    a.data.fill_(1)
+    b.data.fill_(2)
+    other = c.descriptor if shared_destination else region(64 * 512, 4).descriptor
+    # range 39 writes into range 0's bytes (of the same destination)
+    batch = SpanBatch(
+        [(a, c.descriptor), (b, other)],
+        [0] * 40 + [1] * 8,
+        [i * 512 for i in range(40)] + [0] * 8,
+        [i * 512 for i in range(39)] + [100] + [40 * 512 + i * 512 for i in range(8)],
+        [512] * 48,
+    )
+    assert not copy_batch(batch, lambda at: (c.data.numpy(), (a, b)[at].data.numpy()))
+    assert not bool(c.data.any())
 
 
 @pytest.mark.parametrize("count", [4, 64])
-def test_copy_ranges_refuses_a_range_past_the_end(count: int) -> None:
-    src, dst = np.zeros(count * 1024, dtype=np.uint8), np.zeros(count * 512, dtype=np.uint8)
-    starts = np.arange(count, dtype=np.int64) * 512
-    lengths = np.full(count, 512, dtype=np.int64)
-    dst_offset = starts.copy()
-    dst_offset[-1] = count * 512  # one past the end of dst
+def test_copy_batch_refuses_a_range_past_the_end(count: int) -> None:
+    src, dst = region(count * 1024, 1), region(count * 512, 2)
+    dst_offset = np.arange(count, dtype=np.int64) * 512
+    dst_offset[-1] = count * 512  # one past the end of dst (unchecked here)
+    batch = SpanBatch._trusted(
+        ((src, dst.descriptor),),
+        [np.zeros(count, dtype=np.int64), np.arange(count) * 512, dst_offset, np.full(count, 512)],
+    )
     with pytest.raises((IndexError, ValueError)):
-        copy_ranges(dst, src, starts, dst_offset, lengths)
+        copy_batch(batch, lambda _: (dst.data.numpy(), src.data.numpy()))
 
 
 def test_overlapping_columns_land_in_order_over_shared_memory() -> None:

@@ -23,7 +23,7 @@ from kvpoll.transports.base import (
     check_range,
 )
 
-__all__ = ["Columns", "SpanBatch", "copy_ranges"]
+__all__ = ["Columns", "SpanBatch", "Views", "copy_batch"]
 
 Columns = np.ndarray[Any, np.dtype[np.int64]]
 _GATHER_MIN_RANGES = 32  # fewer ranges: a loop of copies
@@ -248,38 +248,66 @@ class SpanBatch(Sequence[Span]):
         return peer
 
 
-def copy_ranges(
-    dst: np.ndarray[Any, Any],
-    src: np.ndarray[Any, Any],
-    src_offset: Columns,
-    dst_offset: Columns,
-    nbytes: Columns,
-) -> None:
-    """Copy ranges of ``src`` into ``dst`` (1-D uint8 arrays), as one memcpy each
-    would, in the order given (the caller makes sure destinations do not overlap).
+Views = Callable[[int], tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]
+"""A pair's index -> (its destination's bytes, its source's bytes): 1-D uint8 arrays."""
 
-    Many ranges sharing a granule (every offset and length a multiple of it,
-    as pages are) are copied as rows of that granule by one gather and one
-    scatter per block of rows: no Python step per range. Ranges were checked
-    against both arrays; NumPy still refuses (IndexError) one that is not.
+
+def copy_batch(batch: SpanBatch, views: Views) -> bool:
+    """Copy every range of ``batch`` as one memcpy each would, each pair's between
+    the arrays ``views`` gives; False, and nothing copied, when two ranges write
+    the same bytes of one destination (the caller then copies them in order).
+
+    Ranges are sorted by pair and destination offset (order does not matter
+    once destinations are apart). Many ranges sharing a granule (every offset
+    and length a multiple of it, as pages are) are copied as rows of that
+    granule by one gather and one scatter per pair and block of rows: the row
+    indices of every pair come from one set of array operations, so nothing is
+    done per range in Python. Ranges were checked against their regions;
+    NumPy still refuses (IndexError, ValueError) one outside its array.
     """
-    count = len(nbytes)
-    granule = int(np.gcd.reduce(np.concatenate([src_offset, dst_offset, nbytes]))) if count else 0
-    if count < _GATHER_MIN_RANGES or granule < _GATHER_MIN_GRANULE:
-        for so, do, n in zip(
-            src_offset.tolist(), dst_offset.tolist(), nbytes.tolist(), strict=True
+    batch = batch.nonempty()
+    if not len(batch):
+        return True
+    used = batch.used
+    if len({id(batch.pairs[at][1]) for at in used}) == len(used):  # one pair per destination
+        order = np.lexsort((batch.dst_offset, batch.pair))
+        pair, dst_offset, nbytes = batch.pair[order], batch.dst_offset[order], batch.nbytes[order]
+        clash = (pair[1:] == pair[:-1]) & (dst_offset[1:] < (dst_offset + nbytes)[:-1])
+        if bool(clash.any()):
+            return False
+    else:
+        if batch.overlapping():
+            return False
+        order = np.argsort(batch.pair, kind="stable")
+        pair, dst_offset, nbytes = batch.pair[order], batch.dst_offset[order], batch.nbytes[order]
+    src_offset = batch.src_offset[order]
+    granule = int(np.gcd.reduce(np.concatenate([src_offset, dst_offset, nbytes])))
+    if len(batch) < _GATHER_MIN_RANGES or granule < _GATHER_MIN_GRANULE:
+        seen: dict[int, tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = {}
+        for at, so, do, n in zip(
+            pair.tolist(), src_offset.tolist(), dst_offset.tolist(), nbytes.tolist(), strict=True
         ):
-            np.copyto(dst[do : do + n], src[so : so + n])
-        return
+            arrays = seen.get(at)
+            if arrays is None:
+                arrays = seen[at] = views(at)
+            np.copyto(arrays[0][do : do + n], arrays[1][so : so + n])
+        return True
     rows = nbytes // granule
-    total = int(rows.sum())
-    step = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(rows) - rows, rows)
+    row_end = np.cumsum(rows)
+    step = np.arange(int(row_end[-1]), dtype=np.int64) - np.repeat(row_end - rows, rows)
     src_rows = np.repeat(src_offset // granule, rows) + step
     dst_rows = np.repeat(dst_offset // granule, rows) + step
-    src2 = src[: len(src) // granule * granule].reshape(-1, granule)
-    dst2 = dst[: len(dst) // granule * granule].reshape(-1, granule)
-    for at in range(0, total, _GATHER_ROWS):
-        dst2[dst_rows[at : at + _GATHER_ROWS]] = src2[src_rows[at : at + _GATHER_ROWS]]
+    first = np.searchsorted(pair, used, side="left")
+    last = np.searchsorted(pair, used, side="right") - 1
+    lows, highs = (row_end - rows)[first].tolist(), row_end[last].tolist()
+    for at, low, high in zip(used, lows, highs, strict=True):
+        dst, src = views(at)
+        dst2 = dst[: len(dst) // granule * granule].reshape(-1, granule)
+        src2 = src[: len(src) // granule * granule].reshape(-1, granule)
+        for block in range(low, high, _GATHER_ROWS):
+            end = min(block + _GATHER_ROWS, high)
+            dst2[dst_rows[block:end]] = src2[src_rows[block:end]]
+    return True
 
 
 def _column(name: str, value: Any) -> Columns:

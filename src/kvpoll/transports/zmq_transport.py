@@ -78,7 +78,7 @@ from kvpoll.transports.shm import (
     check_stamp,
     stamp,
 )
-from kvpoll.transports.spans import SpanBatch, copy_ranges
+from kvpoll.transports.spans import SpanBatch, copy_batch
 
 __all__ = ["ZmqTransport"]
 
@@ -385,7 +385,7 @@ class ZmqTransport(Transport):
         Each destination is resolved and checked once per batch (spans of one
         buffer share its descriptor). The ranges of a :class:`SpanBatch` whose
         destinations do not overlap are copied pair by pair as gathered rows
-        (:func:`copy_ranges`); other ranges are a loop of memcpys over NumPy
+        (:func:`copy_batch`); other ranges are a loop of memcpys over NumPy
         views, in order.
         """
         if not self._shm:
@@ -409,30 +409,9 @@ class ZmqTransport(Transport):
             self._events.append(WriteDone(write_id, failed))
             return True
         targets = {k: t for k, t in resolved.items() if not isinstance(t, str)}
-        if isinstance(spans, SpanBatch) and not spans.overlapping():
-            for at in spans.used:
-                src, dst = spans.pairs[at]
-                memory, offset = targets[id(dst)]
-                which = spans.pair == at
-                copy_ranges(
-                    memory[offset : offset + dst.nbytes],
-                    src.data.numpy(),
-                    spans.src_offset[which],
-                    spans.dst_offset[which],
-                    spans.nbytes[which],
-                )
-        else:
-            sources: dict[int, Any] = {}
-            for span in spans:
-                memory, offset = targets[id(span.dst)]
-                source = sources.get(id(span.src))
-                if source is None:
-                    source = sources[id(span.src)] = span.src.data.numpy()
-                start = offset + span.dst_offset
-                np.copyto(
-                    memory[start : start + span.nbytes],
-                    source[span.src_offset : span.src_offset + span.nbytes],
-                )
+
+        if not (isinstance(spans, SpanBatch) and _copy_columns(spans, targets)):
+            _copy_in_order(spans, targets)
         self.stats["shm_writes"] += 1
         self._landed_here(spans[0].dst.endpoint, write_id, notice)
         return True
@@ -897,6 +876,36 @@ class ZmqTransport(Transport):
         self._notices.clear()
         self._landed.clear()
         self._events.clear()
+
+
+Targets = dict[int, tuple[Any, int]]
+"""id(destination descriptor) -> (its segment's bytes, the region's offset there)."""
+
+
+def _copy_columns(batch: SpanBatch, targets: Targets) -> bool:
+    """A batch's ranges as gathered rows; False when destinations overlap."""
+
+    def views(at: int) -> tuple[Any, Any]:
+        src, dst = batch.pairs[at]
+        memory, offset = targets[id(dst)]
+        return memory[offset : offset + dst.nbytes], src.data.numpy()
+
+    return copy_batch(batch, views)
+
+
+def _copy_in_order(spans: Sequence[Span], targets: Targets) -> None:
+    """Ranges as a loop of memcpys over NumPy views, in the order given."""
+    sources: dict[int, Any] = {}
+    for span in spans:
+        memory, offset = targets[id(span.dst)]
+        source = sources.get(id(span.src))
+        if source is None:
+            source = sources[id(span.src)] = span.src.data.numpy()
+        start = offset + span.dst_offset
+        np.copyto(
+            memory[start : start + span.nbytes],
+            source[span.src_offset : span.src_offset + span.nbytes],
+        )
 
 
 def _warn_if_open(host: str) -> None:
