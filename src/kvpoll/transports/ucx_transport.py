@@ -102,6 +102,7 @@ _REQUEST_RANGE = struct.Struct("<QQQQ")  # region id, offset, length, tag
 _MAX_RANGES = 1 << 16
 _WRITE_REQUEST = b"U"
 _SCRATCH = 64
+_UCS_OK = 0  # a completed request's status when it succeeded
 MAX_RECEIVES = 1 << 18
 """Receives posted at once, over all peers; a request past it is refused."""
 MAX_PEER_RECEIVES = 1 << 17
@@ -528,9 +529,10 @@ class UcxTransport(ZmqTransport):
                 continue
             del self._sends[write_id]
             self._sends_done.pop(write_id, None)
-            errors = [e for e in map(_request_error, requests) if e is not None]
-            if errors:
-                self._finish(write_id, f"UCX send failed: {errors[0]}")
+            failed = next((r for r in requests if r.status != _UCS_OK), None)
+            if failed is not None:
+                why = _request_error(failed) or f"status {failed.status}"
+                self._finish(write_id, f"UCX send failed: {why}")
         if self._active:
             for batch in list(self._active):
                 self._take_completed(batch)
@@ -541,27 +543,39 @@ class UcxTransport(ZmqTransport):
         """Count the batch's receives completed since the last look, in order; answer
         the writer once all are."""
         receives = batch.receives
-        while batch.head < len(receives) and receives[batch.head].request.completed:
-            receive = receives[batch.head]
-            batch.head += 1
-            self._waiting_count -= 1
-            batch.remaining -= 1
-            left = self._posted.get(batch.peer, 0) - 1
-            if left > 0:
-                self._posted[batch.peer] = left
-            else:
-                self._posted.pop(batch.peer, None)
-            if receive.region_id is not None:
-                batch.error = batch.error or _request_error(receive.request)
-                self._unpark(receive.region_id)
-            if batch.remaining == 0 and not batch.answered:
-                batch.answered = True
-                self._acknowledge(batch.peer, batch.write_id, batch.error)
-                if batch.notice is not None:
-                    self._notice_bytes -= len(batch.notice)
-                    if batch.error is None:
-                        self._events.append(MessageReceived(batch.peer, batch.notice))
-                    batch.notice = None
+        start = head = batch.head
+        while head < len(receives) and receives[head].request.completed:
+            head += 1
+        if head == start:
+            return
+        taken = receives[start:head]
+        batch.head = head
+        count = head - start
+        self._waiting_count -= count
+        batch.remaining -= count
+        left = self._posted.get(batch.peer, 0) - count
+        if left > 0:
+            self._posted[batch.peer] = left
+        else:
+            self._posted.pop(batch.peer, None)
+        if batch.error is None:  # a scratch receive (no region) truncates: not an error
+            failed = next(
+                (r for r in taken if r.region_id is not None and r.request.status != _UCS_OK),
+                None,
+            )
+            if failed is not None:
+                batch.error = _request_error(failed.request) or f"status {failed.request.status}"
+        if self._parked:
+            for region_id in {r.region_id for r in taken if r.region_id is not None}:
+                self._unpark(region_id)
+        if batch.remaining == 0 and not batch.answered:
+            batch.answered = True
+            self._acknowledge(batch.peer, batch.write_id, batch.error)
+            if batch.notice is not None:
+                self._notice_bytes -= len(batch.notice)
+                if batch.error is None:
+                    self._events.append(MessageReceived(batch.peer, batch.notice))
+                batch.notice = None
         if batch.head == len(receives):
             batch.receives = []  # every buffer UCX wrote into is done with
 
