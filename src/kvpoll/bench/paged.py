@@ -346,10 +346,12 @@ def run_paged(
     say = progress or (lambda _msg: None)
     result = PagedBench(repeats, paths)
     rooms = iter(range(1, 1 << 40))
-    with sending_child(_child, "kvpoll-bench-paged") as conn:
-        for path in paths:
-            baseline = BASELINE[path]
-            samples: dict[str, list[float]] = {}
+    for path in paths:
+        baseline = BASELINE[path]
+        samples: dict[str, list[float]] = {}
+        # a fresh sending process per path: an engine's threads and settings from an
+        # earlier path must not weigh on this one's figures
+        with sending_child(_child, "kvpoll-bench-paged") as conn:
             for name in (baseline, path):
                 if name in samples or name in result.figures:
                     continue
@@ -358,10 +360,10 @@ def run_paged(
                     measure()  # warm-up
                     samples[name] = [measure() for _ in range(repeats)]
                 result.figures[name] = figure([ROOM_BYTES / s / (1 << 30) for s in samples[name]])
-            if baseline in samples and path in samples:
-                result.ratios[f"{path}/{baseline}"] = ratio(
-                    [1 / s for s in samples[path]], [1 / s for s in samples[baseline]]
-                )
+        if baseline in samples and path in samples:
+            result.ratios[f"{path}/{baseline}"] = ratio(
+                [1 / s for s in samples[path]], [1 / s for s in samples[baseline]]
+            )
     return result
 
 
