@@ -240,3 +240,28 @@ def test_ucxx_defaults_stay_out_of_the_environment_other_ucx_users_read() -> Non
     assert mine["kept"]["UCX_RNDV_THRESH"] == "4096"
     assert "RNDV_THRESH" not in mine["ucxx"]
     assert "RNDV_THRESH" not in mine["effective"]
+
+
+@pytest.mark.parametrize("name", ["nixl", "mooncake"])
+@pytest.mark.parametrize("addr", [-4096, 1 << 70, "nowhere", None])
+def test_a_destination_without_a_usable_address_fails_its_write_only(name: str, addr: Any) -> None:
+    """A peer's descriptor whose engine address is missing, negative or absurd (the
+    grant still passes: region and range are its own) fails that write with its
+    reason, never an exception out of progress(); the next write lands."""
+    cls = engine(name)
+    a, b = cls(write_timeout=5), cls(write_timeout=5)
+    try:
+        src = a.register(torch.arange(4096, dtype=torch.int32).view(torch.uint8)[:4096].clone())
+        dst = b.allocate(4096)
+        extra = {k: v for k, v in dst.descriptor.extra.items() if k != "addr"}
+        if addr is not None:
+            extra["addr"] = addr
+        forged = dst.descriptor.model_copy(update={"extra": extra})
+        done = wait_for_write(a, b, a.write(src, 0, forged, 0, 4096))
+        assert not done.ok
+        assert f"is not a {name} region" in (done.error or "")
+        assert wait_for_write(a, b, a.write(src, 0, dst.descriptor, 0, 4096)).ok
+        assert torch.equal(dst.data, src.data)
+    finally:
+        a.close()
+        b.close()

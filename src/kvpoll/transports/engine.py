@@ -135,6 +135,23 @@ class EngineTransport(ZmqTransport):
         self._expect_ack(write_id, peer)
         self._notify_when_done(write_id, peer, notice)
 
+    @staticmethod
+    def _remote_addresses(batch: SpanBatch) -> Any:
+        """For each range, the address it lands at in the peer's memory: its
+        region's ``addr`` (as the peer described it) plus the offset.
+
+        Raises:
+            ValueError: a region without a usable ``addr`` (missing, not an int,
+                negative or past 63 bits).
+        """
+        try:
+            bases = batch.dst_column(lambda d: int(d.extra["addr"]))
+        except (KeyError, TypeError, OverflowError) as exc:
+            raise ValueError(f"no usable addr: {exc!r}") from None
+        if len(bases) and int(bases.min()) < 0:
+            raise ValueError(f"a negative addr: {int(bases.min())}")
+        return bases + batch.dst_offset
+
     def _handle_frame(self, peer: str, kind: bytes) -> bool:
         if kind not in (_ASK, _ANSWER):
             return False

@@ -119,7 +119,7 @@ class MooncakeTransport(EngineTransport):
         fails writes beyond its own limit), and poll them together."""
         try:
             sessions = {at: str(batch.pairs[at][1].extra["mooncake_session"]) for at in batch.used}
-            remote = batch.dst_column(lambda d: int(d.extra["addr"])) + batch.dst_offset
+            remote = self._remote_addresses(batch)
         except (KeyError, ValueError, TypeError, OverflowError) as exc:
             raise TransportError(f"{batch[0].dst!r} is not a mooncake region: {exc}") from exc
         todo = [

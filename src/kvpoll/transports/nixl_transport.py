@@ -193,10 +193,9 @@ class NixlTransport(EngineTransport):
                     self._agent.add_remote_agent(bytes.fromhex(str(extra["nixl_metadata"])))
                     self._loaded.add(key)
                     self._remote_agents.add(agent)
-            remote_base = batch.dst_column(lambda d: int(d.extra["addr"]))
             zeros = np.zeros(len(batch), dtype=np.int64)
             local = np.stack([batch.src_addresses(), batch.nbytes, zeros], axis=1)
-            remote = np.stack([remote_base + batch.dst_offset, batch.nbytes, zeros], axis=1)
+            remote = np.stack([self._remote_addresses(batch), batch.nbytes, zeros], axis=1)
             handle = self._agent.initialize_xfer(
                 "WRITE",
                 self._agent.get_xfer_descs(local.astype(np.uint64), "DRAM"),
