@@ -626,7 +626,7 @@ class ZmqTransport(Transport):
                         break
                     peer = ident.bytes.decode("utf-8", "replace")
                     self._check_incarnation(peer, ident)
-                    self._handle(peer, ident.more)
+                    self._handle(peer)
         self._progress_engine()
         events, self._events = self._events, []
         return events
@@ -693,34 +693,26 @@ class ZmqTransport(Transport):
             self.stats["peers_replaced"] += 1
             self._peer_closed(peer, "is gone: another process answers at its address")
 
-    def _handle(self, peer: str, more: bool) -> None:
-        """One message from ``peer``, its identity frame read (``more``: frames follow).
-
-        Frames are read as zmq.Frame where that lets ``Frame.more`` stand in for a
-        getsockopt(RCVMORE) call (~1.5 us each, three per control message)."""
-        if not more:
+    def _handle(self, peer: str) -> None:
+        if not self._router.getsockopt(zmq.RCVMORE):
             self.stats["malformed"] += 1
             return
-        head = self._router.recv(copy=False)
-        kind, more = head.bytes, head.more
+        kind = self._router.recv()
+        more = self._router.getsockopt(zmq.RCVMORE)
         if kind != _BYE:
             self._closed_peers.pop(peer, None)  # it is back (a restart on the same address)
         if kind == _CONTROL and more:
-            payload = self._router.recv(copy=False)
-            if payload.more:
+            payload = self._router.recv()
+            if self._router.getsockopt(zmq.RCVMORE):
                 self._malformed(peer, "extra frames after a control message")
             else:
-                self._events.append(MessageReceived(peer, payload.bytes))
+                self._events.append(MessageReceived(peer, payload))
         elif kind == _WRITE and more:
             self._handle_piece(peer)
         elif kind == _ACKNOWLEDGE and more:
-            frame = self._router.recv(copy=False)
-            header, error = frame.bytes, b""
-            if frame.more:
-                frame = self._router.recv(copy=False)
-                error = frame.bytes
-                if frame.more:
-                    self._drain()
+            header = self._router.recv()
+            error = self._router.recv() if self._router.getsockopt(zmq.RCVMORE) else b""
+            self._drain()
             if len(header) != _ACK.size:
                 self.stats["malformed"] += 1
                 return
