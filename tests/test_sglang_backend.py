@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -195,9 +196,20 @@ def test_plugin_makes_kvpoll_a_backend_and_keeps_the_builtin_ones(sglang: Any) -
 
 # -- the bootstrap server --------------------------------------------------------------------
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the kernel's ephemeral range: one from bind(0) could be
+    handed again to a peer's own bind(0) (its kvpoll endpoint) before SGLang's
+    bootstrap server binds it ("address already in use", seen once)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 ROW: dict[str, Any] = {
