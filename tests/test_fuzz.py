@@ -125,7 +125,7 @@ def payloads(bases: list[dict[str, Any]]) -> st.SearchStrategy[bytes]:
 
 
 frames = st.tuples(
-    st.sampled_from([b"C", b"W", b"A", b"U", b"G", b"g", b"", b"\xff", b"CC"]),
+    st.sampled_from([b"C", b"M", b"W", b"A", b"U", b"G", b"g", b"", b"\xff", b"CC"]),
     st.lists(st.binary(max_size=120), max_size=4),
 )
 

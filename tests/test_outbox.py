@@ -4,7 +4,7 @@ thread and its bootstrap waits in the outbox for the I/O thread's next turn."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -12,7 +12,7 @@ import torch
 
 from kvpoll import DuplicateRoom, PagedPool, Receiver, Sender, TransferStatus
 from kvpoll.protocol.endpoint import EndpointClosed
-from kvpoll.transports.base import TransportEvent
+from kvpoll.transports.base import TransportError, TransportEvent
 from kvpoll.transports.zmq_transport import ZmqTransport
 
 ROW = 64
@@ -93,6 +93,8 @@ def test_open_does_not_wait_for_a_busy_io_thread(
         assert rx.wait(room, 20) is TransferStatus.Success, rx.info(room).reason
         assert torch.equal(rx.result(room).tensor(), rows(room))
     assert rx.stats["messages_out"] == sent + len(rooms)
+    # they left together: 128 control messages in one ZMQ message, then the other 72
+    assert rx.stats["control_batches"] == 2
 
 
 def test_paged_open_does_not_wait_for_a_busy_io_thread(
@@ -176,3 +178,42 @@ def test_open_on_a_closed_receiver_is_refused() -> None:
         tx.close()
     with pytest.raises(EndpointClosed):
         open_room(rx, tx, 1)
+
+
+class Refusing(Stalling):
+    """A real zmq transport that can be told to refuse messages sent together (as a
+    peer whose queue is full would make ``send_many`` raise)."""
+
+    refuse = False
+
+    def send_many(self, peer: str, payloads: Sequence[bytes]) -> None:
+        if self.refuse:
+            raise TransportError(f"{peer} is not reading")
+        super().send_many(peer, payloads)
+
+
+def test_bootstraps_that_cannot_leave_together_fail_their_rooms_only() -> None:
+    transport = Refusing()
+    tx = Sender("zmq")
+    rx = Receiver(transport, command_timeout=3)
+    try:
+        first_room(tx, rx)
+        transport.stall()
+        for room in (1, 2, 3):
+            open_room(rx, tx, room)
+        transport.refuse = True
+        transport.go.set()
+        for room in (1, 2, 3):
+            assert rx.wait(room, 10) is TransferStatus.Failed
+            assert "could not send bootstrap" in (rx.info(room).reason or "")
+        assert rx.poll(0) is TransferStatus.Success
+        transport.refuse = False
+        tx.add(4)
+        tx.send(4, rows(4))
+        open_room(rx, tx, 4)
+        assert rx.wait(4, 10) is TransferStatus.Success
+        assert torch.equal(rx.result(4).tensor(), rows(4))
+    finally:
+        transport.go.set()
+        rx.close()
+        tx.close()

@@ -131,6 +131,23 @@ def test_malformed_frames_are_counted_and_never_break_the_endpoint(
     assert bool((dst.data == 0).all())
 
 
+def test_many_control_messages_in_one_arrive_whole_or_not_at_all(
+    rogue: tuple[ZmqTransport, Any],
+) -> None:
+    """An M message holds 2 to 128 control messages: each is handed over, in
+    order; one with fewer or more is counted malformed and none of it is read."""
+    t, dealer = rogue
+    too_many = [f"over {i}".encode() for i in range(129)]
+    for frames in ([b"M"], [b"M", b"alone"], [b"M", *too_many]):
+        dealer.send_multipart(frames)
+    ok = [f"ok {i}".encode() for i in range(128)]
+    dealer.send_multipart([b"M", *ok])
+    dealer.send_multipart([b"C", b"still alive"])
+    events = pump([t], lambda ev: any(getattr(e, "payload", None) == b"still alive" for e in ev))
+    assert [e.payload for e in events if isinstance(e, MessageReceived)] == [*ok, b"still alive"]
+    assert t.stats["malformed"] == 3
+
+
 def test_a_write_notice_from_the_wire_is_handed_over_only_for_a_whole_accepted_write(
     rogue: tuple[ZmqTransport, Any],
 ) -> None:

@@ -559,11 +559,21 @@ class Endpoint(Generic[R]):
         """Send what callers queued, in order (the lock is held, on the I/O thread).
 
         A message for a room that ended or was removed meanwhile is dropped.
+        Each peer's messages leave together (``send_many``: one ZMQ message
+        for many rooms' bootstraps).
         """
+        if not self._outbox:
+            return
+        batches: dict[str, list[tuple[bytes, int, str]]] = {}
         while self._outbox:
             peer, payload, what, room, rec = self._outbox.popleft()
             if self._rooms.get(room) is rec and not rec.state.is_final:
-                self._send_payload(peer, payload, room, what)
+                batches.setdefault(peer, []).append((payload, room, what))
+        for peer, batch in batches.items():
+            if len(batch) == 1:
+                self._send_payload(peer, *batch[0])
+            else:
+                self._send_payloads(peer, batch)
 
     def _run_commands(self) -> None:
         with self._lock:
@@ -720,6 +730,22 @@ class Endpoint(Generic[R]):
             rec = None if room is None else self._rooms.get(room)
             if room is not None and rec is not None and peer in rec.peers:
                 self._fail(room, rec, f"could not send {what} to {peer}: {exc}")
+
+    def _send_payloads(self, peer: str, batch: list[tuple[bytes, int, str]]) -> None:
+        """:meth:`_send_payload` for several (payload, room, what) to one peer at once;
+        if that fails, each room concerned fails."""
+        try:
+            self._transport.send_many(peer, [payload for payload, _, _ in batch])
+            self._stats["messages_out"] += len(batch)
+        except Exception as exc:  # any of them may be lost: each room fails
+            self._stats["send_errors"] += 1
+            self._warn.warning(
+                "send failed", "could not send %d messages to %s: %s", len(batch), peer, exc
+            )
+            for _, room, what in batch:
+                rec = self._rooms.get(room)
+                if rec is not None and peer in rec.peers:
+                    self._fail(room, rec, f"could not send {what} to {peer}: {exc}")
 
     def _watch(self, room: int, rec: R, peer: str) -> None:
         rec.peers.add(peer)

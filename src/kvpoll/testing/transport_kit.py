@@ -98,6 +98,48 @@ def _control_order(a: Transport, b: Transport) -> None:
     )
 
 
+def _sent_together(a: Transport, b: Transport) -> None:
+    """``send_many`` delivers each message once, in order, among single sends; the
+    notices of several writes started in one turn each come once."""
+    many = [f"many {i}".encode() for i in range(300)]
+    many[7], many[150] = b"", bytes(300_000)  # an empty one; one larger than a group
+    expected = [b"first", *many, b"single", b"last"]
+    a.send(b.address, b"first")
+    a.send_many(b.address, many)
+    a.send_many(b.address, [])
+    a.send_many(b.address, [b"single"])
+    a.send(b.address, b"last")
+    got = pump([b, a], lambda ev: sum(isinstance(e, MessageReceived) for e in ev) >= len(expected))
+    messages = [e for e in got if isinstance(e, MessageReceived)]
+    _expect(
+        [m.payload for m in messages] == expected,
+        "messages sent with send_many arrived out of order, duplicated, changed or lost",
+    )
+    _expect({m.peer for m in messages} == {a.address}, "send_many's messages name another sender")
+    if not a.capabilities.notices:
+        return
+    page = 4096
+    src = a.register(_random_bytes(8 * page, 13))
+    dst = b.allocate(8 * page)
+    ids = [
+        a.write_batch([Span(src, i * page, dst.descriptor, i * page, page)], f"n{i}".encode())
+        for i in range(8)
+    ]
+    mine, theirs = _both(
+        a,
+        b,
+        lambda ev: sum(isinstance(e, MessageReceived) for e in ev) >= len(ids),
+    )
+    mine += _both(a, b, lambda ev: all(_done(mine + ev, w) for w in ids))[0]
+    _expect(all(_ok(mine, w) for w in ids), "a write of a turn with several notices failed")
+    landed = [e.payload for e in theirs if isinstance(e, MessageReceived)]
+    _expect(  # writes in flight together may land in any order
+        sorted(landed) == [f"n{i}".encode() for i in range(8)],
+        f"the notices of one turn's writes did not each come once: {landed}",
+    )
+    _expect(torch.equal(dst.data, src.data), "the writes of one turn did not all land")
+
+
 def _roundtrip(a: Transport, b: Transport) -> None:
     src = a.register(_random_bytes(1 << 20, 1))
     dst = b.allocate(1 << 20)
@@ -443,6 +485,7 @@ def _notices(a: Transport, b: Transport) -> None:
 
 CHECKS: dict[str, Callable[[Transport, Transport], None]] = {
     "control messages arrive in order": _control_order,
+    "messages sent together arrive in order": _sent_together,
     "a write arrives": _roundtrip,
     "writes honour offsets": _offsets,
     "tiny and empty writes": _tiny_and_empty,

@@ -346,6 +346,23 @@ class Transport(ABC):
                 fails what the message concerned.
         """
 
+    def send_many(self, peer: str, payloads: Sequence[bytes]) -> None:
+        """Queue several control messages to ``peer``, in order; never waits.
+
+        The destination's owner gets them as that many :class:`MessageReceived`,
+        in the same order, exactly as if each had been sent with :meth:`send`.
+        A transport may carry them as one unit (the zmq transports put up to
+        128 in one ZMQ message, so the peer reads them in one go: how many
+        rooms' bootstraps or chunk notices leave together when many rooms are
+        in flight). This default sends each with :meth:`send`.
+
+        Raises:
+            TransportError: as :meth:`send`; then any of the messages may be
+                lost (the caller fails what each of them concerned).
+        """
+        for payload in payloads:
+            self.send(peer, payload)
+
     @abstractmethod
     def progress(self, timeout: float) -> list[TransportEvent]:
         """Do pending work; wait up to ``timeout`` seconds for something to happen.

@@ -16,10 +16,12 @@ Data path, chosen per write:
   the last piece (of the last range, for a batch).
 
 Frames on the wire (after the identity): ``C payload`` (control message),
-``W header data...`` (pieces of a write: a header listing each piece's region,
-offset and length, then one frame per piece), ``A header error`` (write
-acknowledgement), ``B`` (the sender is closing). Anything else is counted and
-dropped.
+``M payload payload...`` (2 to 128 control messages at once, in order: what
+:meth:`~kvpoll.transports.Transport.send_many` sends, and the chunk notices of
+one turn's shared-memory writes), ``W header data...`` (pieces of a write: a
+header listing each piece's region, offset and length, then one frame per
+piece), ``A header error`` (write acknowledgement), ``B`` (the sender is
+closing). Anything else is counted and dropped.
 
 Hardening (see docs/security.md): with a cluster secret every socket speaks
 CURVE and only peers holding the secret connect (:mod:`kvpoll.transports.auth`);
@@ -90,6 +92,9 @@ _WRITE_PIECE = struct.Struct("<QQQ")  # region id, offset, length
 _MAX_PIECES = 1024  # pieces in one W message
 _ACK = struct.Struct("<QB")  # write id, ok
 _CONTROL, _WRITE, _ACKNOWLEDGE, _BYE = b"C", b"W", b"A", b"B"
+_MANY = b"M"  # several control messages in one ZMQ message
+_MANY_COUNT = 128  # control messages in one M message, at most
+_MANY_BYTES = 256 * 1024  # a sender closes an M message once it holds this much
 _BATCH = 512
 _INCARNATION = "X-Kvpoll-Incarnation"  # handshake metadata: which instance connects
 _TARGETS = 4096  # destination descriptors whose shared memory is kept resolved
@@ -265,6 +270,7 @@ class ZmqTransport(Transport):
             "attached_segments": 0,
             "peers_dropped": 0,
             "send_dropped": 0,
+            "control_batches": 0,  # M messages sent (many control messages in one)
             "handshakes_refused": 0,
             "peers_replaced": 0,
         }
@@ -354,19 +360,29 @@ class ZmqTransport(Transport):
             self._write_remote(write_id, spans, notice)
         return write_id
 
-    def _notify(self, peer: str, notice: bytes | None) -> str | None:
-        """Send a write's notice from here, its bytes being at ``peer`` already;
-        why it could not go (the write then fails), or None."""
-        if notice is None:
-            return None
-        if peer in self._closed_peers:
-            return f"peer {peer} is closed"
-        try:
-            if self._post(peer, [_CONTROL, notice]):
-                return None
-        except TransportError as exc:  # never out of progress(): this write fails alone
-            return f"cannot send the write's notice: {exc}"
-        return f"{peer} is not reading: its queue is full"
+    def _send_landed(self) -> None:
+        """Send the notices of writes whose bytes are at their peers already (from
+        here), each peer's together (:meth:`send_many`), then report each write
+        done: failed where its notice could not go."""
+        if not self._landed:
+            return
+        landed, self._landed = self._landed, []
+        notices: dict[str, list[bytes]] = {}
+        for peer, _, notice in landed:
+            notices.setdefault(peer, []).append(notice)
+        errors: dict[str, str | None] = {}
+        for peer, payloads in notices.items():
+            error = None
+            if peer in self._closed_peers:
+                error = f"peer {peer} is closed"
+            else:
+                try:  # never out of progress(): these writes fail alone
+                    self.send_many(peer, payloads)
+                except TransportError as exc:
+                    error = f"cannot send the write's notice: {exc}"
+            errors[peer] = error
+        for peer, write_id, _ in landed:
+            self._events.append(WriteDone(write_id, errors[peer]))
 
     def _landed_here(self, peer: str, write_id: int, notice: bytes | None) -> None:
         """A write whose bytes are at ``peer`` already (copied from here): done, once
@@ -521,9 +537,10 @@ class ZmqTransport(Transport):
         notice left for the writer to send (:meth:`_notify_when_done`) goes first."""
         notice = self._notices.pop(write_id, None)
         if self._pending.pop(write_id, None) is not None:
-            if notice is not None and error is None:
-                error = self._notify(*notice)
-            self._events.append(WriteDone(write_id, error))
+            if notice is not None and error is None:  # sent (and reported) with the turn's others
+                self._landed.append((notice[0], write_id, notice[1]))
+            else:
+                self._events.append(WriteDone(write_id, error))
 
     def _notify_when_done(self, write_id: int, peer: str, notice: bytes | None) -> None:
         """Send ``notice`` to ``peer`` once the write is reported done without an
@@ -540,6 +557,19 @@ class ZmqTransport(Transport):
             raise TransportError(
                 f"{peer} is not reading: {self._max_queued} messages are queued to it"
             )
+
+    def send_many(self, peer: str, payloads: Sequence[bytes]) -> None:
+        """Up to 128 control messages (and 256 KiB) per ZMQ message; one alone
+        goes as with :meth:`send`."""
+        self._check_open()
+        if peer in self._closed_peers:
+            return
+        for group in _groups(payloads):
+            if not self._post(peer, [_CONTROL, *group] if len(group) == 1 else [_MANY, *group]):
+                raise TransportError(
+                    f"{peer} is not reading: {self._max_queued} messages are queued to it"
+                )
+            self.stats["control_batches"] += len(group) > 1
 
     def _post(self, peer: str, frames: list[Any], *, copy: bool = True) -> bool:
         """Queue one message to ``peer`` without waiting; False (and counted in
@@ -602,13 +632,10 @@ class ZmqTransport(Transport):
     # -- progress ------------------------------------------------------------------
     def progress(self, timeout: float) -> list[TransportEvent]:
         self._check_open()
-        if self._landed:
-            landed, self._landed = self._landed, []
-            for peer, write_id, notice in landed:
-                self._events.append(WriteDone(write_id, self._notify(peer, notice)))
+        self._send_landed()
         self._expire_writes()
         self._progress_engine()
-        wait_ms = 0 if self._events else self._wait_ms(timeout)
+        wait_ms = 0 if self._events or self._landed else self._wait_ms(timeout)
         for sock, _ in self._poller.poll(wait_ms):
             if sock == self._wake_r:
                 with contextlib.suppress(BlockingIOError):
@@ -628,6 +655,7 @@ class ZmqTransport(Transport):
                     self._check_incarnation(peer, ident)
                     self._handle(peer)
         self._progress_engine()
+        self._send_landed()
         events, self._events = self._events, []
         return events
 
@@ -707,6 +735,8 @@ class ZmqTransport(Transport):
                 self._malformed(peer, "extra frames after a control message")
             else:
                 self._events.append(MessageReceived(peer, payload))
+        elif kind == _MANY and more:
+            self._handle_many(peer)
         elif kind == _WRITE and more:
             self._handle_piece(peer)
         elif kind == _ACKNOWLEDGE and more:
@@ -728,6 +758,23 @@ class ZmqTransport(Transport):
             pass
         else:
             self._malformed(peer, f"unknown frame kind {kind[:8]!r}")
+
+    def _handle_many(self, peer: str) -> None:
+        """An M message: every payload is a control message, or (more than 128, or
+        fewer than 2) none is."""
+        payloads: list[bytes] = []
+        while self._router.getsockopt(zmq.RCVMORE):
+            if len(payloads) == _MANY_COUNT:
+                self._malformed(peer, f"more than {_MANY_COUNT} control messages in one")
+                return
+            payloads.append(self._router.recv())
+        if len(payloads) < 2:
+            self.stats["malformed"] += 1
+            self._warn.warning(
+                "malformed frame", "dropped a malformed frame from %s: %s", peer, "a short M"
+            )
+            return
+        self._events.extend(MessageReceived(peer, payload) for payload in payloads)
 
     def _handle_piece(self, peer: str) -> None:
         """A W message: check every piece against the live regions, then take each
@@ -885,6 +932,23 @@ class ZmqTransport(Transport):
 
 Targets = dict[int, tuple[Any, int]]
 """id(destination descriptor) -> (its segment's bytes, the region's offset there)."""
+
+
+def _groups(payloads: Sequence[bytes]) -> list[list[bytes]]:
+    """``payloads`` in order, cut into M messages (at most ``_MANY_COUNT`` each, and
+    closed once one holds ``_MANY_BYTES``)."""
+    groups: list[list[bytes]] = []
+    group: list[bytes] = []
+    size = 0
+    for payload in payloads:
+        if len(group) == _MANY_COUNT or size >= _MANY_BYTES:
+            groups.append(group)
+            group, size = [], 0
+        group.append(payload)
+        size += len(payload)
+    if group:
+        groups.append(group)
+    return groups
 
 
 def _copy_columns(batch: SpanBatch, targets: Targets) -> bool:
