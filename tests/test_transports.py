@@ -230,3 +230,61 @@ def test_a_missing_system_library_is_named_with_its_package(
     assert "installed but cannot load the system library libibverbs.so.1" in message
     assert "apt-get install libibverbs1" in message
     assert "pip install" not in message
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_large_range_is_copied_by_the_copy_threads_whole_and_in_place(threads: int) -> None:
+    """Ranges of 4 MiB and more are cut over ``copy_threads``: the bytes land exactly
+    (offsets not page-aligned, a length not a multiple of the parts), neighbours
+    untouched; the helper threads are gone after close()."""
+    import threading
+
+    from kvpoll.transports.base import Span
+
+    a, b = ZmqTransport(copy_threads=threads), ZmqTransport()
+    try:
+        gen = torch.Generator().manual_seed(threads)
+        src = a.register(torch.randint(0, 256, (9 << 20,), dtype=torch.uint8, generator=gen))
+        dst = b.allocate(10 << 20)
+        spans = [
+            Span(src, 0, dst.descriptor, 0, 4096),  # small: on the I/O thread
+            Span(src, 4097, dst.descriptor, 8191, (6 << 20) + 4321),  # large, unaligned
+        ]
+        done = wait_for_write(a, b, a.write_batch(spans))
+        assert done.ok, done.error
+        end = 8191 + (6 << 20) + 4321
+        assert torch.equal(dst.data[:4096], src.data[:4096])
+        assert torch.equal(dst.data[8191:end], src.data[4097 : 4097 + (6 << 20) + 4321])
+        assert not dst.data[4096:8191].any()
+        assert not dst.data[end:].any()
+        helpers = [t for t in threading.enumerate() if t.name.startswith("kvpoll-copy")]
+        assert (len(helpers) > 0) == (threads > 1)
+    finally:
+        a.close()
+        b.close()
+    for helper in helpers:
+        assert not helper.is_alive()
+
+
+def test_overlapping_memory_is_copied_as_one_memmove() -> None:
+    import numpy as np
+
+    t = ZmqTransport(copy_threads=2)
+    try:
+        for dst, src in (
+            (slice(0, 8 << 20), slice(4 << 20, 12 << 20)),
+            (slice(4 << 20, 12 << 20), slice(0, 8 << 20)),
+        ):
+            memory = (np.arange(12 << 20, dtype=np.int64) % 251).astype(np.uint8)
+            expected = memory.copy()
+            expected[dst] = memory[src].copy()
+            t._copy(memory[dst], memory[src])
+            assert np.array_equal(memory, expected)
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0, "2"])
+def test_copy_threads_must_be_a_positive_int(bad: Any) -> None:
+    with pytest.raises(TransportError, match="copy_threads"):
+        ZmqTransport(copy_threads=bad)

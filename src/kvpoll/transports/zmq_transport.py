@@ -41,7 +41,9 @@ import secrets
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -99,6 +101,8 @@ _BATCH = 512
 _INCARNATION = "X-Kvpoll-Incarnation"  # handshake metadata: which instance connects
 _TARGETS = 4096  # destination descriptors whose shared memory is kept resolved
 _MAX_INCOMING = 4096  # writes whose pieces are arriving with an error noted, at most
+_PART_BYTES = 2 << 20  # a range is split over the copy threads in parts of at least this
+_COPY_TIMEOUT = 60.0  # seconds a copy thread may take for its part (it never should)
 _HEARTBEAT_MS = 1000  # ZMTP heartbeats: a dead connection is closed within the time-out
 _HEARTBEAT_TIMEOUT_MS = 5000
 _LOOPBACK = ("127.", "localhost", "::1")
@@ -136,6 +140,10 @@ class ZmqTransport(Transport):
             reading from a peer that sends faster than it is served.
         max_message_bytes: the largest frame a peer may send (default:
             ``max_frame`` + 4 MiB); a larger one closes its connection.
+        copy_threads: threads that copy one large range into a peer's shared
+            memory together (a range of 4 MiB or more is cut into parts of at
+            least 2 MiB); 1 copies on the calling thread alone. The helper
+            threads start on the first such copy and stop at close().
         secret_file: a file holding the cluster secret: every connection is
             then CURVE-encrypted and only peers with the same secret are
             admitted (see docs/security.md). Default: none (the endpoint
@@ -165,7 +173,10 @@ class ZmqTransport(Transport):
         max_queued: int = 10_000,
         max_message_bytes: int | None = None,
         secret_file: str | None = None,
+        copy_threads: int = 2,
     ) -> None:
+        if isinstance(copy_threads, bool) or not isinstance(copy_threads, int) or copy_threads < 1:
+            raise TransportError(f"copy_threads must be an int of at least 1, not {copy_threads!r}")
         if max_peers < 1:
             raise TransportError(f"max_peers must be at least 1, not {max_peers}")
         if max_queued < 1:
@@ -258,6 +269,8 @@ class ZmqTransport(Transport):
         # together at the start of the next progress(), then the writes are reported
         self._landed: list[tuple[str, int, bytes]] = []
         self._write_ids = itertools.count(1)
+        self._copy_threads = copy_threads
+        self._copier: ThreadPoolExecutor | None = None  # made on the first large copy
         self._max_frame = max_frame
         self._write_timeout = write_timeout
         self._closed = False
@@ -427,10 +440,43 @@ class ZmqTransport(Transport):
         targets = {k: t for k, t in resolved.items() if not isinstance(t, str)}
 
         if not (isinstance(spans, SpanBatch) and _copy_columns(spans, targets)):
-            _copy_in_order(spans, targets)
+            try:
+                _copy_in_order(spans, targets, self._copy)
+            except TransportError as exc:  # a copy thread did not finish: this write fails
+                self._events.append(WriteDone(write_id, str(exc)))
+                return True
         self.stats["shm_writes"] += 1
         self._landed_here(spans[0].dst.endpoint, write_id, notice)
         return True
+
+    def _copy(self, dst: Any, src: Any) -> None:
+        """Copy one range (NumPy views of equal length): a large one in parts, one
+        per copy thread, this thread taking the first (a memcpy releases the GIL;
+        two threads copied 16 MiB into shared memory 1.5-1.7x as fast as one here).
+
+        Raises:
+            TransportError: a copy thread did not finish its part in time.
+        """
+        n = len(dst)
+        parts = min(self._copy_threads, n // _PART_BYTES)
+        if parts < 2 or np.may_share_memory(dst, src):  # overlapping: one memmove
+            np.copyto(dst, src)
+            return
+        if self._copier is None:
+            self._copier = ThreadPoolExecutor(
+                self._copy_threads - 1, thread_name_prefix="kvpoll-copy"
+            )
+        step = -(-n // parts // 4096) * 4096  # parts of whole pages
+        rest = [
+            self._copier.submit(np.copyto, dst[at : at + step], src[at : at + step])
+            for at in range(step, n, step)
+        ]
+        np.copyto(dst[:step], src[:step])
+        try:
+            for part in rest:
+                part.result(_COPY_TIMEOUT)
+        except FutureTimeout:
+            raise TransportError(f"a copy thread took over {_COPY_TIMEOUT:g} s") from None
 
     def _shm_target(self, dst: RegionDescriptor) -> tuple[Any, int] | str:
         """(the segment's bytes, the region's offset there), or why it cannot be written.
@@ -928,6 +974,9 @@ class ZmqTransport(Transport):
         self._notices.clear()
         self._landed.clear()
         self._events.clear()
+        if self._copier is not None:
+            self._copier.shutdown(wait=True)
+            self._copier = None
 
 
 Targets = dict[int, tuple[Any, int]]
@@ -962,8 +1011,11 @@ def _copy_columns(batch: SpanBatch, targets: Targets) -> bool:
     return copy_batch(batch, views)
 
 
-def _copy_in_order(spans: Sequence[Span], targets: Targets) -> None:
-    """Ranges as a loop of memcpys over NumPy views, in the order given."""
+def _copy_in_order(
+    spans: Sequence[Span], targets: Targets, copy: Callable[[Any, Any], None] = np.copyto
+) -> None:
+    """Ranges as a loop of ``copy(destination, source)`` over NumPy views, in the
+    order given."""
     sources: dict[int, Any] = {}
     for span in spans:
         memory, offset = targets[id(span.dst)]
@@ -971,7 +1023,7 @@ def _copy_in_order(spans: Sequence[Span], targets: Targets) -> None:
         if source is None:
             source = sources[id(span.src)] = span.src.data.numpy()
         start = offset + span.dst_offset
-        np.copyto(
+        copy(
             memory[start : start + span.nbytes],
             source[span.src_offset : span.src_offset + span.nbytes],
         )
