@@ -288,3 +288,19 @@ def test_overlapping_memory_is_copied_as_one_memmove() -> None:
 def test_copy_threads_must_be_a_positive_int(bad: Any) -> None:
     with pytest.raises(TransportError, match="copy_threads"):
         ZmqTransport(copy_threads=bad)
+
+
+def test_a_peer_writing_16_mib_messages_is_read_by_the_default_transport() -> None:
+    """The default max_frame is 2 MiB, but a receiver still reads a writer whose
+    max_frame is the old 16 MiB (its frame limit is max(max_frame, 16 MiB) + 4 MiB)."""
+    a, b = ZmqTransport(shm=False, max_frame=16 << 20), ZmqTransport(shm=False)
+    try:
+        gen = torch.Generator().manual_seed(16)
+        src = a.register(torch.randint(0, 256, (16 << 20,), dtype=torch.uint8, generator=gen))
+        dst = b.allocate(16 << 20)
+        done = wait_for_write(a, b, a.write(src, 0, dst.descriptor, 0, 16 << 20))
+        assert done.ok, done.error
+        assert torch.equal(dst.data, src.data)
+    finally:
+        a.close()
+        b.close()

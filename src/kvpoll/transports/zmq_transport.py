@@ -128,7 +128,10 @@ class ZmqTransport(Transport):
         port: TCP port (0: any free one).
         advertise: the host name peers should use, when it differs from ``host``.
         shm: use shared memory for peers on this host (off: always TCP).
-        max_frame: largest piece of a TCP write, in bytes.
+        max_frame: largest TCP message of a write, in bytes (2 MiB: the
+            destination copies one message into place while the next arrives;
+            16 MiB rooms moved 1.4-1.8 GiB/s with 16 MiB messages, 2.0-2.3 with
+            2 MiB, alternated in one run).
         write_timeout: seconds before an unacknowledged write fails.
         max_idle_pool_bytes: idle pooled segments kept for reuse.
         max_attached: peers' shared-memory segments kept mapped at once (the
@@ -139,7 +142,9 @@ class ZmqTransport(Transport):
             that peer is dropped (counted in ``send_dropped``) and ZMQ stops
             reading from a peer that sends faster than it is served.
         max_message_bytes: the largest frame a peer may send (default:
-            ``max_frame`` + 4 MiB); a larger one closes its connection.
+            the larger of ``max_frame`` and 16 MiB, + 4 MiB: a peer with
+            another ``max_frame`` up to 16 MiB is still read); a larger one
+            closes its connection.
         copy_threads: threads that copy one large range into a peer's shared
             memory together (a range of 4 MiB or more is cut into parts of at
             least 2 MiB); 1 copies on the calling thread alone. The helper
@@ -165,7 +170,7 @@ class ZmqTransport(Transport):
         port: int = 0,
         advertise: str | None = None,
         shm: bool = True,
-        max_frame: int = 16 << 20,
+        max_frame: int = 2 << 20,
         write_timeout: float = 30.0,
         max_idle_pool_bytes: int = 4 << 30,
         max_attached: int = 256,
@@ -189,7 +194,7 @@ class ZmqTransport(Transport):
                 "to reach this endpoint: pass advertise='<an address peers can reach>'"
             )
         if max_message_bytes is None:
-            max_message_bytes = max_frame + (4 << 20)
+            max_message_bytes = max(max_frame, 16 << 20) + (4 << 20)
         if max_message_bytes < max_frame:
             raise TransportError(
                 f"max_message_bytes ({max_message_bytes}) must be at least max_frame ({max_frame})"
