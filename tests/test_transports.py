@@ -138,14 +138,15 @@ def test_many_control_messages_in_one_arrive_whole_or_not_at_all(
     order; one with fewer or more is counted malformed and none of it is read."""
     t, dealer = rogue
     too_many = [f"over {i}".encode() for i in range(129)]
-    for frames in ([b"M"], [b"M", b"alone"], [b"M", *too_many]):
+    too_long = [bytes(200_000), bytes(100_000), b"past 256 KiB"]
+    for frames in ([b"M"], [b"M", b"alone"], [b"M", *too_many], [b"M", *too_long]):
         dealer.send_multipart(frames)
     ok = [f"ok {i}".encode() for i in range(128)]
     dealer.send_multipart([b"M", *ok])
     dealer.send_multipart([b"C", b"still alive"])
     events = pump([t], lambda ev: any(getattr(e, "payload", None) == b"still alive" for e in ev))
     assert [e.payload for e in events if isinstance(e, MessageReceived)] == [*ok, b"still alive"]
-    assert t.stats["malformed"] == 3
+    assert t.stats["malformed"] == 4
 
 
 def test_a_write_notice_from_the_wire_is_handed_over_only_for_a_whole_accepted_write(

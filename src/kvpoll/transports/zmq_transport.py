@@ -811,14 +811,17 @@ class ZmqTransport(Transport):
             self._malformed(peer, f"unknown frame kind {kind[:8]!r}")
 
     def _handle_many(self, peer: str) -> None:
-        """An M message: every payload is a control message, or (more than 128, or
-        fewer than 2) none is."""
+        """An M message: every payload is a control message, or none is (fewer
+        than 2 or more than 128, or more after 256 KiB: as :func:`_groups` cuts
+        them, so at most 256 KiB and one message are held here)."""
         payloads: list[bytes] = []
+        size = 0
         while self._router.getsockopt(zmq.RCVMORE):
-            if len(payloads) == _MANY_COUNT:
-                self._malformed(peer, f"more than {_MANY_COUNT} control messages in one")
+            if len(payloads) == _MANY_COUNT or size >= _MANY_BYTES:
+                self._malformed(peer, "an M message longer than a sender makes")
                 return
             payloads.append(self._router.recv())
+            size += len(payloads[-1])
         if len(payloads) < 2:
             self.stats["malformed"] += 1
             self._warn.warning(
@@ -954,6 +957,8 @@ class ZmqTransport(Transport):
     def close(self) -> None:
         if self._closed:
             return
+        with contextlib.suppress(TransportError):  # notices of writes done since the last turn
+            self._send_landed()
         self._closed = True
         for dealer in self._dealers.values():
             with contextlib.suppress(zmq.ZMQError):
