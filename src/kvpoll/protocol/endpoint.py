@@ -562,7 +562,10 @@ class Endpoint(Generic[R]):
         Each peer's messages leave together (``send_many``: one ZMQ message
         for many rooms' bootstraps).
         """
-        if not self._outbox:
+        if len(self._outbox) == 1:  # one room at a time: no grouping
+            peer, payload, what, room, rec = self._outbox.popleft()
+            if self._rooms.get(room) is rec and not rec.state.is_final:
+                self._send_payload(peer, payload, room, what)
             return
         batches: dict[str, list[tuple[bytes, int, str]]] = {}
         while self._outbox:

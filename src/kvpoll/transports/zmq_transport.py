@@ -385,22 +385,31 @@ class ZmqTransport(Transport):
         if not self._landed:
             return
         landed, self._landed = self._landed, []
+        if len(landed) == 1:  # one room at a time: no grouping
+            peer, write_id, notice = landed[0]
+            self._events.append(WriteDone(write_id, self._notify(peer, [notice])))
+            return
         notices: dict[str, list[bytes]] = {}
         for peer, _, notice in landed:
             notices.setdefault(peer, []).append(notice)
-        errors: dict[str, str | None] = {}
-        for peer, payloads in notices.items():
-            error = None
-            if peer in self._closed_peers:
-                error = f"peer {peer} is closed"
-            else:
-                try:  # never out of progress(): these writes fail alone
-                    self.send_many(peer, payloads)
-                except TransportError as exc:
-                    error = f"cannot send the write's notice: {exc}"
-            errors[peer] = error
+        errors = {peer: self._notify(peer, payloads) for peer, payloads in notices.items()}
         for peer, write_id, _ in landed:
             self._events.append(WriteDone(write_id, errors[peer]))
+
+    def _notify(self, peer: str, notices: list[bytes]) -> str | None:
+        """Send writes' notices to ``peer``; why they could not go (those writes
+        then fail), or None. Never raises (it runs inside progress())."""
+        if peer in self._closed_peers:
+            return f"peer {peer} is closed"
+        try:
+            if len(notices) == 1:
+                if self._post(peer, [_CONTROL, notices[0]]):
+                    return None
+                return f"{peer} is not reading: its queue is full"
+            self.send_many(peer, notices)
+        except TransportError as exc:
+            return f"cannot send the write's notice: {exc}"
+        return None
 
     def _landed_here(self, peer: str, write_id: int, notice: bytes | None) -> None:
         """A write whose bytes are at ``peer`` already (copied from here): done, once
