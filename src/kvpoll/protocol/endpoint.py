@@ -562,21 +562,13 @@ class Endpoint(Generic[R]):
         Each peer's messages leave together (``send_many``: one ZMQ message
         for many rooms' bootstraps).
         """
-        if len(self._outbox) == 1:  # one room at a time: no grouping
-            peer, payload, what, room, rec = self._outbox.popleft()
-            if self._rooms.get(room) is rec and not rec.state.is_final:
-                self._send_payload(peer, payload, room, what)
-            return
         batches: dict[str, list[tuple[bytes, int, str]]] = {}
         while self._outbox:
             peer, payload, what, room, rec = self._outbox.popleft()
             if self._rooms.get(room) is rec and not rec.state.is_final:
                 batches.setdefault(peer, []).append((payload, room, what))
         for peer, batch in batches.items():
-            if len(batch) == 1:
-                self._send_payload(peer, *batch[0])
-            else:
-                self._send_payloads(peer, batch)
+            self._send_payloads(peer, batch)
 
     def _run_commands(self) -> None:
         with self._lock:
@@ -743,7 +735,7 @@ class Endpoint(Generic[R]):
         except Exception as exc:  # any of them may be lost: each room fails
             self._stats["send_errors"] += 1
             self._warn.warning(
-                "send failed", "could not send %d messages to %s: %s", len(batch), peer, exc
+                "send failed", "could not send %d message(s) to %s: %s", len(batch), peer, exc
             )
             for _, room, what in batch:
                 rec = self._rooms.get(room)

@@ -385,10 +385,6 @@ class ZmqTransport(Transport):
         if not self._landed:
             return
         landed, self._landed = self._landed, []
-        if len(landed) == 1:  # one room at a time: no grouping
-            peer, write_id, notice = landed[0]
-            self._events.append(WriteDone(write_id, self._notify(peer, [notice])))
-            return
         notices: dict[str, list[bytes]] = {}
         for peer, _, notice in landed:
             notices.setdefault(peer, []).append(notice)
@@ -402,10 +398,6 @@ class ZmqTransport(Transport):
         if peer in self._closed_peers:
             return f"peer {peer} is closed"
         try:
-            if len(notices) == 1:
-                if self._post(peer, [_CONTROL, notices[0]]):
-                    return None
-                return f"{peer} is not reading: its queue is full"
             self.send_many(peer, notices)
         except TransportError as exc:
             return f"cannot send the write's notice: {exc}"
@@ -624,6 +616,9 @@ class ZmqTransport(Transport):
         self._check_open()
         if peer in self._closed_peers:
             return
+        if len(payloads) == 1:  # one room at a time: as send(), without grouping
+            self.send(peer, payloads[0])
+            return
         for group in _groups(payloads):
             if not self._post(peer, [_CONTROL, *group] if len(group) == 1 else [_MANY, *group]):
                 raise TransportError(
@@ -832,10 +827,7 @@ class ZmqTransport(Transport):
             payloads.append(self._router.recv())
             size += len(payloads[-1])
         if len(payloads) < 2:
-            self.stats["malformed"] += 1
-            self._warn.warning(
-                "malformed frame", "dropped a malformed frame from %s: %s", peer, "a short M"
-            )
+            self._malformed(peer, "an M message of fewer than 2 control messages")
             return
         self._events.extend(MessageReceived(peer, payload) for payload in payloads)
 
@@ -1031,7 +1023,7 @@ def _copy_columns(batch: SpanBatch, targets: Targets) -> bool:
 
 
 def _copy_in_order(
-    spans: Sequence[Span], targets: Targets, copy: Callable[[Any, Any], None] = np.copyto
+    spans: Sequence[Span], targets: Targets, copy: Callable[[Any, Any], None]
 ) -> None:
     """Ranges as a loop of ``copy(destination, source)`` over NumPy views, in the
     order given."""
