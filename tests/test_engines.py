@@ -83,8 +83,15 @@ def test_ucx_settings_defaults_environment_and_explicit() -> None:
     base = effective_settings("127.0.0.1", environ={})
     assert base["MM_ERROR_HANDLING"] == "y"
     assert "tcp" in base["TLS"].split(",")
-    assert base["RNDV_SCHEME"] == "put_zcopy"
     assert base["NET_DEVICES"] == "lo"
+    # the rendezvous scheme follows the path: loopback peers are on this host
+    # (shared memory, cma: UCX's own choice), others may be across TCP (put)
+    assert base["RNDV_SCHEME"] == "auto"
+    assert effective_settings("0.0.0.0", environ={})["RNDV_SCHEME"] == "put_zcopy"
+    assert effective_settings("0.0.0.0", {"RNDV_SCHEME": "get_zcopy"}, {})["RNDV_SCHEME"] == (
+        "get_zcopy"
+    )
+    assert "RNDV_SCHEME" not in effective_settings("127.0.0.1", environ={"UCX_RNDV_SCHEME": "am"})
     # the user's environment wins over a default: the key is left to UCX to read
     env = effective_settings("127.0.0.1", environ={"UCX_TLS": "tcp"})
     assert "TLS" not in env
@@ -234,7 +241,7 @@ def test_ucxx_defaults_stay_out_of_the_environment_other_ucx_users_read() -> Non
     assert result["ucxx"]["RNDV_THRESH"] == "8192"
     # kvpoll's own contexts still get them, below kvpoll's settings
     assert result["effective"]["RNDV_THRESH"] == "8192"
-    assert result["effective"]["RNDV_SCHEME"] == "put_zcopy"
+    assert result["effective"]["RNDV_SCHEME"] == "auto"  # bound to loopback
     # a variable the user set is the user's: left in place, read by UCX itself
     mine = _probe_ucx_environment(UCX_RNDV_THRESH="4096")
     assert mine["kept"]["UCX_RNDV_THRESH"] == "4096"
