@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -217,10 +218,13 @@ def test_bench_statemachine_json(kvpoll_cmd: list[str]) -> None:
 @pytest.mark.slow
 def test_bench_transfer_json(kvpoll_cmd: list[str]) -> None:
     out = run(
-        kvpoll_cmd, "bench", "transfer", "--sizes", "1", "--repeat", "2", "--rooms", "50", "--json"
+        kvpoll_cmd,
+        *("bench", "transfer", "--sizes", "1", "--repeat", "2", "--warm-up", "3"),
+        *("--rooms", "50", "--json"),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
+    assert result["warm_up_rounds"] == 3
     for path in ("copy", "pyzmq", "zmq-shm", "zmq-tcp"):
         fig = result["gib_per_s"][path]["1 MiB"]
         assert fig["min"] <= fig["median"] <= fig["max"]
@@ -271,9 +275,21 @@ def test_bench_transfer_paged_beside_each_engines_batch_call(kvpoll_cmd: list[st
             if os.environ.get("CI_REQUIRE_ENGINES") == "1":
                 pytest.fail(str(exc))
     args = [a for t in transports for a in ("--transport", t)]
-    out = run(kvpoll_cmd, "bench", "transfer", "--paged", *args, "--repeat", "1", "--json")
+    out = run(
+        kvpoll_cmd,
+        "bench",
+        "transfer",
+        "--paged",
+        *args,
+        "--repeat",
+        "1",
+        "--warm-up",
+        "2",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
+    assert result["warm_up_rounds"] == 2
     assert result["layout"]["layers"] == 16
     assert result["layout"]["page_size"] == 16
     assert result["layout"]["tokens"] == 4096
@@ -394,6 +410,32 @@ def test_walkthrough_titles_follow_tokens_and_capacity(kvpoll_cmd: list[str]) ->
         "scenario 2: 700 tokens, 3 chunks, 2 resumes (buffer 300 tokens)",
     ]
     assert "seed" not in out.stdout
+
+
+def test_warm_up_runs_its_rounds_or_stops_at_its_time_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kvpoll.bench import stats
+
+    calls: list[float] = []
+    assert stats.warm_up(lambda: calls.append(0.0), 7) == 7
+    assert len(calls) == 7
+    # a slow measurement: at least two rounds, then no new one once the budget is spent
+    monkeypatch.setattr(stats, "WARM_UP_SECONDS", 0.05)
+    slow: list[int] = []
+
+    def measure() -> None:
+        slow.append(1)
+        time.sleep(0.04)
+
+    assert stats.warm_up(measure, 10) == 2
+    assert len(slow) == 2
+
+
+def test_bench_refuses_a_warm_up_of_no_rounds(kvpoll_cmd: list[str]) -> None:
+    out = run(kvpoll_cmd, "bench", "transfer", "--warm-up", "0")
+    assert out.returncode == 2
+    assert "--warm-up" in out.stderr
 
 
 def test_the_transfer_plot_draws_only_what_was_measured(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ import torch
 
 from kvpoll.bench.child import ask, sending_child
 from kvpoll.bench.raw_engines import start_mooncake
-from kvpoll.bench.stats import Figure, figure, ratio
+from kvpoll.bench.stats import WARM_UP_ROUNDS, Figure, figure, ratio, warm_up
 
 __all__ = ["LAYOUT", "PAGED_PATHS", "PagedBench", "paged_paths", "run_paged"]
 
@@ -315,9 +315,12 @@ class PagedBench:
     paths: list[str]
     figures: dict[str, Figure] = field(default_factory=dict)
     ratios: dict[str, Figure] = field(default_factory=dict)
+    warm_up_rounds: int = WARM_UP_ROUNDS
+    """Untimed rounds before each measurement's repeats (at most)."""
 
     def to_json(self) -> dict[str, object]:
         return {
+            "warm_up_rounds": self.warm_up_rounds,
             "layout": {**LAYOUT, "buffers": BUFFERS, "row_bytes": ROW, "room_bytes": ROOM_BYTES},
             "ranges_per_destination": len(ranges([0] * BUFFERS, [0] * BUFFERS)),
             "gib_per_s": {k: f.to_json() for k, f in self.figures.items()},
@@ -329,6 +332,7 @@ class PagedBench:
         lines = [
             f"paged rooms: {LAYOUT['layers']} layers x K,V, pages of {LAYOUT['page_size']}, "
             f"{LAYOUT['tokens']} tokens ({ROOM_BYTES >> 20} MiB, {n} ranges after merging); "
+            f"{self.repeats} repeats after up to {self.warm_up_rounds} warm-up rounds; "
             "GiB/s median [min-max]",
         ]
         for name, fig in self.figures.items():
@@ -340,11 +344,15 @@ class PagedBench:
 
 
 def run_paged(
-    *, paths: list[str], repeats: int = 5, progress: Callable[[str], None] | None = None
+    *,
+    paths: list[str],
+    repeats: int = 5,
+    warm_up_rounds: int = WARM_UP_ROUNDS,
+    progress: Callable[[str], None] | None = None,
 ) -> PagedBench:
     """Measure a paged room over each path, and each path's baseline, back to back."""
     say = progress or (lambda _msg: None)
-    result = PagedBench(repeats, paths)
+    result = PagedBench(repeats, paths, warm_up_rounds=warm_up_rounds)
     rooms = iter(range(1, 1 << 40))
     for path in paths:
         baseline = BASELINE[path]
@@ -357,7 +365,7 @@ def run_paged(
                     continue
                 say(f"paged {name}")
                 with _session(conn, name, rooms) as measure:
-                    measure()  # warm-up
+                    warm_up(measure, warm_up_rounds)
                     samples[name] = [measure() for _ in range(repeats)]
                 result.figures[name] = figure([ROOM_BYTES / s / (1 << 30) for s in samples[name]])
         if baseline in samples and path in samples:

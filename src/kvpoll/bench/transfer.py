@@ -34,7 +34,7 @@ import zmq
 from kvpoll.bench import latency
 from kvpoll.bench.child import ask, sending_child
 from kvpoll.bench.raw_engines import RAW, receiving_half, sending_half
-from kvpoll.bench.stats import Figure, figure, ratio
+from kvpoll.bench.stats import WARM_UP_ROUNDS, Figure, figure, ratio, warm_up
 
 __all__ = ["ENGINES", "PATHS", "TransferBench", "paths_of", "plot", "run"]
 
@@ -169,6 +169,8 @@ class TransferBench:
     """``pyzmq-rtt`` and each path: microseconds (p50, p99, min, max)."""
     pipelined_per_s: float | None = None
     """Raw pyzmq 4 KiB round trips per second with the concurrent rooms' count in flight."""
+    warm_up_rounds: int = WARM_UP_ROUNDS
+    """Untimed rounds before each measurement's repeats (at most; see :func:`warm_up`)."""
 
     def verdicts(self) -> dict[str, bool]:
         met = {}
@@ -226,6 +228,7 @@ class TransferBench:
             "torch": torch.__version__,
             "pyzmq": zmq.__version__,
             "repeats": self.repeats,
+            "warm_up_rounds": self.warm_up_rounds,
             "row_bytes": ROW,
             "gib_per_s": {
                 p: {s: f.to_json() for s, f in by.items()} for p, by in self.figures.items()
@@ -251,7 +254,8 @@ class TransferBench:
     def report(self) -> str:
         lines = [
             f"kvpoll bench transfer: python {platform.python_version()}, "
-            f"{self.repeats} repeats; GiB/s median [min-max]",
+            f"{self.repeats} repeats after up to {self.warm_up_rounds} warm-up rounds; "
+            "GiB/s median [min-max]",
             "",
         ]
         keys = [_label(s) for s in self.sizes]
@@ -341,6 +345,7 @@ def run(
     *,
     sizes: list[int],
     repeats: int = 5,
+    warm_up_rounds: int = WARM_UP_ROUNDS,
     concurrent_rooms: int = 2000,
     latency_rooms: int = 200,
     transports: list[str] | None = None,
@@ -351,15 +356,16 @@ def run(
     ``transports``: which of zmq, ucx, nixl, mooncake (or ``all``); default zmq.
 
     Each measured thing (a room path, a single write, a raw engine, a
-    baseline) gets its own endpoints, made before its warm-up and closed after
-    its repeats, so no engine's threads or workers linger beside another's
+    baseline) gets its own endpoints, made before its warm-up (up to
+    ``warm_up_rounds`` untimed rounds, :func:`~kvpoll.bench.stats.warm_up`) and
+    closed after its repeats, so no engine's threads or workers linger beside another's
     figures (measured: an idle second UCX worker in the process slowed ucx
     rooms by up to 2x on two cores). All of a size's measurements run back to
     back in one run, and ratios pair repeat i with repeat i.
     """
     paths = paths_of(transports or ["zmq"])
     say = progress or (lambda _msg: None)
-    result = TransferBench(repeats, sizes, paths)
+    result = TransferBench(repeats, sizes, paths, warm_up_rounds=warm_up_rounds)
     rooms = iter(range(1, 1 << 40))
     with sending_child(_child, "kvpoll-bench-sender") as conn:
         for group, baselines in _groups(paths):
@@ -370,7 +376,7 @@ def run(
                 for name in names:
                     say(f"{name} {key}")
                     with _session(conn, name, size, rooms) as measure:
-                        measure()  # warm-up
+                        warm_up(measure, warm_up_rounds)
                         samples[name] = [measure() for _ in range(repeats)]
                 _record(result, key, size, group, samples)
             if concurrent_rooms:

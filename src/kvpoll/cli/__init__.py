@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 import kvpoll
+from kvpoll.bench.stats import WARM_UP_ROUNDS, WARM_UP_SECONDS
 from kvpoll.errors import KvpollError
 
 __all__ = ["main"]
@@ -262,6 +263,7 @@ def _cmd_bench_transfer(args: argparse.Namespace) -> int:
         result = run(
             sizes=[s << 20 for s in args.sizes],
             repeats=args.repeat,
+            warm_up_rounds=args.warm_up,
             concurrent_rooms=args.rooms,
             latency_rooms=args.latency_rooms,
             transports=transports,
@@ -286,7 +288,12 @@ def _bench_paged(args: argparse.Namespace, transports: list[str]) -> int:
     def progress(msg: str) -> None:
         print(f"  ... {msg}", file=sys.stderr, flush=True)
 
-    result = run_paged(paths=paged_paths(transports), repeats=args.repeat, progress=progress)
+    result = run_paged(
+        paths=paged_paths(transports),
+        repeats=args.repeat,
+        warm_up_rounds=args.warm_up,
+        progress=progress,
+    )
     print(json.dumps(result.to_json(), indent=2) if args.json else result.report())
     return EXIT_OK
 
@@ -530,6 +537,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--repeat", type=_positive, default=5, help="repeats (default: 5)")
     b.add_argument(
+        "--warm-up",
+        type=_positive,
+        default=WARM_UP_ROUNDS,
+        metavar="ROUNDS",
+        help="untimed rounds of each measurement before its repeats, fewer once "
+        f"{WARM_UP_SECONDS:g} s have passed (default: {WARM_UP_ROUNDS}; a new "
+        "endpoint pair's first rooms run slower while the interpreter warms up)",
+    )
+    b.add_argument(
         "--rooms", type=_positive, default=100_000, help="rooms in the registry (default: 100000)"
     )
     b.add_argument(
@@ -566,6 +582,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="tensor sizes in MiB (default: 1 16 256)",
     )
     b.add_argument("--repeat", type=_positive, default=5, help="repeats (default: 5)")
+    b.add_argument(
+        "--warm-up",
+        type=_positive,
+        default=WARM_UP_ROUNDS,
+        metavar="ROUNDS",
+        help="untimed rounds of each measurement before its repeats, fewer once "
+        f"{WARM_UP_SECONDS:g} s have passed (default: {WARM_UP_ROUNDS}; a new "
+        "endpoint pair's first rooms run slower while the interpreter warms up)",
+    )
     b.add_argument(
         "--rooms",
         type=int,
