@@ -146,10 +146,11 @@ def rndv_scheme_for(net_device: str) -> str:
     """The UCX ``RNDV_SCHEME`` for an endpoint whose ``NET_DEVICES`` is ``net_device``.
 
     Bound to loopback, every peer is on this host and UCX moves large messages
-    by shared memory or cma: its own choice (``auto``) moved 16 MiB faster there
-    than a rendezvous by put (raw UCXX 1.13-1.28x, rooms 1.02-1.42x, in two
-    series of alternated runs; docs/transports/ucx.md). Bound to a network
-    interface, peers may be across TCP, where ``put_zcopy`` measured fastest.
+    by shared memory or cma: its own choice (``auto``) moved 16 MiB as fast as
+    a rendezvous by put or faster there (raw UCXX 1.06-1.28x, rooms 0.99-1.42x,
+    single writes 1.04-1.29x, in three series of alternated runs;
+    docs/transports/ucx.md). Bound to a network interface, peers may be across
+    TCP, where ``put_zcopy`` measured fastest.
     """
     return "auto" if net_device == "lo" else "put_zcopy"
 
