@@ -390,6 +390,50 @@ def test_6_forged_ucx_write_requests_expire(tmp_path: Path, ctx: Ctx) -> None:
             wait_until(lambda: t.call("poll", 1) is S.Success, 30)
 
 
+@pytest.mark.parametrize("ranges", [1, 3, 16, 17, 40])
+def test_6_a_ucx_request_is_checked_alike_with_few_or_many_ranges(ctx: Ctx, ranges: int) -> None:
+    # up to 16 ranges are looked up one by one, more as columns: one verdict either way
+    need_transport("ucx")
+    import struct
+
+    from kvpoll.transports.ucx_transport import UcxTransport
+
+    t = UcxTransport(write_timeout=1.0)
+    sock = raw_dealer(ctx, t.address, "tcp://127.0.0.1:9")
+    try:
+        region = t.allocate(ranges * 4096)
+        rid = region.descriptor.region_id
+
+        def request(write_id: int, last_offset: int) -> None:
+            rows = [(rid, i * 4096, 4096, (7 << 32) | (write_id << 8) | i) for i in range(ranges)]
+            rows[-1] = (*rows[-1][:1], last_offset, *rows[-1][2:])
+            table = b"".join(struct.pack("<QQQQ", *row) for row in rows)
+            sock.send_multipart([b"U", struct.pack("<QQ", write_id, ranges) + table])
+
+        def settle(posted: int, rejected: int) -> None:
+            wait_until(
+                lambda: t.progress(0.01) is not None
+                and t.stats["receives_posted"] >= posted
+                and t.stats["rejected_writes"] >= rejected,
+                10,
+                "the requests to be handled",
+            )
+
+        request(1, (ranges - 1) * 4096)  # every range inside the region: taken
+        settle(ranges, 0)
+        assert t.stats["rejected_writes"] == 0
+        request(2, ranges * 4096 - 100)  # the last range runs 4,000 bytes past the end
+        settle(2 * ranges, 1)
+        request(3, 2**63)  # an offset near the top of the u64 range: no wrap-around
+        settle(3 * ranges, 2)
+        assert t.stats["rejected_writes"] == 2
+        assert t.stats["malformed"] == 0
+        assert not region.data.any()  # nothing was written (no writer sent any bytes)
+    finally:
+        sock.close()
+        t.close()
+
+
 def test_6_the_ucx_sender_closes_after_its_receivers_are_gone(tmp_path: Path, spawn: Any) -> None:
     need_transport("ucx")
     context, start = spawn

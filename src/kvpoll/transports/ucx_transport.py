@@ -35,7 +35,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -47,6 +47,7 @@ from kvpoll.transports.base import (
     Capabilities,
     MessageReceived,
     Region,
+    RegionDescriptor,
     Span,
     TransportError,
     as_bytes,
@@ -100,6 +101,7 @@ otherwise. ``NET_DEVICES`` and ``RNDV_SCHEME`` are derived from the bound host
 _REQUEST_HEAD = struct.Struct("<QQ")  # write id, ranges
 _REQUEST_RANGE = struct.Struct("<QQQQ")  # region id, offset, length, tag
 _MAX_RANGES = 1 << 16
+_FEW_RANGES = 16  # a request of at most this many ranges is checked without NumPy
 _WRITE_REQUEST = b"U"
 _SCRATCH = 64
 _UCS_OK = 0  # a completed request's status when it succeeded
@@ -362,18 +364,38 @@ class UcxTransport(ZmqTransport):
         super().forget(peer)
 
     def _write_remote(self, write_id: int, spans: Sequence[Span], notice: bytes | None) -> None:
-        batch = SpanBatch.of(spans).nonempty()
+        """Send the write request, then one tagged send per range.
+
+        A list of spans (a few ranges: what the protocol makes for a room's
+        buffer) is packed range by range; a :class:`SpanBatch` (a paged chunk's
+        thousands) as columns. Both give the same request: NumPy's fixed cost
+        per call made the columns ~0.1 ms slower for one range.
+        """
+        if isinstance(spans, SpanBatch):
+            self._write_columns(write_id, spans, notice)
+            return
+        live = [span for span in spans if span.nbytes]
+        first = live[0].dst
+        worker_hex = self._worker_of(first, {id(span.dst): span.dst for span in live}.values())
+        tags = self._tags(len(live))
+        request = _REQUEST_HEAD.pack(write_id, len(live)) + b"".join(
+            _REQUEST_RANGE.pack(span.dst.region_id, span.dst_offset, span.nbytes, tag)
+            for span, tag in zip(live, tags, strict=True)
+        )
+        endpoint = self._request(write_id, first, worker_hex, request, notice)
+        self._sends[write_id] = [
+            endpoint.tag_send(
+                Array(_sliceable(span.src.data)[span.src_offset : span.src_offset + span.nbytes]),
+                libucxx.UCXXTag(tag),
+            )
+            for span, tag in zip(live, tags, strict=True)
+        ]
+
+    def _write_columns(self, write_id: int, spans: SpanBatch, notice: bytes | None) -> None:
+        batch = spans.nonempty()
         count = len(batch)
-        if count > _MAX_RANGES:
-            raise TransportError(f"a batch of {count} ranges; at most {_MAX_RANGES}")
         first = batch[0].dst
-        worker_hex = first.extra.get("ucx_worker")
-        if not isinstance(worker_hex, str) or any(
-            batch.pairs[at][1].extra.get("ucx_worker") != worker_hex for at in batch.used
-        ):
-            raise TransportError(f"{first!r} is not a ucx region of one worker")
-        endpoint = self._endpoint(worker_hex)
-        self._endpoint_peers[worker_hex] = first.endpoint
+        worker_hex = self._worker_of(first, (batch.pairs[at][1] for at in batch.used))
         tag0 = self._next_tag
         self._next_tag += count
         tags = np.uint64(self._tag_prefix) | (
@@ -389,9 +411,7 @@ class UcxTransport(ZmqTransport):
             axis=1,
         )
         request = _REQUEST_HEAD.pack(write_id, count) + table.astype("<u8").tobytes()
-        frames = [_WRITE_REQUEST, request] if notice is None else [_WRITE_REQUEST, request, notice]
-        if not self._post(first.endpoint, frames):
-            raise TransportError(f"{first.endpoint} is not reading: its queue is full")
+        endpoint = self._request(write_id, first, worker_hex, request, notice)
         sources = {at: _sliceable(batch.pairs[at][0].data) for at in batch.used}
         self._sends[write_id] = [
             endpoint.tag_send(Array(sources[p][so : so + n]), libucxx.UCXXTag(tag))
@@ -403,8 +423,50 @@ class UcxTransport(ZmqTransport):
                 strict=True,
             )
         ]
+
+    def _worker_of(self, first: RegionDescriptor, dsts: Iterable[RegionDescriptor]) -> str:
+        """The UCX worker every destination lives on.
+
+        Raises:
+            TransportError: a destination that is not a ucx region, or two workers.
+        """
+        worker_hex = first.extra.get("ucx_worker")
+        if not isinstance(worker_hex, str) or any(
+            dst.extra.get("ucx_worker") != worker_hex for dst in dsts
+        ):
+            raise TransportError(f"{first!r} is not a ucx region of one worker")
+        return worker_hex
+
+    def _tags(self, count: int) -> list[int]:
+        """Tags for ``count`` sends: this transport's prefix and a wrapping counter."""
+        tag0 = self._next_tag
+        self._next_tag += count
+        return [self._tag_prefix | ((tag0 + i) & 0xFFFFFFFF) for i in range(count)]
+
+    def _request(
+        self,
+        write_id: int,
+        first: RegionDescriptor,
+        worker_hex: str,
+        request: bytes,
+        notice: bytes | None,
+    ) -> Any:
+        """Send a write's request to its destination; the endpoint for its data.
+
+        Raises:
+            TransportError: the worker cannot be reached, or the peer is not reading.
+        """
+        count = (len(request) - _REQUEST_HEAD.size) // _REQUEST_RANGE.size
+        if count > _MAX_RANGES:
+            raise TransportError(f"a batch of {count} ranges; at most {_MAX_RANGES}")
+        endpoint = self._endpoint(worker_hex)
+        self._endpoint_peers[worker_hex] = first.endpoint
+        frames = [_WRITE_REQUEST, request] if notice is None else [_WRITE_REQUEST, request, notice]
+        if not self._post(first.endpoint, frames):
+            raise TransportError(f"{first.endpoint} is not reading: its queue is full")
         self._expect_ack(write_id, first.endpoint)
         self.stats["ucx_writes"] += 1
+        return endpoint
 
     def _handle_frame(self, peer: str, kind: bytes) -> bool:
         if kind != _WRITE_REQUEST:
@@ -419,8 +481,17 @@ class UcxTransport(ZmqTransport):
         ):
             self._malformed(peer, "bad ucx write request")
             return True
-        table = np.frombuffer(frames[0], dtype="<u8", offset=_REQUEST_HEAD.size).reshape(count, 4)
-        error = self._lookup_all(table[:, :3])
+        rows: list[Any]  # (region id, offset, length, tag) of each range
+        if count <= _FEW_RANGES:  # a buffer room's: looked up one by one (no NumPy)
+            rows = list(_REQUEST_RANGE.iter_unpack(memoryview(frames[0])[_REQUEST_HEAD.size :]))
+            error = next(
+                (why for rid, off, n, _ in rows if (why := self._lookup(rid, off, n)[1])), None
+            )
+        else:
+            table = np.frombuffer(frames[0], dtype="<u8", offset=_REQUEST_HEAD.size)
+            table = table.reshape(count, 4)
+            error = self._lookup_all(table[:, :3])
+            rows = table.tolist()
         notice = frames[1] if len(frames) == 2 else None
         over = self._receive_budget(peer, count)
         if error is None and notice is not None:
@@ -449,7 +520,7 @@ class UcxTransport(ZmqTransport):
             self._warn.warning("rejected write", "rejected a write from %s: %s", peer, error)
             self._acknowledge(peer, write_id, error)
         targets: dict[int, Any] = {}  # region id -> what its slices are cut from
-        for region_id, offset, length, tag in table.tolist():
+        for region_id, offset, length, tag in rows:
             target = targets.get(region_id)
             if target is None and error is None:
                 region = self._regions.get(region_id)
