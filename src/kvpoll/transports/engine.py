@@ -33,7 +33,7 @@ import torch
 
 from kvpoll.transports.base import Region, Span, TransportError
 from kvpoll.transports.spans import SpanBatch
-from kvpoll.transports.zmq_transport import ZmqTransport
+from kvpoll.transports.zmq_transport import _FEW_RANGES, ZmqTransport
 
 __all__ = ["EngineTransport"]
 
@@ -124,10 +124,22 @@ class EngineTransport(ZmqTransport):
                 )
         if len(batch) > _MAX_RANGES:
             raise TransportError(f"a batch of {len(batch)} ranges; at most {_MAX_RANGES}")
-        table = np.stack(
-            [batch.dst_column(lambda d: d.region_id), batch.dst_offset, batch.nbytes], axis=1
-        )
-        request = _GRANT_HEAD.pack(write_id, len(batch)) + table.astype("<u8").tobytes()
+        if len(batch) <= _FEW_RANGES:  # packed range by range: NumPy costs more for a few
+            ranges = b"".join(
+                _GRANT_RANGE.pack(batch.pairs[at][1].region_id, offset, nbytes)
+                for at, offset, nbytes in zip(
+                    batch.pair.tolist(),
+                    batch.dst_offset.tolist(),
+                    batch.nbytes.tolist(),
+                    strict=True,
+                )
+            )
+        else:
+            table = np.stack(
+                [batch.dst_column(lambda d: d.region_id), batch.dst_offset, batch.nbytes], axis=1
+            )
+            ranges = table.astype("<u8").tobytes()
+        request = _GRANT_HEAD.pack(write_id, len(batch)) + ranges
         peer = batch.peer
         if not self._post(peer, [_ASK, request]):
             raise TransportError(f"{peer} is not reading: its queue is full")

@@ -54,7 +54,7 @@ from kvpoll.transports.base import (
 )
 from kvpoll.transports.shm import Segment
 from kvpoll.transports.spans import SpanBatch
-from kvpoll.transports.zmq_transport import ZmqTransport
+from kvpoll.transports.zmq_transport import _FEW_RANGES, ZmqTransport
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 _SET_BEFORE = {key for key in os.environ if key.startswith("UCX_")}
@@ -101,7 +101,6 @@ otherwise. ``NET_DEVICES`` and ``RNDV_SCHEME`` are derived from the bound host
 _REQUEST_HEAD = struct.Struct("<QQ")  # write id, ranges
 _REQUEST_RANGE = struct.Struct("<QQQQ")  # region id, offset, length, tag
 _MAX_RANGES = 1 << 16
-_FEW_RANGES = 16  # a request of at most this many ranges is checked without NumPy
 _WRITE_REQUEST = b"U"
 _SCRATCH = 64
 _UCS_OK = 0  # a completed request's status when it succeeded
