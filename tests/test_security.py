@@ -402,7 +402,7 @@ def test_6_a_write_request_is_checked_alike_with_few_or_many_ranges(
 
     from kvpoll.transports import resolve
 
-    t = resolve(name)(write_timeout=1.0)
+    t: Any = resolve(name)(write_timeout=1.0)  # a ZmqTransport: it has stats
     sock = raw_dealer(ctx, t.address, "tcp://127.0.0.1:9")
     try:
         region = t.allocate(ranges * 4096)

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from kvpoll.transports.base import Capabilities, TransportError
@@ -119,17 +120,13 @@ class MooncakeTransport(EngineTransport):
         fails writes beyond its own limit), and poll them together."""
         try:
             sessions = {at: str(batch.pairs[at][1].extra["mooncake_session"]) for at in batch.used}
-            remote = self._remote_addresses(batch)
+            sources, remote, nbytes = self._addresses(batch)
         except (KeyError, ValueError, TypeError, OverflowError) as exc:
             raise TransportError(f"{batch[0].dst!r} is not a mooncake region: {exc}") from exc
         todo = [
             (sessions[p], src, dst, n)
             for p, src, dst, n in zip(
-                batch.pair.tolist(),
-                batch.src_addresses().tolist(),
-                remote.tolist(),
-                batch.nbytes.tolist(),
-                strict=True,
+                batch.pair.tolist(), _ints(sources), _ints(remote), _ints(nbytes), strict=True
             )
         ]
         running = _Batch(todo)
@@ -165,3 +162,8 @@ class MooncakeTransport(EngineTransport):
 
     def _close_engine(self) -> None:
         del self._engine
+
+
+def _ints(column: Any) -> list[int]:
+    """A column of :meth:`EngineTransport._addresses` as Python ints."""
+    return column.tolist() if isinstance(column, np.ndarray) else list(column)

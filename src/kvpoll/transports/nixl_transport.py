@@ -193,13 +193,14 @@ class NixlTransport(EngineTransport):
                     self._agent.add_remote_agent(bytes.fromhex(str(extra["nixl_metadata"])))
                     self._loaded.add(key)
                     self._remote_agents.add(agent)
-            zeros = np.zeros(len(batch), dtype=np.int64)
-            local = np.stack([batch.src_addresses(), batch.nbytes, zeros], axis=1)
-            remote = np.stack([self._remote_addresses(batch), batch.nbytes, zeros], axis=1)
+            src, dst, nbytes = self._addresses(batch)
+            zeros = [0] * len(batch)  # the device id of host memory
+            local = np.array([src, nbytes, zeros], dtype=np.uint64).T.copy()
+            remote = np.array([dst, nbytes, zeros], dtype=np.uint64).T.copy()
             handle = self._agent.initialize_xfer(
                 "WRITE",
-                self._agent.get_xfer_descs(local.astype(np.uint64), "DRAM"),
-                self._agent.get_xfer_descs(remote.astype(np.uint64), "DRAM"),
+                self._agent.get_xfer_descs(local, "DRAM"),
+                self._agent.get_xfer_descs(remote, "DRAM"),
                 agent,
             )
             state = self._agent.transfer(handle)
