@@ -225,6 +225,11 @@ def test_bench_transfer_json(kvpoll_cmd: list[str]) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     assert result["warm_up_rounds"] == 3
+    for path in ("zmq-shm", "zmq-tcp"):  # round trips timed between the path's rooms too
+        room = result["latency_us"][path]
+        assert room["samples"] == 200
+        assert 0 < room["rtt_p50_us"] <= room["rtt_p99_us"]
+    assert result["latency_us"]["pyzmq-rtt"]["p50_us"] > 0
     for path in ("copy", "pyzmq", "zmq-shm", "zmq-tcp"):
         fig = result["gib_per_s"][path]["1 MiB"]
         assert fig["min"] <= fig["median"] <= fig["max"]

@@ -22,6 +22,8 @@ many in flight, and the latency of one
 from __future__ import annotations
 
 import platform
+import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -88,6 +90,7 @@ def _child(conn: Any) -> None:
     ctx = zmq.Context()
     push: zmq.Socket[bytes] | None = None
     raw_buf: memoryview | None = None
+    echo: threading.Thread | None = None
     try:
         while True:
             command = conn.recv()
@@ -141,11 +144,29 @@ def _child(conn: Any) -> None:
             elif kind == "echo":
                 latency.echo_child(command[1], command[2], command[3])
                 conn.send("ok")
+            elif kind == "echo-beside":  # echo on a thread while rooms go on here
+                echo = threading.Thread(  # daemon: an echo left waiting never holds the exit
+                    target=latency.echo_child,
+                    args=command[1:],
+                    name="kvpoll-bench-echo",
+                    daemon=True,
+                )
+                echo.start()
+                conn.send("ok")
+            elif kind == "echo-end":
+                if echo is not None:
+                    echo.join(60)
+                    if echo.is_alive():
+                        raise RuntimeError("the echo thread did not end within 60 s")
+                    echo = None
+                conn.send("ok")
             elif kind == "go":
                 if push is None or raw_buf is None:
                     raise RuntimeError("'go' before 'raw'")
                 push.send(raw_buf, copy=False)
     finally:
+        if echo is not None:  # ended early: its poll gives up within 60 s; wait a little
+            echo.join(1.0)
         for half in halves.values():
             half.close()
         for sender in senders.values():
@@ -307,6 +328,12 @@ class TransferBench:
                         f"   = {room['p50_us'] / rtt['p50_us']:.1f}x / "
                         f"{room['p99_us'] / rtt['p50_us']:.1f}x a round trip"
                     )
+                    between = room.get("rtt_p50_us")
+                    if between:
+                        lines.append(
+                            f"  {'':<22} round trips timed between its rooms: p50 {between:.1f}"
+                            f" (the room's p50 = {room['p50_us'] / between:.1f}x that)"
+                        )
         lines.append("")
         for target, ok in self.verdicts().items():
             lines.append(f"  target {target}: {'met' if ok else 'MISSED'}")
@@ -390,9 +417,14 @@ def run(
                 for path in group:
                     say(f"{latency_rooms} 4 KiB rooms, one at a time, over {path}")
                     with _endpoints(conn, path) as (rx, address):
-                        result.latency[path] = latency.summary(
-                            latency.room_latency(conn, rx, address, path, latency_rooms, rooms)
+                        times, trips = latency.room_latency(
+                            conn, rx, address, path, latency_rooms, rooms
                         )
+                    result.latency[path] = {
+                        **latency.summary(times),
+                        "rtt_p50_us": statistics.median(trips) * 1e6,
+                        "rtt_p99_us": latency.percentile(trips, 0.99) * 1e6,
+                    }
         if latency_rooms:
             say("raw pyzmq round trips")
             result.latency["pyzmq-rtt"] = latency.summary(latency.round_trips(conn, latency_rooms))
