@@ -13,10 +13,10 @@ Both between the same two processes as the rest of ``kvpoll bench transfer``:
   about one ``rtt``. After each room one raw round trip is timed too: a
   round trip in the same conditions as the rooms (processes that just did
   something else, not a tight loop of round trips). Here it took about twice
-  the tight loop's (250-290 against 115-140 us), and more after an idle pause
-  (450 us after 2 ms asleep, 800-900 after 20 ms, rooms slowing alike): what
-  the targets compare with stays the tight loop's, the stricter figure; the
-  other is reported beside it.
+  the tight loop's (200-380 against 115-170 us), and more after an idle pause
+  (440-450 us after 2 ms asleep, 780-910 after 20 ms, rooms slowing alike):
+  what the targets compare with stays the tight loop's, the stricter figure;
+  the other is reported beside it.
 """
 
 from __future__ import annotations

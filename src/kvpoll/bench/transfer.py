@@ -187,7 +187,8 @@ class TransferBench:
     ratios: dict[str, dict[str, Figure]] = field(default_factory=dict)
     concurrent: dict[str, dict[str, float]] = field(default_factory=dict)
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
-    """``pyzmq-rtt`` and each path: microseconds (p50, p99, min, max)."""
+    """``pyzmq-rtt`` and each path: microseconds (p50, p99, min, max); each path
+    also has the round trips timed between its rooms (``rtt_p50_us``, ``rtt_p99_us``)."""
     pipelined_per_s: float | None = None
     """Raw pyzmq 4 KiB round trips per second with the concurrent rooms' count in flight."""
     warm_up_rounds: int = WARM_UP_ROUNDS

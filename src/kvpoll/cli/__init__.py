@@ -537,15 +537,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--repeat", type=_positive, default=5, help="repeats (default: 5)")
     b.add_argument(
-        "--warm-up",
-        type=_positive,
-        default=WARM_UP_ROUNDS,
-        metavar="ROUNDS",
-        help="untimed rounds of each measurement before its repeats, fewer once "
-        f"{WARM_UP_SECONDS:g} s have passed (default: {WARM_UP_ROUNDS}; a new "
-        "endpoint pair's first rooms run slower while the interpreter warms up)",
-    )
-    b.add_argument(
         "--rooms", type=_positive, default=100_000, help="rooms in the registry (default: 100000)"
     )
     b.add_argument(
