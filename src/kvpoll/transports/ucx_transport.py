@@ -35,7 +35,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -381,14 +381,20 @@ class UcxTransport(ZmqTransport):
             _REQUEST_RANGE.pack(span.dst.region_id, span.dst_offset, span.nbytes, tag)
             for span, tag in zip(live, tags, strict=True)
         )
-        endpoint = self._request(write_id, first, worker_hex, request, notice)
-        self._sends[write_id] = [
-            endpoint.tag_send(
-                Array(_sliceable(span.src.data)[span.src_offset : span.src_offset + span.nbytes]),
-                libucxx.UCXXTag(tag),
-            )
-            for span, tag in zip(live, tags, strict=True)
-        ]
+        self._request(
+            write_id,
+            first,
+            worker_hex,
+            request,
+            notice,
+            lambda endpoint: [
+                endpoint.tag_send(
+                    Array(_sliceable(s.src.data)[s.src_offset : s.src_offset + s.nbytes]),
+                    libucxx.UCXXTag(tag),
+                )
+                for s, tag in zip(live, tags, strict=True)
+            ],
+        )
 
     def _write_columns(self, write_id: int, spans: SpanBatch, notice: bytes | None) -> None:
         batch = spans.nonempty()
@@ -410,18 +416,24 @@ class UcxTransport(ZmqTransport):
             axis=1,
         )
         request = _REQUEST_HEAD.pack(write_id, count) + table.astype("<u8").tobytes()
-        endpoint = self._request(write_id, first, worker_hex, request, notice)
         sources = {at: _sliceable(batch.pairs[at][0].data) for at in batch.used}
-        self._sends[write_id] = [
-            endpoint.tag_send(Array(sources[p][so : so + n]), libucxx.UCXXTag(tag))
-            for p, so, n, tag in zip(
-                batch.pair.tolist(),
-                batch.src_offset.tolist(),
-                batch.nbytes.tolist(),
-                tags.tolist(),
-                strict=True,
-            )
-        ]
+        self._request(
+            write_id,
+            first,
+            worker_hex,
+            request,
+            notice,
+            lambda endpoint: [
+                endpoint.tag_send(Array(sources[p][so : so + n]), libucxx.UCXXTag(tag))
+                for p, so, n, tag in zip(
+                    batch.pair.tolist(),
+                    batch.src_offset.tolist(),
+                    batch.nbytes.tolist(),
+                    tags.tolist(),
+                    strict=True,
+                )
+            ],
+        )
 
     def _worker_of(self, first: RegionDescriptor, dsts: Iterable[RegionDescriptor]) -> str:
         """The UCX worker every destination lives on.
@@ -449,8 +461,10 @@ class UcxTransport(ZmqTransport):
         worker_hex: str,
         request: bytes,
         notice: bytes | None,
-    ) -> Any:
-        """Send a write's request to its destination; the endpoint for its data.
+        sends: Callable[[Any], list[Any]],
+    ) -> None:
+        """Send a write's request to its destination, then its data: ``sends``
+        posts the tagged sends on the endpoint it is given.
 
         Raises:
             TransportError: the worker cannot be reached, or the peer is not reading.
@@ -463,9 +477,9 @@ class UcxTransport(ZmqTransport):
         frames = [_WRITE_REQUEST, request] if notice is None else [_WRITE_REQUEST, request, notice]
         if not self._post(first.endpoint, frames):
             raise TransportError(f"{first.endpoint} is not reading: its queue is full")
+        self._sends[write_id] = sends(endpoint)
         self._expect_ack(write_id, first.endpoint)
         self.stats["ucx_writes"] += 1
-        return endpoint
 
     def _handle_frame(self, peer: str, kind: bytes) -> bool:
         if kind != _WRITE_REQUEST:
