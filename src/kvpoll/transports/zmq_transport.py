@@ -274,6 +274,10 @@ class ZmqTransport(Transport):
         # (peer, write id, notice) of shared-memory writes done: the notices go out
         # together at the start of the next progress(), then the writes are reported
         self._landed: list[tuple[str, int, bytes]] = []
+        # (peer, write id, error) of writes into this endpoint's regions, answered at
+        # the start of the next progress(): after the owner took the turn's events, so
+        # a notice that came with a write is not kept waiting behind the answer's send
+        self._acks: list[tuple[str, int, str | None]] = []
         self._write_ids = itertools.count(1)
         self._copy_threads = copy_threads
         self._copier: ThreadPoolExecutor | None = None  # made on the first large copy
@@ -688,10 +692,11 @@ class ZmqTransport(Transport):
     # -- progress ------------------------------------------------------------------
     def progress(self, timeout: float) -> list[TransportEvent]:
         self._check_open()
+        self._send_acks()
         self._send_landed()
         self._expire_writes()
         self._progress_engine()
-        wait_ms = 0 if self._events or self._landed else self._wait_ms(timeout)
+        wait_ms = 0 if self._events or self._landed or self._acks else self._wait_ms(timeout)
         for sock, _ in self._poller.poll(wait_ms):
             if sock == self._wake_r:
                 with contextlib.suppress(BlockingIOError):
@@ -888,11 +893,19 @@ class ZmqTransport(Transport):
                 self._events.append(MessageReceived(peer, notice))
 
     def _acknowledge(self, peer: str, write_id: int, error: str | None) -> None:
-        """Tell the writer that its write ``write_id`` landed (or why not)."""
-        with contextlib.suppress(TransportError):
-            self._post(
-                peer, [_ACKNOWLEDGE, _ACK.pack(write_id, error is None), (error or "").encode()]
-            )
+        """Tell the writer that its write ``write_id`` landed (or why not), at the
+        start of the next :meth:`progress` (or at :meth:`close`): the receiving
+        side's room steps on the write's notice first (an answer's send cost
+        20-180 us of the receiver's critical path in a 4 KiB ucx room)."""
+        self._acks.append((peer, write_id, error))
+
+    def _send_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        for peer, write_id, error in acks:
+            with contextlib.suppress(TransportError):
+                self._post(
+                    peer, [_ACKNOWLEDGE, _ACK.pack(write_id, error is None), (error or "").encode()]
+                )
 
     def _lookup(self, region_id: int, offset: int, length: int) -> tuple[Region | None, str | None]:
         """The live region a peer's write targets, or why the write is refused."""
@@ -966,7 +979,8 @@ class ZmqTransport(Transport):
     def close(self) -> None:
         if self._closed:
             return
-        with contextlib.suppress(TransportError):  # notices of writes done since the last turn
+        with contextlib.suppress(TransportError):  # answers and notices of the last turn
+            self._send_acks()
             self._send_landed()
         self._closed = True
         for dealer in self._dealers.values():
