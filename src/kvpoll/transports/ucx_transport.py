@@ -35,7 +35,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -381,20 +381,11 @@ class UcxTransport(ZmqTransport):
             _REQUEST_RANGE.pack(span.dst.region_id, span.dst_offset, span.nbytes, tag)
             for span, tag in zip(live, tags, strict=True)
         )
-        self._request(
-            write_id,
-            first,
-            worker_hex,
-            request,
-            notice,
-            lambda endpoint: [
-                endpoint.tag_send(
-                    Array(_sliceable(s.src.data)[s.src_offset : s.src_offset + s.nbytes]),
-                    libucxx.UCXXTag(tag),
-                )
-                for s, tag in zip(live, tags, strict=True)
-            ],
-        )
+        pieces = [
+            (_sliceable(s.src.data)[s.src_offset : s.src_offset + s.nbytes], tag)
+            for s, tag in zip(live, tags, strict=True)
+        ]
+        self._request(write_id, first, worker_hex, request, notice, pieces)
 
     def _write_columns(self, write_id: int, spans: SpanBatch, notice: bytes | None) -> None:
         batch = spans.nonempty()
@@ -417,23 +408,17 @@ class UcxTransport(ZmqTransport):
         )
         request = _REQUEST_HEAD.pack(write_id, count) + table.astype("<u8").tobytes()
         sources = {at: _sliceable(batch.pairs[at][0].data) for at in batch.used}
-        self._request(
-            write_id,
-            first,
-            worker_hex,
-            request,
-            notice,
-            lambda endpoint: [
-                endpoint.tag_send(Array(sources[p][so : so + n]), libucxx.UCXXTag(tag))
-                for p, so, n, tag in zip(
-                    batch.pair.tolist(),
-                    batch.src_offset.tolist(),
-                    batch.nbytes.tolist(),
-                    tags.tolist(),
-                    strict=True,
-                )
-            ],
-        )
+        pieces = [
+            (sources[p][so : so + n], tag)
+            for p, so, n, tag in zip(
+                batch.pair.tolist(),
+                batch.src_offset.tolist(),
+                batch.nbytes.tolist(),
+                tags.tolist(),
+                strict=True,
+            )
+        ]
+        self._request(write_id, first, worker_hex, request, notice, pieces)
 
     def _worker_of(self, first: RegionDescriptor, dsts: Iterable[RegionDescriptor]) -> str:
         """The UCX worker every destination lives on.
@@ -461,10 +446,10 @@ class UcxTransport(ZmqTransport):
         worker_hex: str,
         request: bytes,
         notice: bytes | None,
-        sends: Callable[[Any], list[Any]],
+        pieces: list[tuple[Any, int]],
     ) -> None:
-        """Send a write's request to its destination, then its data: ``sends``
-        posts the tagged sends on the endpoint it is given.
+        """Send a write's request to its destination, then its data: one tagged
+        send of each (source slice, tag) of ``pieces``.
 
         Raises:
             TransportError: the worker cannot be reached, or the peer is not reading.
@@ -477,7 +462,9 @@ class UcxTransport(ZmqTransport):
         frames = [_WRITE_REQUEST, request] if notice is None else [_WRITE_REQUEST, request, notice]
         if not self._post(first.endpoint, frames):
             raise TransportError(f"{first.endpoint} is not reading: its queue is full")
-        self._sends[write_id] = sends(endpoint)
+        self._sends[write_id] = [
+            endpoint.tag_send(Array(view), libucxx.UCXXTag(tag)) for view, tag in pieces
+        ]
         self._expect_ack(write_id, first.endpoint)
         self.stats["ucx_writes"] += 1
 
