@@ -54,7 +54,7 @@ from kvpoll.transports.base import (
 )
 from kvpoll.transports.shm import Segment
 from kvpoll.transports.spans import SpanBatch
-from kvpoll.transports.zmq_transport import _FEW_RANGES, ZmqTransport
+from kvpoll.transports.zmq_transport import ZmqTransport
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 _SET_BEFORE = {key for key in os.environ if key.startswith("UCX_")}
@@ -481,17 +481,10 @@ class UcxTransport(ZmqTransport):
         ):
             self._malformed(peer, "bad ucx write request")
             return True
-        rows: list[Any]  # (region id, offset, length, tag) of each range
-        if count <= _FEW_RANGES:  # a buffer room's: looked up one by one (no NumPy)
-            rows = list(_REQUEST_RANGE.iter_unpack(memoryview(frames[0])[_REQUEST_HEAD.size :]))
-            error = next(
-                (why for rid, off, n, _ in rows if (why := self._lookup(rid, off, n)[1])), None
-            )
-        else:
-            table = np.frombuffer(frames[0], dtype="<u8", offset=_REQUEST_HEAD.size)
-            table = table.reshape(count, 4)
-            error = self._lookup_all(table[:, :3])
-            rows = table.tolist()
+        table = np.frombuffer(frames[0], dtype="<u8", offset=_REQUEST_HEAD.size)
+        table = table.reshape(count, 4)  # region id, offset, length, tag of each range
+        error = self._lookup_all(table[:, :3])  # a few ranges: row by row, without NumPy
+        rows = table.tolist()
         notice = frames[1] if len(frames) == 2 else None
         over = self._receive_budget(peer, count)
         if error is None and notice is not None:
