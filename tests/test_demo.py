@@ -57,6 +57,19 @@ def check_summary(summary: dict[str, Any], destinations: int) -> None:
     assert summary["failure_detected_after_s"] < 0.5 * 3 + 2
 
 
+def _why_it_failed(out: subprocess.CompletedProcess[str]) -> str:
+    """The summary's problems when the demo printed one, else the output's tails."""
+    try:
+        summary = json.loads(out.stdout)
+    except ValueError:
+        return f"no JSON summary\nstdout: {out.stdout[-3000:]}\nstderr: {out.stderr[-3000:]}"
+    return (
+        f"problems: {summary.get('problems')}\n"
+        f"failure noticed after {summary.get('failure_detected_after_s')} s\n"
+        f"stderr: {out.stderr[-2000:]}"
+    )
+
+
 @pytest.mark.parametrize(
     ("destinations", "options"),
     [(1, []), (2, ["--option", "shm=false"])],
@@ -64,7 +77,7 @@ def check_summary(summary: dict[str, Any], destinations: int) -> None:
 )
 def test_the_demo_json_summary(destinations: int, options: list[str]) -> None:
     out = demo("--json", "--hidden", "512", "--destinations", str(destinations), *options)
-    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    assert out.returncode == 0, _why_it_failed(out)
     summary = json.loads(out.stdout)
     check_summary(summary, destinations)
     assert "lm rank 0" in out.stderr  # the live steps went to stderr
