@@ -205,10 +205,11 @@ def check_batch(spans: Sequence[Span]) -> str:
         RegionBoundsError: a range lies outside its source or destination.
         TransportError: an empty batch, or destinations on several peers.
     """
-    from kvpoll.transports.spans import SpanBatch
+    if type(spans) is not list:  # a list (the common case) is no SpanBatch
+        from kvpoll.transports.spans import SpanBatch
 
-    if isinstance(spans, SpanBatch):
-        return spans.check()
+        if isinstance(spans, SpanBatch):
+            return spans.check()
     if not spans:
         raise TransportError("a batch needs at least one range")
     peer = spans[0].dst.endpoint
