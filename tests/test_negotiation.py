@@ -37,6 +37,21 @@ def test_choose_path(
     assert choose_path(offered, spoken, same_host=same_host) == chosen
 
 
+def test_answers_are_kept_only_for_short_offers() -> None:
+    from kvpoll.protocol.negotiation import _choose
+
+    spoken = ["zmq/shm", "zmq/tcp"]
+    assert choose_path(["zmq/tcp", "zmq/shm"], spoken, same_host=True) == "zmq/shm"
+    kept = _choose.cache_info().currsize
+    assert choose_path(["zmq/tcp", "zmq/shm"], spoken, same_host=False) == "zmq/tcp"
+    assert choose_path(["zmq/tcp", "zmq/shm"], spoken, same_host=True) == "zmq/shm"
+    assert _choose.cache_info().currsize <= kept + 1  # the same question is asked once
+    long_names = ["x" * 10_000, "zmq/tcp"]  # a peer's: answered, never kept
+    before = _choose.cache_info().currsize
+    assert choose_path(long_names, spoken, same_host=True) == "zmq/tcp"
+    assert _choose.cache_info().currsize == before
+
+
 def test_mismatch_names_both_sides() -> None:
     text = mismatch(["ucx"], ["zmq/shm", "zmq/tcp"], same_host=True)
     assert "offers ucx" in text

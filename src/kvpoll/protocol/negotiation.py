@@ -10,6 +10,7 @@ the sender refuses the bootstrap, naming both lists, and both sides' rooms fail.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 __all__ = ["SAME_HOST_SUFFIX", "choose_path", "mismatch"]
 
@@ -29,6 +30,20 @@ def choose_path(
     minimal peer) gets the sender's first path: the write itself then checks
     that it can reach the region.
     """
+    if sum(map(len, offered)) > _CACHED_CHARS:  # a peer's long names are not kept
+        return _choose.__wrapped__(tuple(offered), tuple(spoken), same_host)
+    return _choose(tuple(offered), tuple(spoken), same_host)
+
+
+_CACHED_CHARS = 512
+
+
+@lru_cache(maxsize=256)
+def _choose(
+    offered: tuple[str, ...], spoken: tuple[str, ...], same_host: bool | None
+) -> str | None:
+    """:func:`choose_path`, kept for a few hundred questions (every bootstrap
+    between two endpoints asks the same one)."""
     common = [path for path in spoken if path in offered] if offered else list(spoken)
     if same_host is None:
         return common[0] if common else None
