@@ -549,9 +549,10 @@ class Endpoint(Generic[R]):
             raise EndpointClosed(f"the {self.side} at {self.address} is closed")
         return True
 
-    def _queue(self, peer: str, message: Message, room: int, rec: R) -> None:
-        """Leave a room's message for the I/O thread (the lock is held, any thread)."""
-        self._outbox.append((peer, encode(message), message.type, room, rec))
+    def _queue(self, peer: str, payload: bytes, what: str, room: int, rec: R) -> None:
+        """Leave a room's encoded message (of type ``what``) for the I/O thread (the
+        lock is held, any thread)."""
+        self._outbox.append((peer, payload, what, room, rec))
         if len(self._outbox) == 1:  # later ones ride on this wake-up
             self._transport.wakeup()
 

@@ -21,7 +21,6 @@ from kvpoll.protocol.endpoint import Endpoint, RoomBase, TransferIncomplete
 from kvpoll.protocol.messages import (
     Abort,
     AbortAck,
-    Bootstrap,
     BootstrapAck,
     Chunk,
     Message,
@@ -30,6 +29,7 @@ from kvpoll.protocol.messages import (
     check_token,
     encode,
 )
+from kvpoll.protocol.payloads import bootstrap_payload
 from kvpoll.protocol.pools import token_runs
 from kvpoll.statemachine.registry import check_room_id
 from kvpoll.statemachine.status import Event, TransferStatus
@@ -459,11 +459,11 @@ class Receiver(Endpoint[_ReceiverRoom]):
         self._enter(room, rec, self._bootstrap_message(room, rec, pool=lease.pool, pages=pages))
         return True
 
-    def _enter(self, room: int, rec: _ReceiverRoom, bootstrap: Bootstrap) -> None:
+    def _enter(self, room: int, rec: _ReceiverRoom, bootstrap: bytes) -> None:
         """Register a room opened on the caller's thread; its bootstrap goes out next."""
         self._register(room, rec)
         self._watch(room, rec, rec.sender)
-        self._queue(rec.sender, bootstrap, room, rec)
+        self._queue(rec.sender, bootstrap, "bootstrap", room, rec)
 
     def _open_paged(
         self,
@@ -519,7 +519,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
             bootstrap = self._bootstrap_message(
                 room, rec, pool=pool, pages=pages, region=region, tokens=tokens
             )
-            self._transport.send(rec.sender, encode(bootstrap))
+            self._transport.send(rec.sender, bootstrap)
         except Exception as exc:  # nothing was opened: the caller learns why
             if region is not None:
                 self._transport.release(region, reuse=False)
@@ -541,34 +541,29 @@ class Receiver(Endpoint[_ReceiverRoom]):
         pages: list[tuple[int, int]] | None = None,
         region: Region | None = None,
         tokens: int = 0,
-    ) -> Bootstrap:
-        """The room's bootstrap: pages of an offered pool, or one region inline."""
-        fields: dict[str, Any]
+    ) -> bytes:
+        """The room's bootstrap, encoded: pages of an offered pool, or one region inline."""
+        common: dict[str, Any] = {
+            "room": room,
+            "session": rec.session,
+            "rank": rec.rank,
+            "transports": self._paths,
+            "host": boot_id(),
+            "token": rec.token,
+            "ack_with_chunk": True,
+        }
         if pool is not None:
-            fields = {
-                "pool": pool.id,
-                "pages": pages,
-                "aux_index": rec.aux_index,
-                "whole": rec.whole,
-            }
-        else:
-            assert region is not None
-            fields = {
-                "region": region.descriptor,
-                "allocated_tokens": tokens,
-                "row_bytes": region.nbytes // tokens,
-                "dtype": dtype_name(rec.dtype),
-                "row_shape": list(rec.row_shape),
-            }
-        return Bootstrap(
-            room=room,
-            session=rec.session,
-            rank=rec.rank,
-            transports=self._paths,
-            host=boot_id(),
-            token=rec.token,
-            ack_with_chunk=True,
-            **fields,
+            return bootstrap_payload(
+                **common, pool=pool.id, pages=pages, aux_index=rec.aux_index, whole=rec.whole
+            )
+        assert region is not None
+        return bootstrap_payload(
+            **common,
+            region=region.descriptor,
+            allocated_tokens=tokens,
+            row_bytes=region.nbytes // tokens,
+            dtype=dtype_name(rec.dtype),
+            row_shape=list(rec.row_shape),
         )
 
     def _offer(self, sender: str, pool: PagedPool) -> None:

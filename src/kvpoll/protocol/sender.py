@@ -23,16 +23,15 @@ from kvpoll.protocol.messages import (
     AbortAck,
     Bootstrap,
     BootstrapAck,
-    Chunk,
     Message,
     PoolBuffer,
     PoolOffer,
     Reject,
     Resume,
     check_token,
-    encode,
 )
 from kvpoll.protocol.negotiation import choose_path, mismatch
+from kvpoll.protocol.payloads import chunk_payload
 from kvpoll.protocol.pools import MAX_PEER_POOLS, PeerPool, Registered, token_runs
 from kvpoll.statemachine.registry import check_room_id
 from kvpoll.statemachine.status import Event, TransferStatus
@@ -254,6 +253,7 @@ class Sender(Endpoint[_SenderRoom]):
         self._pending_by_peer: dict[str, list[int]] = {}  # peer -> [rooms, runs] waiting
         self._pending_runs = 0
         self._host = boot_id()
+        self._spoken = list(self._transport.paths())  # fixed for the transport's life
         self._peer_pools: dict[str, OrderedDict[int, PeerPool]] = {}
 
     # -- public ------------------------------------------------------------------
@@ -571,7 +571,7 @@ class Sender(Endpoint[_SenderRoom]):
     def _bootstrap(self, peer: str, message: Bootstrap) -> None:
         room = message.room
         rec = self._rooms.get(room)
-        spoken = self._transport.paths()
+        spoken = self._spoken
         same_host = message.host == self._host if message.host else None
         path = choose_path(message.transports, spoken, same_host=same_host)
         if path is None and rec is None:
@@ -809,8 +809,7 @@ class Sender(Endpoint[_SenderRoom]):
                 continue
             notice = None
             if last and self._transport.capabilities.notices:
-                final = self._chunk(room, rec, rank, dest, rec.state.sent_tokens, end, True)
-                notice = encode(final)
+                notice = self._chunk(room, rec, rank, dest, rec.state.sent_tokens, end, True)
             try:
                 if notice is None:
                     write_id = self._transport.write_batch(spans)
@@ -866,16 +865,17 @@ class Sender(Endpoint[_SenderRoom]):
             if dest.whole and not last:  # its memory took its chunk: it resumes with more
                 dest.base, dest.tokens = end, PageList()
             if not dest.noticed:  # else it went with the data (_write)
-                self._send(dest.peer, self._chunk(room, rec, dest_rank, dest, start, end, last))
+                chunk = self._chunk(room, rec, dest_rank, dest, start, end, last)
+                self._send_payload(dest.peer, chunk, room, "chunk")
             dest.ack, dest.noticed = None, False
 
     def _chunk(
         self, room: int, rec: _SenderRoom, rank: int, dest: _Dest, start: int, end: int, last: bool
-    ) -> Chunk:
-        """The chunk message telling ``dest`` that tokens ``start..end`` are there."""
+    ) -> bytes:
+        """The chunk message telling ``dest`` that tokens ``start..end`` are there, encoded."""
         data = rec.data
         assert data is not None
-        return Chunk(
+        return chunk_payload(
             room=room,
             session=dest.session,
             rank=rank,
