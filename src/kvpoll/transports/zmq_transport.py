@@ -748,6 +748,11 @@ class ZmqTransport(Transport):
         """Handle a frame kind of a subclass's own; False: not one of them."""
         return False
 
+    def _unstamp(self, peer: str, kind: bytes) -> bytes:
+        """The kind of a frame longer than one byte, noting what follows the kind
+        (a subclass's per-peer sequence number); here none is known."""
+        return kind
+
     def _frames(self) -> list[bytes]:
         """The remaining frames of the message being handled."""
         frames = []
@@ -787,6 +792,8 @@ class ZmqTransport(Transport):
             self.stats["malformed"] += 1
             return
         kind = self._router.recv()
+        if len(kind) != 1:  # a subclass's stamp rides after the kind
+            kind = self._unstamp(peer, kind)
         more = self._router.getsockopt(zmq.RCVMORE)
         if kind != _BYE:
             self._closed_peers.pop(peer, None)  # it is back (a restart on the same address)
@@ -804,14 +811,7 @@ class ZmqTransport(Transport):
             header = self._router.recv()
             error = self._router.recv() if self._router.getsockopt(zmq.RCVMORE) else b""
             self._drain()
-            if len(header) != _ACK.size:
-                self.stats["malformed"] += 1
-                return
-            write_id, ok = _ACK.unpack(header)
-            pending = self._pending.get(write_id)
-            if pending is None or pending.peer != peer:
-                return  # a late acknowledgement of a write that already timed out
-            self._finish(write_id, None if ok else error.decode("utf-8", "replace") or "rejected")
+            self._take_ack(peer, header, error)
         elif kind == _BYE:
             self._drain()
             self._peer_closed(peer)
@@ -819,6 +819,18 @@ class ZmqTransport(Transport):
             pass
         else:
             self._malformed(peer, f"unknown frame kind {kind[:8]!r}")
+
+    def _take_ack(self, peer: str, header: bytes, error: bytes) -> None:
+        """A write acknowledgement from ``peer``: its write is done (a malformed one
+        is counted; one for a write not pending to ``peer`` is ignored)."""
+        if len(header) != _ACK.size:
+            self.stats["malformed"] += 1
+            return
+        write_id, ok = _ACK.unpack(header)
+        pending = self._pending.get(write_id)
+        if pending is None or pending.peer != peer:
+            return  # a late acknowledgement of a write that already timed out
+        self._finish(write_id, None if ok else error.decode("utf-8", "replace") or "rejected")
 
     def _handle_many(self, peer: str) -> None:
         """An M message: every payload is a control message, or none is (fewer
@@ -903,9 +915,15 @@ class ZmqTransport(Transport):
         acks, self._acks = self._acks, []
         for peer, write_id, error in acks:
             with contextlib.suppress(TransportError):
-                self._post(
-                    peer, [_ACKNOWLEDGE, _ACK.pack(write_id, error is None), (error or "").encode()]
-                )
+                self._send_ack(peer, _ACK.pack(write_id, error is None), (error or "").encode())
+
+    def _send_ack(self, peer: str, header: bytes, error: bytes) -> None:
+        """Send one acknowledgement (an ``_ACK`` header, then the error's text).
+
+        Raises:
+            TransportError: no socket can be opened to ``peer``.
+        """
+        self._post(peer, [_ACKNOWLEDGE, header, error])
 
     def _lookup(self, region_id: int, offset: int, length: int) -> tuple[Region | None, str | None]:
         """The live region a peer's write targets, or why the write is refused."""
