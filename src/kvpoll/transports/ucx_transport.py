@@ -1,4 +1,5 @@
-"""``ucx``: data over UCX (through UCXX), control messages over ZMQ.
+"""``ucx``: data, write requests and acknowledgements over UCX (through UCXX);
+the protocol's control messages over ZMQ.
 
 UCX picks the fastest path it has to each peer: shared memory or
 ``process_vm_writev`` (cma) on one host, TCP across hosts, RDMA where the UCX
@@ -6,8 +7,12 @@ build has it. UCXX's Python layer offers tag-matched messages (no one-sided
 put), so a write is a tagged send into a receive the destination posts:
 
 1. the writer sends a write request (``U``: write id, then region, offset,
-   length and tag of every range of the batch) over the control channel and at
-   once one tagged UCX send per range, all in flight together;
+   length and tag of every range of the batch) and at once one tagged UCX send
+   per range, all in flight together. The first request to a peer goes over
+   the control channel and opens a lane both ways; later ones (up to 16 KiB
+   with their notice) and the acknowledgements are UCX messages on the lane
+   (:mod:`kvpoll.transports.ucx_lane`: who may use one, and why a lane
+   message never overtakes the ZMQ messages sent before it);
 2. the destination checks every range against its live regions and posts a
    tagged receive straight into each (UCX's rendezvous then moves the bytes
    without an intermediate copy); a refused request gets receives into a small
@@ -54,6 +59,21 @@ from kvpoll.transports.base import (
 )
 from kvpoll.transports.shm import Segment
 from kvpoll.transports.spans import SpanBatch
+from kvpoll.transports.ucx_lane import (
+    ACK,
+    ANNOUNCE,
+    LANE_BYTES,
+    REQUEST,
+    Held,
+    LaneIn,
+    LaneMessage,
+    Lanes,
+    pack_announce,
+    pack_lane,
+    unpack_announce,
+    unpack_lane,
+    unstamp,
+)
 from kvpoll.transports.zmq_transport import ZmqTransport
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
@@ -115,6 +135,7 @@ MAX_HELD_NOTICE_BYTES = 256 << 20
 """Notices held at once for requests whose data has not all arrived, over all
 peers; a request past it is refused."""
 _SIOCGIFADDR = 0x8915
+_LANE_TURN = 256  # lane messages taken from one lane per turn, at most
 
 
 def net_device_for(host: str) -> str:
@@ -206,6 +227,7 @@ class _Incoming:
     error: str | None = None
     deadline: float = 0.0
     notice: bytes | None = None  # handed over once every receive landed without an error
+    after: int | None = None  # a lane request: the sender's ZMQ message it came after
     receives: list[_Receive] = field(default_factory=list)
     head: int = 0
     """Receives before it were seen completed; each is looked at until it completes,
@@ -297,7 +319,20 @@ class UcxTransport(ZmqTransport):
         self._self_endpoint: Any = None  # retires expired receives with empty messages
         self._parked: dict[int, tuple[Segment | None, bool]] = {}  # released while receiving
         self._notice_bytes = 0  # held by batches whose receives have not all completed
-        self.stats.update({"ucx_writes": 0, "receives_posted": 0, "receives_expired": 0})
+        self._lanes = Lanes(max_peers)
+        self._lane_sends: list[tuple[Any, bytes]] = []  # lane messages in flight
+        self._retired: list[tuple[Any, Any]] = []  # lane receives being retired, their buffers
+        self.stats.update(
+            {
+                "ucx_writes": 0,
+                "receives_posted": 0,
+                "receives_expired": 0,
+                "lane_sent": 0,
+                "lane_received": 0,
+                "lane_held": 0,
+                "lanes_refused": 0,
+            }
+        )
 
     def paths(self) -> list[str]:
         return [self.name]  # UCX picks shared memory, cma or the network itself
@@ -357,10 +392,15 @@ class UcxTransport(ZmqTransport):
                 endpoint.close()
 
     def forget(self, peer: str) -> None:
+        self._drop_lanes(peer)
         for worker_hex in [w for w, p in self._endpoint_peers.items() if p == peer]:
             del self._endpoint_peers[worker_hex]
             self._close_endpoint(worker_hex)
         super().forget(peer)
+
+    def _peer_closed(self, peer: str, why: str = "closed its endpoint") -> None:
+        self._drop_lanes(peer)
+        super()._peer_closed(peer, why)
 
     def _write_remote(self, write_id: int, spans: Sequence[Span], notice: bytes | None) -> None:
         """Send the write request, then one tagged send per range.
@@ -458,10 +498,14 @@ class UcxTransport(ZmqTransport):
         if count > _MAX_RANGES:
             raise TransportError(f"a batch of {count} ranges; at most {_MAX_RANGES}")
         endpoint = self._endpoint(worker_hex)
-        self._endpoint_peers[worker_hex] = first.endpoint
-        frames = [_WRITE_REQUEST, request] if notice is None else [_WRITE_REQUEST, request, notice]
-        if not self._post(first.endpoint, frames):
-            raise TransportError(f"{first.endpoint} is not reading: its queue is full")
+        peer = first.endpoint
+        self._endpoint_peers[worker_hex] = peer
+        if notice == b"" or not self._lane_send(peer, REQUEST, request, notice or b""):
+            frames = [_WRITE_REQUEST, request] + ([] if notice is None else [notice])
+            if not self._post(peer, frames):
+                raise TransportError(f"{peer} is not reading: its queue is full")
+            if peer not in self._lanes.asked:
+                self._open_lane(peer, reply=True)  # later requests go on the lane
         self._sends[write_id] = [
             endpoint.tag_send(Array(view), libucxx.UCXXTag(tag)) for view, tag in pieces
         ]
@@ -469,23 +513,36 @@ class UcxTransport(ZmqTransport):
         self.stats["ucx_writes"] += 1
 
     def _handle_frame(self, peer: str, kind: bytes) -> bool:
+        if kind == ANNOUNCE:
+            self._take_announce(peer, self._frames())
+            return True
         if kind != _WRITE_REQUEST:
             return False
         frames = self._frames()
-        if len(frames) not in (1, 2) or len(frames[0]) < _REQUEST_HEAD.size:
+        if len(frames) not in (1, 2):
             self._malformed(peer, "bad ucx write request")
             return True
-        write_id, count = _REQUEST_HEAD.unpack_from(frames[0])
-        if not 0 < count <= _MAX_RANGES or len(frames[0]) != (
+        self._take_request(peer, frames[0], frames[1] if len(frames) == 2 else None, None)
+        return True
+
+    def _take_request(
+        self, peer: str, request: bytes, notice: bytes | None, after: int | None
+    ) -> None:
+        """A write request from ``peer`` (over ZMQ, or over its lane after its ZMQ
+        message ``after``): check every range, post a receive for each."""
+        if len(request) < _REQUEST_HEAD.size:
+            self._malformed(peer, "bad ucx write request")
+            return
+        write_id, count = _REQUEST_HEAD.unpack_from(request)
+        if not 0 < count <= _MAX_RANGES or len(request) != (
             _REQUEST_HEAD.size + count * _REQUEST_RANGE.size
         ):
             self._malformed(peer, "bad ucx write request")
-            return True
-        table = np.frombuffer(frames[0], dtype="<u8", offset=_REQUEST_HEAD.size)
+            return
+        table = np.frombuffer(request, dtype="<u8", offset=_REQUEST_HEAD.size)
         table = table.reshape(count, 4)  # region id, offset, length, tag of each range
         error = self._lookup_all(table[:, :3])  # a few ranges: row by row, without NumPy
         rows = table.tolist()
-        notice = frames[1] if len(frames) == 2 else None
         over = self._receive_budget(peer, count)
         if error is None and notice is not None:
             if len(notice) > MAX_NOTICE_BYTES:
@@ -496,7 +553,7 @@ class UcxTransport(ZmqTransport):
             self.stats["rejected_writes"] += 1
             self._warn.warning("rejected write", "rejected a write from %s: %s", peer, over)
             self._acknowledge(peer, write_id, over)
-            return True
+            return
         batch = _Incoming(
             peer,
             write_id,
@@ -505,6 +562,7 @@ class UcxTransport(ZmqTransport):
             error=error,
             deadline=time.monotonic() + self._write_timeout,
             notice=notice if error is None else None,
+            after=after,
         )
         if batch.notice is not None:
             self._notice_bytes += len(batch.notice)
@@ -532,7 +590,6 @@ class UcxTransport(ZmqTransport):
         self._active.append(batch)
         self._waiting_count += count
         self.stats["receives_posted"] = self._waiting_count
-        return True
 
     def _waiting_receives(self) -> Iterator[_Receive]:
         """Every receive not yet seen completed."""
@@ -564,17 +621,181 @@ class UcxTransport(ZmqTransport):
             self._incoming.popleft()
             if not batch.remaining:
                 continue
-            if self._self_endpoint is None:
-                self._self_endpoint = self._worker.create_endpoint_from_worker_address(
-                    self._worker.address, True
-                )
             for receive in batch.receives[batch.head :]:  # only those still waiting
                 if not receive.request.completed:
-                    self._retiring.append(
-                        self._self_endpoint.tag_send(Array(_EMPTY), libucxx.UCXXTag(receive.tag))
-                    )
+                    self._retiring.append(self._self_send(receive.tag))
             self.stats["receives_expired"] += batch.remaining
             batch.error = batch.error or "the writer's data did not arrive in time"
+
+    # -- the lane (kvpoll.transports.ucx_lane) --------------------------------------
+    def _open_lane(self, peer: str, *, reply: bool) -> None:
+        """Post receives for ``peer``'s lane messages and tell it their tag over ZMQ;
+        ``reply`` asks it to open its lane back. Answering a peer that asked
+        (``reply=False``), a lane it had is kept, and its numbering starts again
+        (the peer asks only with its own lane state new)."""
+        lane = self._lanes.ins.get(peer)
+        if lane is None:
+            tag = self._lanes.open_in(peer, self._post_lane_receive)
+            if tag is None:
+                self.stats["lanes_refused"] += 1
+                return
+        else:
+            tag, lane.heard = lane.tag, 0
+            for item in self._lanes.held.pop(peer, ()):  # they waited on the old numbering
+                self._apply(peer, item)
+        self._lanes.asked.add(peer)
+        worker = self._worker.address.tobytes()
+        with contextlib.suppress(TransportError):
+            self._post(peer, [ANNOUNCE, pack_announce(tag, reply, worker)])
+
+    def _post_lane_receive(self, tag: int, buffer: Any) -> Any:
+        return self._worker.tag_recv(Array(buffer), libucxx.UCXXTag(tag))
+
+    def _take_announce(self, peer: str, frames: list[bytes]) -> None:
+        """``peer`` tells us its lane: our requests and answers to it may use it."""
+        try:
+            if len(frames) != 1:
+                raise ValueError("an announcement of several frames")
+            tag, reply, worker = unpack_announce(frames[0])
+        except ValueError as exc:  # an unusable worker address fails its lane sends later
+            self.stats["malformed"] += 1
+            self._warn.warning("malformed frame", "dropped a lane from %s: %s", peer, exc)
+            return
+        if not self._lanes.open_out(peer, tag, worker.hex()):
+            self.stats["lanes_refused"] += 1
+            return
+        if reply:
+            self._open_lane(peer, reply=False)
+
+    def _lane_send(self, peer: str, kind: bytes, first: bytes, rest: bytes) -> bool:
+        """Send ``first + rest`` on ``peer``'s lane; False when it has none (yet), or
+        the message is too large for it: then it goes over ZMQ."""
+        out = self._lanes.usable(peer)
+        if out is None or len(first) + len(rest) + 32 > LANE_BYTES:
+            return False
+        message = pack_lane(kind, out.sent, first, rest)
+        try:
+            endpoint = self._endpoint(out.worker)
+            request = endpoint.tag_send(Array(message), libucxx.UCXXTag(out.tag))
+        except (TransportError, libucxx.UCXError):  # the peer's worker is gone: ZMQ says so
+            return False
+        self._endpoint_peers.setdefault(out.worker, peer)
+        self._lane_sends.append((request, message))
+        self.stats["lane_sent"] += 1
+        return True
+
+    def _send_ack(self, peer: str, header: bytes, error: bytes) -> None:
+        if not self._lane_send(peer, ACK, header, error):
+            super()._send_ack(peer, header, error)
+
+    def _post(self, peer: str, frames: list[Any], *, copy: bool = True) -> bool:
+        """As the base class's; a peer with a lane to us gets the kind stamped (its
+        epoch and this message's sequence number, ``ucx_lane.stamp``)."""
+        if peer not in self._lanes.outs:
+            return super()._post(peer, frames, copy=copy)
+        kind = self._lanes.stamp_for(peer, frames[0])
+        sent = False
+        try:
+            sent = super()._post(peer, [kind, *frames[1:]], copy=copy)
+        finally:
+            if not sent:
+                self._lanes.unsent(peer, kind)
+        return sent
+
+    def _unstamp(self, peer: str, kind: bytes) -> bytes:
+        stamped = unstamp(kind)
+        if stamped is None:
+            return kind  # not a stamp: the base class drops the unknown kind
+        self._lanes.hear(peer, stamped[1], stamped[2])
+        return stamped[0]
+
+    def _handle(self, peer: str) -> None:
+        super()._handle(peer)
+        if peer in self._lanes.held:  # what waited for this message goes after it
+            self._release(peer)
+
+    def _take_lanes(self) -> None:
+        """Handle the lane messages that arrived, each lane's in order, reposting
+        each receive (at most a batch per lane and turn)."""
+        for peer, lane in list(self._lanes.ins.items()):
+            for _ in range(_LANE_TURN):
+                request, buffer = lane.receives[0]
+                if not request.completed:
+                    break
+                lane.receives.popleft()
+                message: LaneMessage | None = None
+                if request.status == _UCS_OK:
+                    with contextlib.suppress(ValueError):
+                        message = unpack_lane(buffer)  # copied out: the buffer is free again
+                lane.receives.append((self._post_lane_receive(lane.tag, buffer), buffer))
+                if message is None:
+                    self.stats["malformed"] += 1
+                    self._warn.warning(
+                        "malformed frame", "dropped a malformed lane message from %s", peer
+                    )
+                    continue
+                self.stats["lane_received"] += 1
+                self._take_lane_message(peer, message)
+                if self._lanes.ins.get(peer) is not lane:  # dropped while handling it
+                    break
+
+    def _take_lane_message(self, peer: str, message: LaneMessage) -> None:
+        if message.kind == REQUEST:
+            self._take_request(peer, message.first, message.rest or None, message.after)
+        elif self._lanes.heard(peer, message.after):
+            self._take_ack(peer, message.first, message.rest)
+        else:
+            deadline = time.monotonic() + self._write_timeout
+            self._lanes.hold(peer, Held(message.after, deadline, ack=(message.first, message.rest)))
+            self.stats["lane_held"] += 1
+
+    def _hand_on(self, peer: str, notice: bytes, after: int | None) -> None:
+        """Hand a landed write's notice to the owner, once every ZMQ message its
+        writer sent before the lane request has been heard."""
+        if after is None or self._lanes.heard(peer, after):
+            self._notice_bytes -= len(notice)
+            self._events.append(MessageReceived(peer, notice))
+        else:
+            deadline = time.monotonic() + self._write_timeout
+            self._lanes.hold(peer, Held(after, deadline, notice=notice))
+            self.stats["lane_held"] += 1
+
+    def _release(self, peer: str) -> None:
+        for item in self._lanes.ready(peer, time.monotonic()):
+            self._apply(peer, item)
+
+    def _apply(self, peer: str, item: Held) -> None:
+        if item.notice is not None:
+            self._notice_bytes -= len(item.notice)
+            self._events.append(MessageReceived(peer, item.notice))
+        if item.ack is not None:
+            self._take_ack(peer, *item.ack)
+
+    def _drop_lanes(self, peer: str) -> None:
+        """Forget ``peer``'s lanes (it is gone): retire the receives, drop what was held."""
+        lane, held = self._lanes.drop(peer)
+        for item in held:
+            if item.notice is not None:
+                self._notice_bytes -= len(item.notice)
+        if lane is not None:
+            self._retire_receives(lane)
+
+    def _retire_receives(self, lane: LaneIn) -> None:
+        """Complete a lane's posted receives with empty messages from this worker;
+        their buffers stay alive until they have."""
+        for request, buffer in lane.receives:
+            if not request.completed:
+                self._retiring.append(self._self_send(lane.tag))
+            self._retired.append((request, buffer))
+        lane.receives.clear()
+
+    def _self_send(self, tag: int) -> Any:
+        """An empty message from this worker to itself (it completes a receive)."""
+        if self._self_endpoint is None:
+            self._self_endpoint = self._worker.create_endpoint_from_worker_address(
+                self._worker.address, True
+            )
+        return self._self_endpoint.tag_send(Array(_EMPTY), libucxx.UCXXTag(tag))
 
     # -- progress ----------------------------------------------------------------
     def _in_flight(self) -> bool:
@@ -590,9 +811,19 @@ class UcxTransport(ZmqTransport):
         worker = self._worker
         while worker.progress_once():
             pass
+        if self._lanes.ins:
+            self._take_lanes()
         self._collect()
         if self._incoming:
             self._expire_receives(time.monotonic())
+        if self._lanes.held:
+            for peer, item in self._lanes.expired(time.monotonic()):
+                self._apply(peer, item)  # its earlier ZMQ messages are taken as lost
+        if self._lane_sends:
+            self._lane_sends = [(r, m) for r, m in self._lane_sends if not r.completed]
+        if self._retired:
+            self._retired = [(r, b) for r, b in self._retired if not r.completed]
+            self._retiring = [r for r in self._retiring if not r.completed]
 
     def _collect(self) -> None:
         """Take the sends and receives completed since the last look: a write whose
@@ -651,9 +882,10 @@ class UcxTransport(ZmqTransport):
             batch.answered = True
             self._acknowledge(batch.peer, batch.write_id, batch.error)
             if batch.notice is not None:
-                self._notice_bytes -= len(batch.notice)
                 if batch.error is None:
-                    self._events.append(MessageReceived(batch.peer, batch.notice))
+                    self._hand_on(batch.peer, batch.notice, batch.after)
+                else:
+                    self._notice_bytes -= len(batch.notice)
                 batch.notice = None
         if batch.head == len(receives):
             batch.receives = []  # every buffer UCX wrote into is done with
@@ -684,6 +916,10 @@ class UcxTransport(ZmqTransport):
             self._self_endpoint = None
         self._incoming.clear()
         self._posted.clear()
+        for peer in list(self._lanes.ins) + list(self._lanes.outs):
+            self._lanes.drop(peer)
+        self._lane_sends.clear()
+        self._retired.clear()
         self._notice_bytes = 0
         with contextlib.suppress(Exception):
             self._poller.unregister(self._worker.epoll_file_descriptor)
