@@ -483,6 +483,31 @@ def _notices(a: Transport, b: Transport) -> None:
     )
 
 
+def _notice_after_burst(a: Transport, b: Transport) -> None:
+    """On a pair that has written and talked both ways (an engine may take another
+    path once the two know each other), a notice sent behind a burst of 2,000
+    control messages still comes after every one of them."""
+    if not a.capabilities.notices:
+        return
+    src = a.register(_random_bytes(4096, 13))
+    dst = b.allocate(4096)
+    for _ in range(3):
+        _expect(wait_for_write(a, b, a.write(src, 0, dst.descriptor, 0, 4096)).ok, "a write failed")
+        for x, y in ((a, b), (b, a)):
+            x.send(y.address, b"ping")
+            pump([y, x], lambda ev: bool(_notices_of(ev, b"ping")))
+    burst = [f"burst {i}".encode() for i in range(2000)]
+    for payload in burst:
+        a.send(b.address, payload)
+    write_id = a.write_batch([Span(src, 0, dst.descriptor, 0, 4096)], b"after the burst")
+    time.sleep(0.05)  # whatever overtakes the burst on the wire is at b before b reads any
+    theirs, ours = _both(b, a, lambda ev: bool(_notices_of(ev, b"after the burst")))
+    got = [e.payload for e in theirs if isinstance(e, MessageReceived)]
+    _expect(got == [*burst, b"after the burst"], "a notice overtook messages sent before it")
+    ours += _both(a, b, lambda ev: _done(ours + ev, write_id) is not None)[0]
+    _expect(_ok(ours, write_id), "the write behind the burst failed")
+
+
 CHECKS: dict[str, Callable[[Transport, Transport], None]] = {
     "control messages arrive in order": _control_order,
     "messages sent together arrive in order": _sent_together,
@@ -498,6 +523,7 @@ CHECKS: dict[str, Callable[[Transport, Transport], None]] = {
     "many batches in flight": _many_batches,
     "a batch held as columns writes what its spans would": _columns,
     "notices come with the data": _notices,
+    "a notice comes after a burst sent before it": _notice_after_burst,
 }
 
 
