@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ from kvpoll.transports import (
     MessageReceived,
     TransportError,
     TransportUnavailable,
+    WriteDone,
     available,
     create,
     resolve,
@@ -305,3 +307,32 @@ def test_a_peer_writing_16_mib_messages_is_read_by_the_default_transport() -> No
     finally:
         a.close()
         b.close()
+
+
+def test_unacknowledged_writes_fail_at_their_own_deadlines() -> None:
+    """A peer that never answers: each write fails once the write time-out has
+    passed since it started, not before, the earlier ones first."""
+    with (
+        ZmqTransport(shm=False, write_timeout=0.6) as a,
+        ZmqTransport(shm=False) as silent,  # never driven: it reads nothing, answers nothing
+    ):
+        src = a.register(torch.ones(64, dtype=torch.uint8))
+        dst = silent.allocate(64)
+        started: dict[int, float] = {}
+        for _ in range(3):
+            started[a.write(src, 0, dst.descriptor, 0, 64)] = time.monotonic()
+            a.progress(0)
+            time.sleep(0.25)
+        failed: dict[int, float] = {}
+        deadline = time.monotonic() + 10
+        while len(failed) < 3:
+            assert time.monotonic() < deadline, failed
+            for event in a.progress(0.01):
+                if isinstance(event, WriteDone):
+                    assert event.error is not None
+                    assert "no acknowledgement" in event.error
+                    failed[event.write_id] = time.monotonic()
+        assert list(failed) == list(started)  # in the order they started
+        for write_id, at in failed.items():
+            assert at - started[write_id] >= 0.6
+            assert at - started[write_id] < 0.6 + 3  # and soon after (a loaded machine)

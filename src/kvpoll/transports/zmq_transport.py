@@ -968,15 +968,21 @@ class ZmqTransport(Transport):
         return None
 
     def _expire_writes(self) -> None:
+        """Fail the writes past their deadline. ``_pending`` holds them in the order
+        they started, so in the order of their deadlines (one write time-out each):
+        the look stops at the first one still in time, not at the end of thousands."""
         if not self._pending:
             return
         now = time.monotonic()
-        for write_id, pending in list(self._pending.items()):
-            if now >= pending.deadline:
-                self._finish(
-                    write_id,
-                    f"no acknowledgement from {pending.peer} within {self._write_timeout:g} s",
-                )
+        late: list[tuple[int, str]] = []
+        for write_id, pending in self._pending.items():
+            if now < pending.deadline:
+                break
+            late.append((write_id, pending.peer))
+        for write_id, peer in late:
+            self._finish(
+                write_id, f"no acknowledgement from {peer} within {self._write_timeout:g} s"
+            )
 
     def _peer_closed(self, peer: str, why: str = "closed its endpoint") -> None:
         self._closed_peers[peer] = None
