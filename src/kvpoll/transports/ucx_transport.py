@@ -320,7 +320,7 @@ class UcxTransport(ZmqTransport):
         self._parked: dict[int, tuple[Segment | None, bool]] = {}  # released while receiving
         self._notice_bytes = 0  # held by batches whose receives have not all completed
         self._lanes = Lanes(max_peers)
-        self._lane_sends: list[tuple[Any, bytes]] = []  # lane messages in flight
+        self._lane_sends: deque[tuple[Any, bytes]] = deque()  # lane messages in flight
         self._retired: list[tuple[Any, Any]] = []  # lane receives being retired, their buffers
         self.stats.update(
             {
@@ -819,8 +819,9 @@ class UcxTransport(ZmqTransport):
         if self._lanes.held:
             for peer, item in self._lanes.expired(time.monotonic()):
                 self._apply(peer, item)  # its earlier ZMQ messages are taken as lost
-        if self._lane_sends:
-            self._lane_sends = [(r, m) for r, m in self._lane_sends if not r.completed]
+        sends = self._lane_sends
+        while sends and sends[0][0].completed:  # they complete about in order: kept till then
+            sends.popleft()
         if self._retired:
             self._retired = [(r, b) for r, b in self._retired if not r.completed]
             self._retiring = [r for r in self._retiring if not r.completed]
