@@ -126,8 +126,9 @@ def test_a_lane_request_is_checked_like_one_over_zmq(
     pair: tuple[UcxTransport, UcxTransport],
 ) -> None:
     """Forged lane messages (garbage, an unknown kind, one too long for the lane's
-    buffers, a request for memory b never registered) are counted and dropped or
-    refused; the lane and b go on working."""
+    buffers, a request for memory b never registered, one that would post a data
+    receive on a lane's tag) are counted and dropped or refused; the lane and b go
+    on working."""
     a, b = pair
     src = a.register(torch.ones(4096, dtype=torch.uint8))
     dst = b.allocate(4096)
@@ -137,11 +138,15 @@ def test_a_lane_request_is_checked_like_one_over_zmq(
     request = struct.pack("<QQ", 999, 1) + struct.pack(
         "<QQQQ", dst.descriptor.region_id ^ 1, 0, 8, 5
     )
+    lane_tagged = struct.pack("<QQ", 998, 1) + struct.pack(
+        "<QQQQ", dst.descriptor.region_id, 0, 8, ucx_lane.new_tag()
+    )
     forged = [
         b"\x00" * 3,
         ucx_lane.pack_lane(b"Z", out.sent, b"12345678"),
         ucx_lane.pack_lane(ucx_lane.REQUEST, out.sent, bytes(ucx_lane.LANE_BYTES)),
         ucx_lane.pack_lane(ucx_lane.REQUEST, out.sent, request),
+        ucx_lane.pack_lane(ucx_lane.REQUEST, out.sent, lane_tagged),  # a data receive on a lane
     ]
     from ucxx._lib.arr import Array
     from ucxx._lib.libucxx import UCXXTag
@@ -149,11 +154,11 @@ def test_a_lane_request_is_checked_like_one_over_zmq(
     keep = [endpoint.tag_send(Array(m), UCXXTag(out.tag)) for m in forged]
     malformed, rejected = b.stats["malformed"], b.stats["rejected_writes"]
     deadline = time.monotonic() + 10
-    while b.stats["malformed"] < malformed + 3 or b.stats["rejected_writes"] == rejected:
+    while b.stats["malformed"] < malformed + 4 or b.stats["rejected_writes"] == rejected:
         assert time.monotonic() < deadline, b.stats
         b.progress(0.002)
         a.progress(0)
-    assert b.stats["malformed"] == malformed + 3
+    assert b.stats["malformed"] == malformed + 4
     assert b.stats["rejected_writes"] == rejected + 1
     assert all(r.completed for r in keep)
     dst.data.zero_()

@@ -43,16 +43,23 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "ACK",
+    "ANNOUNCE",
     "LANE_BYTES",
     "LANE_RECEIVES",
+    "REQUEST",
     "Held",
     "LaneIn",
     "LaneMessage",
     "Lanes",
+    "epoch_of",
+    "new_tag",
     "pack_announce",
     "pack_lane",
+    "stamp",
     "unpack_announce",
     "unpack_lane",
+    "unstamp",
 ]
 
 LANE_BYTES = 16 << 10

@@ -543,6 +543,9 @@ class UcxTransport(ZmqTransport):
         table = table.reshape(count, 4)  # region id, offset, length, tag of each range
         error = self._lookup_all(table[:, :3])  # a few ranges: row by row, without NumPy
         rows = table.tolist()
+        if any(row[3] >> 63 for row in rows):  # the lanes' tags: never a data receive's
+            self._malformed(peer, "a ucx write request with a lane's tag")
+            return
         over = self._receive_budget(peer, count)
         if error is None and notice is not None:
             if len(notice) > MAX_NOTICE_BYTES:
