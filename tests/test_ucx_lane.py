@@ -167,6 +167,38 @@ def test_a_lane_request_is_checked_like_one_over_zmq(
     assert torch.equal(dst.data, src.data)
 
 
+def test_early_acknowledgements_wait_only_for_writes_in_flight(
+    pair: tuple[UcxTransport, UcxTransport],
+) -> None:
+    """b floods a's lane with acknowledgements stamped ahead of anything b sent:
+    those for writes a never made, and repeats, are dropped at once; only one per
+    write in flight waits."""
+    a, b = pair
+    src = a.register(torch.ones(64, dtype=torch.uint8))
+    dst = b.allocate(64)
+    _open_lanes(a, b, src, dst)
+    out = b._lanes.outs[a.address]
+    endpoint = b._endpoint(out.worker)
+    from ucxx._lib.arr import Array
+    from ucxx._lib.libucxx import UCXXTag
+
+    ahead = out.sent + 1_000_000  # a ZMQ message b never sent: nothing releases these
+    acks = [
+        ucx_lane.pack_lane(ucx_lane.ACK, ahead, struct.pack("<QB", write_id, 1))
+        for write_id in range(10**6, 10**6 + 500)
+    ]
+    keep = [endpoint.tag_send(Array(m), UCXXTag(out.tag)) for m in acks]
+    received = a.stats["lane_received"]
+    deadline = time.monotonic() + 10
+    while a.stats["lane_received"] < received + len(acks):
+        assert time.monotonic() < deadline, a.stats
+        a.progress(0.002)
+        b.progress(0)
+    assert a.stats["lane_held"] == 0
+    assert not a._lanes.held
+    assert all(r.completed for r in keep)
+
+
 def test_a_peer_back_at_the_same_address_gets_a_new_lane(
     pair: tuple[UcxTransport, UcxTransport],
 ) -> None:

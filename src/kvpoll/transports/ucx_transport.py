@@ -74,7 +74,7 @@ from kvpoll.transports.ucx_lane import (
     unpack_lane,
     unstamp,
 )
-from kvpoll.transports.zmq_transport import ZmqTransport
+from kvpoll.transports.zmq_transport import _ACK, ZmqTransport
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 _SET_BEFORE = {key for key in os.environ if key.startswith("UCX_")}
@@ -322,6 +322,7 @@ class UcxTransport(ZmqTransport):
         self._lanes = Lanes(max_peers)
         self._lane_sends: deque[tuple[Any, bytes]] = deque()  # lane messages in flight
         self._retired: list[tuple[Any, Any]] = []  # lane receives being retired, their buffers
+        self._held_acks: set[int] = set()  # writes whose early acknowledgement waits
         self.stats.update(
             {
                 "ucx_writes": 0,
@@ -745,12 +746,25 @@ class UcxTransport(ZmqTransport):
     def _take_lane_message(self, peer: str, message: LaneMessage) -> None:
         if message.kind == REQUEST:
             self._take_request(peer, message.first, message.rest or None, message.after)
-        elif self._lanes.heard(peer, message.after):
-            self._take_ack(peer, message.first, message.rest)
+        elif self._lanes.heard(peer, message.after) or not self._may_hold_ack(peer, message.first):
+            self._take_ack(peer, message.first, message.rest)  # it checks (and drops) the rest
         else:
             deadline = time.monotonic() + self._write_timeout
             self._lanes.hold(peer, Held(message.after, deadline, ack=(message.first, message.rest)))
             self.stats["lane_held"] += 1
+
+    def _may_hold_ack(self, peer: str, header: bytes) -> bool:
+        """Whether an early acknowledgement may wait: one for a write pending to
+        ``peer`` that has none waiting yet (so what waits is bounded by the writes
+        in flight; anything else is dropped at once as a late one is)."""
+        if len(header) != _ACK.size:
+            return False
+        write_id = _ACK.unpack(header)[0]
+        pending = self._pending.get(write_id)
+        if pending is None or pending.peer != peer or write_id in self._held_acks:
+            return False
+        self._held_acks.add(write_id)
+        return True
 
     def _hand_on(self, peer: str, notice: bytes, after: int | None) -> None:
         """Hand a landed write's notice to the owner, once every ZMQ message its
@@ -772,6 +786,7 @@ class UcxTransport(ZmqTransport):
             self._notice_bytes -= len(item.notice)
             self._events.append(MessageReceived(peer, item.notice))
         if item.ack is not None:
+            self._held_acks.discard(_ACK.unpack(item.ack[0])[0])
             self._take_ack(peer, *item.ack)
 
     def _drop_lanes(self, peer: str) -> None:
@@ -780,6 +795,8 @@ class UcxTransport(ZmqTransport):
         for item in held:
             if item.notice is not None:
                 self._notice_bytes -= len(item.notice)
+            if item.ack is not None:
+                self._held_acks.discard(_ACK.unpack(item.ack[0])[0])
         if lane is not None:
             self._retire_receives(lane)
 
@@ -924,6 +941,7 @@ class UcxTransport(ZmqTransport):
             self._lanes.drop(peer)
         self._lane_sends.clear()
         self._retired.clear()
+        self._held_acks.clear()
         self._notice_bytes = 0
         with contextlib.suppress(Exception):
             self._poller.unregister(self._worker.epoll_file_descriptor)
