@@ -266,7 +266,7 @@ def test_bad_announcements_and_stamps_from_the_wire_change_nothing(
     _open_lanes(a, b, src, dst)  # b still opens lanes with a real peer
 
 
-def test_lanes_are_bounded_and_hold_in_order() -> None:
+def test_lanes_are_bounded_and_hold_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
     lanes = ucx_lane.Lanes(max_lanes=1)
     posted: list[int] = []
     assert lanes.open_in("p", lambda tag, buffer: posted.append(tag)) is not None
@@ -285,6 +285,13 @@ def test_lanes_are_bounded_and_hold_in_order() -> None:
     assert lanes.ready("p", 0.0) == [first]
     assert lanes.ready("p", 2e18) == [second]  # past its deadline
     assert "p" not in lanes.held
+    assert lanes.held_count == 0
+    monkeypatch.setattr(ucx_lane, "MAX_HELD", 2)
+    assert lanes.hold("p", first)
+    assert lanes.hold("p", second)
+    assert not lanes.hold("p", ucx_lane.Held(4, 1e18))  # past the limit: not kept
+    assert lanes.take_held("p") == [first, second]
+    assert lanes.held_count == 0
 
 
 @pytest.mark.parametrize(

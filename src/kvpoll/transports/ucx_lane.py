@@ -47,6 +47,7 @@ __all__ = [
     "ANNOUNCE",
     "LANE_BYTES",
     "LANE_RECEIVES",
+    "MAX_HELD",
     "REQUEST",
     "Held",
     "LaneIn",
@@ -66,6 +67,9 @@ LANE_BYTES = 16 << 10
 """The largest lane message; a request with its notice past it goes over ZMQ."""
 LANE_RECEIVES = 4
 """Receives kept posted on each lane (messages queue in UCX past them)."""
+MAX_HELD = 65_536
+"""Lane messages' notices and acknowledgements waiting at once, over all peers;
+past it one is handed on without waiting (as if it had come over ZMQ)."""
 ANNOUNCE = b"L"
 REQUEST, ACK = b"U", b"A"
 _HEAD = struct.Struct("<cxxxIIQ")  # kind, body length, request length (U), after
@@ -183,6 +187,7 @@ class Lanes:
         self.outs: dict[str, _LaneOut] = {}
         self.held: dict[str, deque[Held]] = {}
         self.asked: set[str] = set()  # peers we asked for a lane (ins made for them)
+        self.held_count = 0
 
     # -- reading ------------------------------------------------------------------
     def open_in(self, peer: str, post: Any) -> int | None:
@@ -211,8 +216,13 @@ class Lanes:
         lane = self.ins.get(peer)
         return lane is not None and lane.heard >= after
 
-    def hold(self, peer: str, item: Held) -> None:
+    def hold(self, peer: str, item: Held) -> bool:
+        """Keep ``item`` until what it came after is heard; False past :data:`MAX_HELD`."""
+        if self.held_count >= MAX_HELD:
+            return False
         self.held.setdefault(peer, deque()).append(item)
+        self.held_count += 1
+        return True
 
     def ready(self, peer: str, now: float) -> list[Held]:
         """Held items of ``peer`` that may go now, in order."""
@@ -224,6 +234,13 @@ class Lanes:
             out.append(queue.popleft())
         if not queue:
             del self.held[peer]
+        self.held_count -= len(out)
+        return out
+
+    def take_held(self, peer: str) -> list[Held]:
+        """Every item held for ``peer``, now."""
+        out = list(self.held.pop(peer, ()))
+        self.held_count -= len(out)
         return out
 
     # -- writing ------------------------------------------------------------------
@@ -263,7 +280,7 @@ class Lanes:
         what was held (dropped: the peer is gone)."""
         self.outs.pop(peer, None)
         self.asked.discard(peer)
-        return self.ins.pop(peer, None), list(self.held.pop(peer, ()))
+        return self.ins.pop(peer, None), self.take_held(peer)
 
     def expired(self, now: float) -> list[tuple[str, Held]]:
         """Held items past their deadline, over all peers."""

@@ -331,6 +331,7 @@ class UcxTransport(ZmqTransport):
                 "lane_sent": 0,
                 "lane_received": 0,
                 "lane_held": 0,
+                "lane_unheld": 0,
                 "lanes_refused": 0,
             }
         )
@@ -645,7 +646,7 @@ class UcxTransport(ZmqTransport):
                 return
         else:
             tag, lane.heard = lane.tag, 0
-            for item in self._lanes.held.pop(peer, ()):  # they waited on the old numbering
+            for item in self._lanes.take_held(peer):  # they waited on the old numbering
                 self._apply(peer, item)
         self._lanes.asked.add(peer)
         worker = self._worker.address.tobytes()
@@ -749,9 +750,7 @@ class UcxTransport(ZmqTransport):
         elif self._lanes.heard(peer, message.after) or not self._may_hold_ack(peer, message.first):
             self._take_ack(peer, message.first, message.rest)  # it checks (and drops) the rest
         else:
-            deadline = time.monotonic() + self._write_timeout
-            self._lanes.hold(peer, Held(message.after, deadline, ack=(message.first, message.rest)))
-            self.stats["lane_held"] += 1
+            self._hold(peer, Held(message.after, 0.0, ack=(message.first, message.rest)))
 
     def _may_hold_ack(self, peer: str, header: bytes) -> bool:
         """Whether an early acknowledgement may wait: one for a write pending to
@@ -773,9 +772,17 @@ class UcxTransport(ZmqTransport):
             self._notice_bytes -= len(notice)
             self._events.append(MessageReceived(peer, notice))
         else:
-            deadline = time.monotonic() + self._write_timeout
-            self._lanes.hold(peer, Held(after, deadline, notice=notice))
+            self._hold(peer, Held(after, 0.0, notice=notice))
+
+    def _hold(self, peer: str, item: Held) -> None:
+        """Keep ``item`` until its earlier ZMQ messages are heard (at most the write
+        time-out); past ``MAX_HELD`` items, hand it on now (``lane_unheld``)."""
+        item.deadline = time.monotonic() + self._write_timeout
+        if self._lanes.hold(peer, item):
             self.stats["lane_held"] += 1
+        else:
+            self.stats["lane_unheld"] += 1
+            self._apply(peer, item)
 
     def _release(self, peer: str) -> None:
         for item in self._lanes.ready(peer, time.monotonic()):
