@@ -747,23 +747,27 @@ class UcxTransport(ZmqTransport):
     def _take_lane_message(self, peer: str, message: LaneMessage) -> None:
         if message.kind == REQUEST:
             self._take_request(peer, message.first, message.rest or None, message.after)
-        elif self._lanes.heard(peer, message.after) or not self._may_hold_ack(peer, message.first):
-            self._take_ack(peer, message.first, message.rest)  # it checks (and drops) the rest
+        elif self._lanes.heard(peer, message.after):
+            self._take_ack(peer, message.first, message.rest)
         else:
-            self._hold(peer, Held(message.after, 0.0, ack=(message.first, message.rest)))
+            self._early_ack(peer, message)
 
-    def _may_hold_ack(self, peer: str, header: bytes) -> bool:
-        """Whether an early acknowledgement may wait: one for a write pending to
-        ``peer`` that has none waiting yet (so what waits is bounded by the writes
-        in flight; anything else is dropped at once as a late one is)."""
-        if len(header) != _ACK.size:
-            return False
-        write_id = _ACK.unpack(header)[0]
-        pending = self._pending.get(write_id)
-        if pending is None or pending.peer != peer or write_id in self._held_acks:
-            return False
-        self._held_acks.add(write_id)
-        return True
+    def _early_ack(self, peer: str, message: LaneMessage) -> None:
+        """An acknowledgement that came before the ZMQ messages sent ahead of it: it
+        waits if it is the first for a write pending to ``peer`` (so what waits is
+        bounded by the writes in flight); a repeat is dropped; anything else goes
+        to :meth:`_take_ack`, which counts a malformed one and ignores the rest."""
+        header = message.first
+        if len(header) == _ACK.size:
+            write_id = _ACK.unpack(header)[0]
+            if write_id in self._held_acks:
+                return
+            pending = self._pending.get(write_id)
+            if pending is not None and pending.peer == peer:
+                self._held_acks.add(write_id)
+                self._hold(peer, Held(message.after, 0.0, ack=(header, message.rest)))
+                return
+        self._take_ack(peer, header, message.rest)
 
     def _hand_on(self, peer: str, notice: bytes, after: int | None) -> None:
         """Hand a landed write's notice to the owner, once every ZMQ message its
