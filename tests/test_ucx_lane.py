@@ -75,6 +75,17 @@ def _open_lanes(a: UcxTransport, b: UcxTransport, src: Any, dst: Any) -> None:
     assert b._lanes.usable(a.address) is not None
 
 
+def _forge(x: UcxTransport, y: UcxTransport, messages: list[bytes]) -> list[tuple[Any, bytes]]:
+    """Send raw ``messages`` on y's lane from x (as a hostile x could); each send
+    with its message, which must stay alive until the send completes."""
+    from ucxx._lib.arr import Array
+    from ucxx._lib.libucxx import UCXXTag
+
+    out = x._lanes.outs[y.address]
+    endpoint = x._endpoint(out.worker)
+    return [(endpoint.tag_send(Array(m), UCXXTag(out.tag)), m) for m in messages]
+
+
 def test_requests_and_acknowledgements_travel_the_lane(
     pair: tuple[UcxTransport, UcxTransport],
 ) -> None:
@@ -134,7 +145,6 @@ def test_a_lane_request_is_checked_like_one_over_zmq(
     dst = b.allocate(4096)
     _open_lanes(a, b, src, dst)
     out = a._lanes.outs[b.address]
-    endpoint = a._endpoint(out.worker)
     request = struct.pack("<QQ", 999, 1) + struct.pack(
         "<QQQQ", dst.descriptor.region_id ^ 1, 0, 8, 5
     )
@@ -148,10 +158,7 @@ def test_a_lane_request_is_checked_like_one_over_zmq(
         ucx_lane.pack_lane(ucx_lane.REQUEST, out.sent, request),
         ucx_lane.pack_lane(ucx_lane.REQUEST, out.sent, lane_tagged),  # a data receive on a lane
     ]
-    from ucxx._lib.arr import Array
-    from ucxx._lib.libucxx import UCXXTag
-
-    keep = [endpoint.tag_send(Array(m), UCXXTag(out.tag)) for m in forged]
+    keep = _forge(a, b, forged)
     malformed, rejected = b.stats["malformed"], b.stats["rejected_writes"]
     deadline = time.monotonic() + 10
     while b.stats["malformed"] < malformed + 4 or b.stats["rejected_writes"] == rejected:
@@ -160,7 +167,7 @@ def test_a_lane_request_is_checked_like_one_over_zmq(
         a.progress(0)
     assert b.stats["malformed"] == malformed + 4
     assert b.stats["rejected_writes"] == rejected + 1
-    assert all(r.completed for r in keep)
+    assert all(r.completed for r, _ in keep)
     dst.data.zero_()
     write_id = a.write(src, 0, dst.descriptor, 0, 4096)
     assert wait_for_write(a, b, write_id).error is None
@@ -170,33 +177,32 @@ def test_a_lane_request_is_checked_like_one_over_zmq(
 def test_early_acknowledgements_wait_only_for_writes_in_flight(
     pair: tuple[UcxTransport, UcxTransport],
 ) -> None:
-    """b floods a's lane with acknowledgements stamped ahead of anything b sent:
-    those for writes a never made, and repeats, are dropped at once; only one per
-    write in flight waits."""
+    """b's lane floods a with acknowledgements stamped after a ZMQ message b never
+    sent: those for writes a never made are dropped at once; for a write in
+    flight the first waits and a repeat is dropped, and b's real answer still
+    finishes the write."""
     a, b = pair
     src = a.register(torch.ones(64, dtype=torch.uint8))
     dst = b.allocate(64)
     _open_lanes(a, b, src, dst)
-    out = b._lanes.outs[a.address]
-    endpoint = b._endpoint(out.worker)
-    from ucxx._lib.arr import Array
-    from ucxx._lib.libucxx import UCXXTag
+    ahead = b._lanes.outs[a.address].sent + 1_000_000  # nothing will release these
 
-    ahead = out.sent + 1_000_000  # a ZMQ message b never sent: nothing releases these
-    acks = [
-        ucx_lane.pack_lane(ucx_lane.ACK, ahead, struct.pack("<QB", write_id, 1))
-        for write_id in range(10**6, 10**6 + 500)
-    ]
-    keep = [endpoint.tag_send(Array(m), UCXXTag(out.tag)) for m in acks]
+    def ack(write_id: int) -> bytes:
+        return ucx_lane.pack_lane(ucx_lane.ACK, ahead, struct.pack("<QB", write_id, 0), b"no")
+
     received = a.stats["lane_received"]
+    keep = _forge(b, a, [ack(w) for w in range(10**6, 10**6 + 500)])
+    write_id = a.write(src, 0, dst.descriptor, 0, 64)  # b's endpoint is not driven yet
+    keep += _forge(b, a, [ack(write_id), ack(write_id)])
     deadline = time.monotonic() + 10
-    while a.stats["lane_received"] < received + len(acks):
+    while a.stats["lane_received"] < received + 502:
         assert time.monotonic() < deadline, a.stats
-        a.progress(0.002)
-        b.progress(0)
-    assert a.stats["lane_held"] == 0
-    assert not a._lanes.held
-    assert all(r.completed for r in keep)
+        assert not [e for e in a.progress(0.002) if isinstance(e, WriteDone)]
+        b._worker.progress_once()  # b's worker sends the forged messages; b handles nothing
+    assert a.stats["lane_held"] == 1  # the first for the write in flight
+    assert a._lanes.held_count == 1
+    assert wait_for_write(a, b, write_id).error is None  # b's own answer, not the forged "no"
+    assert all(r.completed for r, _ in keep)
 
 
 def test_a_peer_back_at_the_same_address_gets_a_new_lane(
