@@ -284,7 +284,10 @@ def test_lanes_are_bounded_and_hold_in_order(monkeypatch: pytest.MonkeyPatch) ->
     assert not lanes.open_out("q", ucx_lane.new_tag(), "00")
     assert lanes.usable("p") is None  # no stamped ZMQ message went before
     tag = lanes.ins["p"].tag
-    first, second = ucx_lane.Held(2, 1e18, notice=b"x"), ucx_lane.Held(3, 1e18, notice=b"y")
+    first, second = (
+        ucx_lane.Held(2, notice=b"x", deadline=1e18),
+        ucx_lane.Held(3, notice=b"y", deadline=1e18),
+    )
     lanes.hold("p", first)
     lanes.hold("p", second)
     assert not lanes.hear("p", ucx_lane.epoch_of(tag) ^ 1, 5)  # another epoch: ignored
@@ -297,7 +300,7 @@ def test_lanes_are_bounded_and_hold_in_order(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(ucx_lane, "MAX_HELD", 2)
     assert lanes.hold("p", first)
     assert lanes.hold("p", second)
-    assert not lanes.hold("p", ucx_lane.Held(4, 1e18))  # past the limit: not kept
+    assert not lanes.hold("p", ucx_lane.Held(4))  # past the limit: not kept
     assert lanes.take_held("p") == [first, second]
     assert lanes.held_count == 0
 

@@ -54,6 +54,7 @@ __all__ = [
     "LaneMessage",
     "Lanes",
     "epoch_of",
+    "fits",
     "new_tag",
     "pack_announce",
     "pack_lane",
@@ -104,6 +105,11 @@ def unpack_announce(body: bytes) -> tuple[int, bool, bytes]:
     if not tag & _TOP or reply not in (0, 1):
         raise ValueError("a lane announcement with a bad tag or flag")
     return tag, bool(reply), body[_ANNOUNCE.size :]
+
+
+def fits(first: bytes, rest: bytes) -> bool:
+    """Whether a lane message of ``first`` and ``rest`` fits a lane's receive."""
+    return _HEAD.size + len(first) + len(rest) <= LANE_BYTES
 
 
 def pack_lane(kind: bytes, after: int, first: bytes, rest: bytes = b"") -> bytes:
@@ -161,9 +167,9 @@ class Held:
     """A lane message's effect waiting for the ZMQ message it came after."""
 
     after: int
-    deadline: float
     notice: bytes | None = None
     ack: tuple[bytes, bytes] | None = None  # (header, error) of an acknowledgement
+    deadline: float = float("inf")  # set when it starts waiting
 
 
 @dataclass

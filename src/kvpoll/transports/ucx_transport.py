@@ -62,12 +62,12 @@ from kvpoll.transports.spans import SpanBatch
 from kvpoll.transports.ucx_lane import (
     ACK,
     ANNOUNCE,
-    LANE_BYTES,
     REQUEST,
     Held,
     LaneIn,
     LaneMessage,
     Lanes,
+    fits,
     pack_announce,
     pack_lane,
     unpack_announce,
@@ -676,7 +676,7 @@ class UcxTransport(ZmqTransport):
         """Send ``first + rest`` on ``peer``'s lane; False when it has none (yet), or
         the message is too large for it: then it goes over ZMQ."""
         out = self._lanes.usable(peer)
-        if out is None or len(first) + len(rest) + 32 > LANE_BYTES:
+        if out is None or not fits(first, rest):
             return False
         message = pack_lane(kind, out.sent, first, rest)
         try:
@@ -765,7 +765,7 @@ class UcxTransport(ZmqTransport):
             pending = self._pending.get(write_id)
             if pending is not None and pending.peer == peer:
                 self._held_acks.add(write_id)
-                self._hold(peer, Held(message.after, 0.0, ack=(header, message.rest)))
+                self._hold(peer, Held(message.after, ack=(header, message.rest)))
                 return
         self._take_ack(peer, header, message.rest)
 
@@ -776,7 +776,7 @@ class UcxTransport(ZmqTransport):
             self._notice_bytes -= len(notice)
             self._events.append(MessageReceived(peer, notice))
         else:
-            self._hold(peer, Held(after, 0.0, notice=notice))
+            self._hold(peer, Held(after, notice=notice))
 
     def _hold(self, peer: str, item: Held) -> None:
         """Keep ``item`` until its earlier ZMQ messages are heard (at most the write
