@@ -21,12 +21,13 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 from kvpoll.config import Config, load_config
 from kvpoll.errors import IllegalTransition, InvalidArgument, KvpollError, UnknownRoom
 from kvpoll.memory.pool import PagedPool
+from kvpoll.protocol.liveness import Liveness, Lost
 from kvpoll.protocol.messages import (
     Abort,
     AbortAck,
@@ -46,6 +47,7 @@ from kvpoll.throttle import LogThrottle
 from kvpoll.transports import create
 from kvpoll.transports.base import (
     MessageReceived,
+    PeerActive,
     PeerClosed,
     Transport,
     WriteDone,
@@ -56,6 +58,9 @@ __all__ = ["EndpointClosed", "RoomInfo", "RoomMetrics", "StatusChange", "Transfe
 log = logging.getLogger("kvpoll.protocol")
 _FAILED = TransferStatus.Failed
 _TOMBSTONES = 65536
+_COMMAND_TURN = 0.02
+"""Seconds of application commands one turn of the I/O loop runs at most before it
+reads its input again (the rest wait for the next turn)."""
 
 
 def _takes_secret(name: str) -> bool:
@@ -196,12 +201,6 @@ class RoomBase:
 R = TypeVar("R", bound=RoomBase)
 
 
-@dataclass
-class _Peer:
-    last_heard: float
-    rooms: set[int] = field(default_factory=set)
-
-
 class Endpoint(Generic[R]):
     """Base of :class:`~kvpoll.Sender` and :class:`~kvpoll.Receiver`.
 
@@ -219,8 +218,9 @@ class Endpoint(Generic[R]):
             step (default 300 s each, Transferring included).
         heartbeat_interval: seconds between heartbeats to each peer that shares
             an unfinished room (default 1).
-        heartbeat_misses: a peer silent for this many intervals is dead: every
-            unfinished room it shares fails (default 3).
+        heartbeat_misses: a peer silent for this many intervals, with as many
+            heartbeats unanswered, is dead: every unfinished room it shares
+            fails, and it is told so (default 3; see :mod:`kvpoll.protocol.liveness`).
         history: keep each room's steps with timestamps.
         on_status: called on the I/O thread after every step of every room;
             keep it quick (it delays I/O); exceptions are logged and ignored.
@@ -269,7 +269,7 @@ class Endpoint(Generic[R]):
         self._rooms: dict[int, R] = {}
         self._status: dict[int, TransferStatus] = {}  # read without the lock by poll()
         self._tombstones: OrderedDict[int, None] = OrderedDict()
-        self._peers: dict[str, _Peer] = {}
+        self._liveness = Liveness(heartbeat_interval, heartbeat_misses)
         self._writes: dict[int, tuple[int, int]] = {}  # write id -> (room, rank)
         self._pools: dict[int, Registered] = {}  # pool id -> its registration here
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
@@ -280,11 +280,8 @@ class Endpoint(Generic[R]):
         self._outbox: deque[tuple[str, bytes, str, int, R]] = deque()
         self._history = history
         self._on_status = on_status
-        self._interval = heartbeat_interval
-        self._misses = heartbeat_misses
         self._command_timeout = command_timeout
         self._seq = itertools.count(1)
-        self._next_beat = time.monotonic() + heartbeat_interval
         self._stop = threading.Event()
         self._closed = False
         self._stats: dict[str, int] = dict.fromkeys(
@@ -571,14 +568,19 @@ class Endpoint(Generic[R]):
         for peer, batch in batches.items():
             self._send_payloads(peer, batch)
 
-    def _run_commands(self) -> None:
+    def _run_commands(self) -> bool:
+        """Run what callers queued, for at most :data:`_COMMAND_TURN` seconds; True
+        when commands are left for the next turn (which then does not wait)."""
         with self._lock:
             self._flush()
+        until = time.monotonic() + _COMMAND_TURN
         while True:
+            if time.monotonic() > until:
+                return not self._commands.empty()
             try:
                 fn, future = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return False
             if not future.set_running_or_notify_cancel():
                 continue
             try:
@@ -591,12 +593,16 @@ class Endpoint(Generic[R]):
 
     # -- the I/O loop ----------------------------------------------------------------
     def _run(self) -> None:
+        """The I/O loop. Each turn: run the callers' commands (bounded in time), read
+        and handle what arrived (the transport's progress), then judge time (room
+        time-outs, heartbeats, silence): nobody is judged before the turn's input
+        was read."""
         try:
+            wait = 0.0
             while not self._stop.is_set():
                 try:
-                    self._run_commands()
-                    wait = self._tick()
-                    events = self._transport.progress(wait)
+                    more = self._run_commands()
+                    events = self._transport.progress(0.0 if more else wait)
                 except Exception:  # never let one bad turn stop the thread
                     self._stats["internal_errors"] += 1
                     log.exception("the %s I/O loop hit an error; it goes on", self.side)
@@ -604,6 +610,12 @@ class Endpoint(Generic[R]):
                     continue
                 for event in events:
                     self._dispatch(event)
+                try:
+                    wait = self._tick()
+                except Exception:
+                    self._stats["internal_errors"] += 1
+                    log.exception("the %s I/O loop hit an error; it goes on", self.side)
+                    wait = 0.01
             self._shutdown()
         except Exception:
             log.exception("the %s I/O thread stopped on an error", self.side)
@@ -633,8 +645,10 @@ class Endpoint(Generic[R]):
                     target = self._writes.pop(event.write_id, None)
                     if target is not None:
                         self._on_write_done(target[0], target[1], event)
+                elif isinstance(event, PeerActive):
+                    self._liveness.heard(event.peer, time.monotonic())
                 elif isinstance(event, PeerClosed):
-                    self._peer_lost(event.peer, event.why)
+                    self._peer_lost(event.peer, event.why, tell=False)
         except Exception:
             self._stats["internal_errors"] += 1
             peer = getattr(event, "peer", None)
@@ -644,9 +658,6 @@ class Endpoint(Generic[R]):
 
     def _on_payload(self, peer: str, payload: bytes) -> None:
         self._stats["messages_in"] += 1
-        known = self._peers.get(peer)
-        if known is not None:
-            known.last_heard = time.monotonic()
         try:
             message = decode(payload)
         except MessageError as exc:
@@ -655,12 +666,15 @@ class Endpoint(Generic[R]):
                 "malformed message", "dropped a malformed message from %s: %s", peer, exc
             )
             return
+        self._liveness.heard(peer, time.monotonic())  # a decoded message proves it alive
         if isinstance(message, Heartbeat):
             self._send(peer, HeartbeatAck(seq=message.seq))
         elif not isinstance(message, HeartbeatAck):
             self._on_message(peer, message)
 
     def _tick(self) -> float:
+        """Judge time: room time-outs, then (when due) heartbeats and silence. Returns
+        how long the next turn may wait for input."""
         now = time.monotonic()
         with self._lock:
             for room, status, limit in list(self._deadlines.expired(now)):
@@ -668,45 +682,48 @@ class Endpoint(Generic[R]):
                 if rec is not None and rec.state.status is status:
                     self._stats["timeouts"] += 1
                     self._fail(room, rec, f"timed out in {status.name} after {limit:g} s")
-            if now >= self._next_beat:
-                self._next_beat = now + self._interval
-                self._heartbeat(now)
+            if self._liveness.due(now):
+                ping, lost = self._liveness.beat(now, self._unfinished)
+                for peer in ping:
+                    self._send(peer, Heartbeat(seq=next(self._seq)))
+                for verdict in lost:
+                    self._lost(verdict)
             self._on_tick(now)
-        return max(0.0, min(0.05, self._next_beat - now))
+        return max(0.0, min(0.05, self._liveness.until_due(now)))
 
-    def _heartbeat(self, now: float) -> None:
-        window = self._interval * self._misses
-        for address, peer in list(self._peers.items()):
-            live = [r for r in peer.rooms if r in self._rooms and not self._rooms[r].state.is_final]
-            peer.rooms = set(live)
-            if not live:
-                del self._peers[address]
-                continue
-            if now - peer.last_heard > window:
-                self._peer_lost(
-                    address,
-                    f"was silent for {now - peer.last_heard:.1f} s "
-                    f"({self._misses} heartbeats of {self._interval:g} s)",
-                )
-            else:
-                self._send(address, Heartbeat(seq=next(self._seq)))
+    def _unfinished(self, room: int) -> bool:
+        rec = self._rooms.get(room)
+        return rec is not None and not rec.state.is_final
 
-    def _peer_lost(self, address: str, why: str) -> None:
-        self._forget_peer(address)
-        self._transport.forget(address)  # no socket kept open to a dead peer
-        peer = self._peers.pop(address, None)
-        if peer is None:
-            return
+    def _lost(self, verdict: Lost) -> None:
+        """A peer judged silent: its unfinished rooms fail, and it is told (it may be
+        alive and merely unreachable for a while: then it fails them too, with the
+        same reason, and both sides end the same way)."""
+        self._fail_peer_rooms(verdict.peer, verdict.rooms, verdict.why, tell=True)
+
+    def _peer_lost(self, address: str, why: str, *, tell: bool) -> None:
+        """``address`` is gone (its transport closed, or another process answers
+        there): its unfinished rooms fail; ``tell``: send it their aborts first."""
+        self._fail_peer_rooms(address, self._liveness.forget(address), why, tell=tell)
+
+    def _fail_peer_rooms(
+        self, address: str, rooms: frozenset[int], why: str, *, tell: bool
+    ) -> None:
         affected = [
-            r for r in sorted(peer.rooms) if r in self._rooms and not self._rooms[r].state.is_final
+            r for r in sorted(rooms) if r in self._rooms and not self._rooms[r].state.is_final
         ]
-        if not affected:
+        if affected:
+            self._stats["peers_lost"] += 1
+            log.warning("peer %s %s: failing %d unfinished rooms", address, why, len(affected))
+        else:
             log.debug("peer %s %s", address, why)
-            return
-        self._stats["peers_lost"] += 1
-        log.warning("peer %s %s: failing %d unfinished rooms", address, why, len(affected))
         for room in affected:
-            self._fail(room, self._rooms[room], f"peer {address} {why}", tell=False)
+            # the room's other peers are told in any case; the lost one only if asked
+            self._fail(
+                room, self._rooms[room], f"peer {address} {why}", exclude=None if tell else address
+            )
+        self._forget_peer(address)
+        self._transport.forget(address)  # no socket kept open to a dead peer (after the aborts)
 
     # -- room helpers (the lock is held, on the I/O thread) ----------------------------
     def _send(self, peer: str, message: Any) -> None:
@@ -745,10 +762,7 @@ class Endpoint(Generic[R]):
 
     def _watch(self, room: int, rec: R, peer: str) -> None:
         rec.peers.add(peer)
-        known = self._peers.get(peer)
-        if known is None:
-            known = self._peers[peer] = _Peer(time.monotonic())
-        known.rooms.add(room)
+        self._liveness.watch(peer, room, time.monotonic())
 
     def _register(self, room: int, rec: R) -> None:
         self._rooms[room] = rec
@@ -830,10 +844,7 @@ class Endpoint(Generic[R]):
         del self._status[room]
         self._changed.notify_all()
         self._waiter.wake()  # waiters on this room learn it is gone
-        for address in rec.peers:
-            peer = self._peers.get(address)
-            if peer is not None:
-                peer.rooms.discard(room)
+        self._liveness.unwatch(rec.peers, room)
         self._tombstones[room] = None
         while len(self._tombstones) > _TOMBSTONES:
             self._tombstones.popitem(last=False)

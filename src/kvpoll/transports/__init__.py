@@ -28,6 +28,7 @@ from typing import Any
 from kvpoll.transports.base import (
     Capabilities,
     MessageReceived,
+    PeerActive,
     PeerClosed,
     Region,
     RegionBoundsError,
@@ -44,6 +45,7 @@ from kvpoll.transports.spans import SpanBatch
 __all__ = [
     "Capabilities",
     "MessageReceived",
+    "PeerActive",
     "PeerClosed",
     "Region",
     "RegionBoundsError",

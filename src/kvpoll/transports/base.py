@@ -29,6 +29,7 @@ from kvpoll.ids import random_bits
 __all__ = [
     "Capabilities",
     "MessageReceived",
+    "PeerActive",
     "PeerClosed",
     "Region",
     "RegionBoundsError",
@@ -165,7 +166,17 @@ class PeerClosed:
     why: str = "closed its endpoint"
 
 
-TransportEvent = WriteDone | MessageReceived | PeerClosed
+@dataclass(frozen=True)
+class PeerActive:
+    """Something other than a control message came from ``peer`` (pieces of a
+    write, a write's answer, a grant): proof that it is alive, for an owner that
+    judges silence (:mod:`kvpoll.protocol.liveness`). Optional for a transport;
+    at most one per peer per :meth:`Transport.progress`."""
+
+    peer: str
+
+
+TransportEvent = WriteDone | MessageReceived | PeerClosed | PeerActive
 
 
 def new_region_id() -> int:

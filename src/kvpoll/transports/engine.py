@@ -189,6 +189,7 @@ class EngineTransport(ZmqTransport):
             ):
                 self._malformed(peer, "bad write grant request")
                 return True
+            self._alive(peer)
             table = np.frombuffer(frames[0], dtype="<u8", offset=_GRANT_HEAD.size)
             error = self._lookup_all(table.reshape(count, 3))
             if error is not None:
@@ -202,6 +203,7 @@ class EngineTransport(ZmqTransport):
             pending = self._pending.get(write_id)
             if writes is None or pending is None or pending.peer != peer:
                 return True  # a late answer for a write that already failed
+            self._alive(peer)
             if not ok:
                 self._finish(write_id, frames[1].decode("utf-8", "replace") or "refused")
                 return True

@@ -541,6 +541,7 @@ class UcxTransport(ZmqTransport):
         ):
             self._malformed(peer, "bad ucx write request")
             return
+        self._alive(peer)
         table = np.frombuffer(request, dtype="<u8", offset=_REQUEST_HEAD.size)
         table = table.reshape(count, 4)  # region id, offset, length, tag of each range
         error = self._lookup_all(table[:, :3])  # a few ranges: row by row, without NumPy
@@ -721,7 +722,9 @@ class UcxTransport(ZmqTransport):
 
     def _take_lanes(self) -> None:
         """Handle the lane messages that arrived, each lane's in order, reposting
-        each receive (at most a batch per lane and turn)."""
+        each receive (at most a batch per lane and turn). A lane's tag was told
+        over the control channel, so what comes on it proves its peer alive."""
+        self._trusted = True
         for peer, lane in list(self._lanes.ins.items()):
             for _ in range(_LANE_TURN):
                 request, buffer = lane.receives[0]

@@ -58,6 +58,7 @@ from kvpoll.transports.auth import ClusterKeys, ZapGate
 from kvpoll.transports.base import (
     Capabilities,
     MessageReceived,
+    PeerActive,
     PeerClosed,
     Region,
     RegionDescriptor,
@@ -98,6 +99,8 @@ _MANY = b"M"  # several control messages in one ZMQ message
 _MANY_COUNT = 128  # control messages in one M message, at most
 _MANY_BYTES = 256 * 1024  # a sender closes an M message once it holds this much
 _BATCH = 512
+_FORGET_LINGER_MS = 500  # a forgotten peer's socket still sends what was queued, this long
+_READ_TURN = 0.02  # seconds one progress() reads the router at most (a burst of writes)
 _FEW_RANGES = 16  # a batch of at most this many ranges is handled without NumPy columns
 _INCARNATION = "X-Kvpoll-Incarnation"  # handshake metadata: which instance connects
 _TARGETS = 4096  # destination descriptors whose shared memory is kept resolved
@@ -271,6 +274,10 @@ class ZmqTransport(Transport):
         self._incarnation = secrets.token_hex(8)
         self._incarnations: OrderedDict[str, str] = OrderedDict()  # peer -> its incarnation
         self._events: list[TransportEvent] = []
+        # peers heard this turn through frames other than control messages (PeerActive),
+        # counted only from a connection that proved the peer's incarnation
+        self._heard: set[str] = set()
+        self._trusted = False
         # (peer, write id, notice) of shared-memory writes done: the notices go out
         # together at the start of the next progress(), then the writes are reported
         self._landed: list[tuple[str, int, bytes]] = []
@@ -684,10 +691,12 @@ class ZmqTransport(Transport):
         return dealer
 
     def forget(self, peer: str) -> None:
-        """Close the socket to ``peer`` (a peer gone or no longer shared); reopened on need."""
+        """Close the socket to ``peer`` (a peer gone or no longer shared); reopened on
+        need. What was queued to it last (the aborts of its rooms) still goes out for
+        :data:`_FORGET_LINGER_MS`, in ZMQ's I/O thread."""
         dealer = self._dealers.pop(peer, None)
         if dealer is not None:
-            dealer.close(0)
+            dealer.close(_FORGET_LINGER_MS)
 
     # -- progress ------------------------------------------------------------------
     def progress(self, timeout: float) -> list[TransportEvent]:
@@ -707,17 +716,23 @@ class ZmqTransport(Transport):
             elif sock is self._monitor:
                 self._count_handshakes()
             elif sock is self._router:
+                until = time.monotonic() + _READ_TURN
                 for _ in range(_BATCH):
                     try:
                         ident = self._router.recv(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     peer = ident.bytes.decode("utf-8", "replace")
-                    self._check_incarnation(peer, ident)
+                    self._trusted = self._check_incarnation(peer, ident)
                     self._handle(peer)
+                    if time.monotonic() > until:  # the rest next turn (zmq_poll sees it
+                        break  # waiting): the turn's events and answers go out first
         self._progress_engine()
         self._send_landed()
         events, self._events = self._events, []
+        if self._heard:
+            events.extend(PeerActive(peer) for peer in self._heard)
+            self._heard.clear()
         return events
 
     def _count_handshakes(self) -> None:
@@ -769,15 +784,16 @@ class ZmqTransport(Transport):
         self._warn.warning("malformed frame", "dropped a malformed frame from %s: %s", peer, why)
         self._drain()
 
-    def _check_incarnation(self, peer: str, frame: zmq.Frame) -> None:
+    def _check_incarnation(self, peer: str, frame: zmq.Frame) -> bool:
         """A message from ``peer`` made by another incarnation than the one heard
-        before: that one is gone (its address was taken again), so it is closed."""
+        before: that one is gone (its address was taken again), so it is closed.
+        True when the message proved the incarnation now known for ``peer``."""
         try:
             incarnation = frame.get(_INCARNATION)
         except (zmq.ZMQError, KeyError, UnicodeDecodeError):  # a peer without the property
-            return
+            return False
         if not isinstance(incarnation, str):
-            return
+            return False
         known = self._incarnations.get(peer)
         self._incarnations[peer] = incarnation
         self._incarnations.move_to_end(peer)
@@ -786,6 +802,13 @@ class ZmqTransport(Transport):
         if known is not None and known != incarnation:
             self.stats["peers_replaced"] += 1
             self._peer_closed(peer, "is gone: another process answers at its address")
+        return True
+
+    def _alive(self, peer: str) -> None:
+        """A well-formed frame other than a control message came from ``peer``
+        (reported as :class:`PeerActive` at the end of the turn)."""
+        if self._trusted:
+            self._heard.add(peer)
 
     def _handle(self, peer: str) -> None:
         if not self._router.getsockopt(zmq.RCVMORE):
@@ -830,6 +853,7 @@ class ZmqTransport(Transport):
         pending = self._pending.get(write_id)
         if pending is None or pending.peer != peer:
             return  # a late acknowledgement of a write that already timed out
+        self._alive(peer)
         self._finish(write_id, None if ok else error.decode("utf-8", "replace") or "rejected")
 
     def _handle_many(self, peer: str) -> None:
@@ -866,6 +890,7 @@ class ZmqTransport(Transport):
         ):
             self._malformed(peer, "bad write header")
             return
+        self._alive(peer)
         key = (peer, write_id)
         error = self._incoming_errors.get(key)
         for i in range(count):
