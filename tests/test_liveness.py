@@ -44,7 +44,8 @@ def test_time_spent_busy_here_never_counts_against_a_peer() -> None:
     assert live.beat(11.0, _always) == (["p"], [])
     assert live.beat(12.0, _always) == (["p"], [])
     ping, lost = live.beat(13.0, _always)
-    assert ping == [] and [v.peer for v in lost] == ["p"]
+    assert ping == []
+    assert [v.peer for v in lost] == ["p"]
     assert lost[0].rooms == frozenset({7})
     assert "3 heartbeats of 1 s unanswered" in lost[0].why
 
@@ -55,8 +56,10 @@ def test_a_peer_without_unfinished_rooms_is_dropped_and_a_stranger_ignored() -> 
     live.watch("q", 8, now=0.0)
     live.heard("stranger", 0.5)  # not watched: nothing happens
     ping, lost = live.beat(1.0, lambda room: room == 8)
-    assert ping == ["q"] and lost == []
-    assert not live.watched("p") and not live.watched("stranger")
+    assert ping == ["q"]
+    assert lost == []
+    assert not live.watched("p")
+    assert not live.watched("stranger")
     live.unwatch(["q"], 8)
     assert live.beat(2.0, _always) == ([], [])
     assert live.forget("q") == frozenset()

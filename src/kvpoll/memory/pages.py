@@ -13,7 +13,7 @@ from typing import Any
 
 from kvpoll.errors import InvalidArgument
 
-__all__ = ["MAX_RUNS", "PageList", "Run", "as_runs", "pair_runs"]
+__all__ = ["MAX_RUNS", "PageLedger", "PageList", "Run", "as_runs", "first_repeat", "pair_runs"]
 
 Run = tuple[int, int]
 MAX_RUNS = 1 << 16
@@ -138,3 +138,65 @@ def pair_runs(src: Sequence[Run], dst: Sequence[Run]) -> list[tuple[int, int, in
             if j < len(dst):
                 di, dc = dst[j]
     return out
+
+
+def first_repeat(runs: Iterable[Run]) -> int | None:
+    """A page that two runs share (one page listed twice), or None."""
+    end = -1
+    for first, count in sorted(runs):
+        if first < end:
+            return first
+        end = max(end, first + count)
+    return None
+
+
+class PageLedger:
+    """Which pages of one pool the live rooms hold: each page by one room at most.
+
+    Held as sorted, disjoint intervals (a page run of any length costs one
+    entry), so a peer's pool of 2**40 pages costs no more than a small one.
+    """
+
+    __slots__ = ("_ends", "_held", "_owners", "_starts")
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._owners: list[int] = []
+        self._held: dict[int, list[Run]] = {}
+
+    def __len__(self) -> int:
+        """Rooms holding pages."""
+        return len(self._held)
+
+    def conflict(self, runs: Iterable[Run], *, but: int | None = None) -> tuple[int, int] | None:
+        """(a page, the room holding it) for the first of ``runs`` held by a room
+        other than ``but``, or None."""
+        starts, ends, owners = self._starts, self._ends, self._owners
+        for first, count in runs:
+            end = first + count
+            i = max(0, bisect.bisect_right(starts, first) - 1)
+            while i < len(starts) and starts[i] < end:
+                if ends[i] > first and owners[i] != but:
+                    return max(first, starts[i]), owners[i]
+                i += 1
+        return None
+
+    def hold(self, room: int, runs: Iterable[Run]) -> None:
+        """Mark ``runs`` held by ``room`` (checked free with :meth:`conflict` first)."""
+        held = self._held.setdefault(room, [])
+        for first, count in runs:
+            i = bisect.bisect_left(self._starts, first)
+            self._starts.insert(i, first)
+            self._ends.insert(i, first + count)
+            self._owners.insert(i, room)
+            held.append((first, count))
+
+    def release(self, room: int) -> None:
+        """Free every page ``room`` holds (nothing if it holds none)."""
+        for first, _ in self._held.pop(room, ()):
+            i = bisect.bisect_left(self._starts, first)
+            while i < len(self._starts) and self._starts[i] == first and self._owners[i] != room:
+                i += 1
+            if i < len(self._starts) and self._starts[i] == first:
+                del self._starts[i], self._ends[i], self._owners[i]

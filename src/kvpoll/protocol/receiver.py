@@ -14,7 +14,7 @@ import torch
 from kvpoll.errors import DuplicateRoom, IllegalTransition, InvalidArgument, ResourceExhausted
 from kvpoll.ids import random_bits
 from kvpoll.memory.arena import Arenas, Lease
-from kvpoll.memory.pages import PageList
+from kvpoll.memory.pages import PageLedger, PageList, Run, first_repeat
 from kvpoll.memory.pool import PagedPool, dtype_name
 from kvpoll.memory.shm import SegmentError
 from kvpoll.protocol.endpoint import Endpoint, RoomBase, TransferIncomplete
@@ -178,6 +178,27 @@ def _check_fits(room: int, rows: int, shape: tuple[int, ...], dtype: torch.dtype
         )
 
 
+def _distinct_pages(pool: PagedPool, pages: Any, room: int) -> list[Run]:
+    """``pages`` of ``pool`` as runs, each page once.
+
+    Raises:
+        InvalidArgument: a page outside the pool, or one listed twice (two of
+            the room's pages would be the same memory).
+    """
+    runs = pool.check_pages(pages, what=f"room {room}: pages")
+    twice = first_repeat(runs)
+    if twice is not None:
+        raise InvalidArgument(
+            f"room {room}: page {twice} is listed twice: each page holds tokens of its own"
+        )
+    return runs
+
+
+def _page_runs(part: _Part, page_size: int) -> list[Run]:
+    """The pool pages a part's token runs lie on."""
+    return [(first // page_size, -(-count // page_size)) for first, count in part.tokens.runs()]
+
+
 def _span(tensor: torch.Tensor) -> tuple[int, int]:
     start = tensor.data_ptr()
     return start, start + tensor.numel() * tensor.element_size()
@@ -219,6 +240,9 @@ class Receiver(Endpoint[_ReceiverRoom]):
     def _setup(self) -> None:
         self._arenas = Arenas(self._transport.memory_kind())
         self._paths = list(self._transport.paths())  # fixed for the transport's life
+        # pool id -> the pages its live (unfinished) rooms were offered: a page is
+        # offered to one live room at a time, so no room's data overwrites another's
+        self._ledgers: dict[int, PageLedger] = {}
 
     def _teardown(self) -> None:
         self._arenas.close()  # descriptors go now; views keep their memory mapped
@@ -281,7 +305,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
             pool = self._default_pool(pool, f"room {room}")
             if buffer is not None:
                 raise InvalidArgument(f"room {room}: open() takes pool pages or a buffer, not both")
-            runs = pool.check_pages(pages, what=f"room {room}: pages")
+            runs = _distinct_pages(pool, pages, room)
             if not runs:
                 raise InvalidArgument(f"room {room}: open() needs at least one page")
             if aux_index is not None and (
@@ -389,9 +413,51 @@ class Receiver(Endpoint[_ReceiverRoom]):
     ) -> _ReceiverRoom:
         """A new record of a room on pages of ``pool`` (not registered yet)."""
         rec = self._new_room(room, sender, rank, token)
+        self._check_free(room, pool, runs)
         rec.pool, rec.aux_index, rec.auto_resume = pool, aux_index, False
         rec.parts.append(_Part(0, pool, token_runs(runs, pool.page_size)))
         return rec
+
+    def _check_free(
+        self, room: int, pool: PagedPool, runs: list[Run], *, resume: bool = False
+    ) -> None:
+        """Refuse pages another live room of the pool holds (and, opening a room,
+        any held at all: a room id open twice is refused before this).
+
+        A resume may offer the room's own earlier pages again: resuming says
+        what arrived there was taken out (the seed's "consume and free").
+
+        Raises:
+            InvalidArgument: naming a page and the room holding it.
+        """
+        ledger = self._ledgers.get(pool.id)
+        held = ledger.conflict(runs, but=room if resume else None) if ledger else None
+        if held is not None:
+            page, other = held
+            raise InvalidArgument(
+                f"room {room}: page {page} of the pool is offered to room {other}, which is "
+                "not finished; a page is offered to one unfinished room at a time"
+            )
+
+    def _hold_pages(self, room: int, pool: PagedPool, runs: list[Run]) -> None:
+        ledger = self._ledgers.get(pool.id)
+        if ledger is None:
+            ledger = self._ledgers[pool.id] = PageLedger()
+        ledger.hold(room, runs)
+
+    def _release_pages(self, room: int, rec: _ReceiverRoom) -> None:
+        pool = rec.pool
+        ledger = self._ledgers.get(pool.id) if pool is not None else None
+        if pool is not None and ledger is not None:
+            ledger.release(room)
+            if not len(ledger):
+                del self._ledgers[pool.id]
+
+    def _register(self, room: int, rec: _ReceiverRoom) -> None:
+        super()._register(room, rec)
+        if rec.pool is not None:  # the application's pages: held until the room ends
+            for part in rec.parts:
+                self._hold_pages(room, rec.pool, _page_runs(part, rec.pool.page_size))
 
     def _buffer_room(
         self,
@@ -619,9 +685,10 @@ class Receiver(Endpoint[_ReceiverRoom]):
         if rec.pool is not None:
             if pages is None or buffer is not None:
                 raise InvalidArgument(f"room {room}: a room on a pool resumes with pages=")
-            runs = rec.pool.check_pages(pages, what=f"room {room}: pages")
+            runs = _distinct_pages(rec.pool, pages, room)
             if not runs:
                 raise InvalidArgument(f"room {room}: a resume needs at least one page")
+            self._check_free(room, rec.pool, runs, resume=True)
             self._resume_pages(room, rec, runs)
             return
         if pages is not None:
@@ -636,6 +703,8 @@ class Receiver(Endpoint[_ReceiverRoom]):
         assert pool is not None
         delivered = rec.state.sent_tokens
         rec.parts.append(_Part(delivered, pool, token_runs(runs, pool.page_size)))
+        self._release_pages(room, rec)  # the earlier pages were taken out: resuming says so
+        self._hold_pages(room, pool, runs)
         if self._step(room, rec, "resumed", lambda: rec.state.resumed(sent_tokens=delivered)):
             self._send(
                 rec.sender,
@@ -807,11 +876,13 @@ class Receiver(Endpoint[_ReceiverRoom]):
             entry.release(self._transport)
 
     def _finished(self, room: int, rec: _ReceiverRoom) -> None:
+        self._release_pages(room, rec)
         if rec.state.status is TransferStatus.Failed:
             # A sender may still write into this memory: quarantine it, never hand it on now.
             self._give_back(rec, quarantine=True)
 
     def _released(self, room: int, rec: _ReceiverRoom) -> None:
+        self._release_pages(room, rec)
         self._give_back(rec, quarantine=False)
         rec.chunks.clear()
 

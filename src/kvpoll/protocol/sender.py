@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from kvpoll.errors import DuplicateRoom, IllegalTransition, InvalidArgument
-from kvpoll.memory.pages import PageList, pair_runs
+from kvpoll.memory.pages import PageLedger, PageList, Run, first_repeat, pair_runs
 from kvpoll.memory.pool import PagedPool, dtype_name
 from kvpoll.protocol.endpoint import Endpoint, RoomBase
 from kvpoll.protocol.messages import (
@@ -85,6 +85,7 @@ class _Source:
 
     entry: Registered
     tokens: PageList = field(default_factory=PageList)
+    pages: list[Run] = field(default_factory=list)  # every page sent so far, as runs
     last: bool = False
     aux_index: int | None = None
     aux_bytes: bytes = b""
@@ -104,6 +105,7 @@ class _SenderRoom(RoomBase):
         "aux_done",
         "aux_with",
         "data",
+        "dest_pools",
         "dests",
         "in_flight",
         "planned",
@@ -121,6 +123,7 @@ class _SenderRoom(RoomBase):
         self.token = token
         self.aux_with = aux_with
         self.dests: dict[int, _Dest] = {}
+        self.dest_pools: set[tuple[str, int]] = set()  # keys of the ledgers holding its pages
         self.data: _Source | None = None
         self.in_flight: set[int] = set()
         self.written = 0  # tokens every destination confirmed (stepped or not yet)
@@ -195,6 +198,11 @@ def _spans(
     return SpanBatch(pairs, *columns)
 
 
+def _pool_key(peer: str, pool: PeerPool) -> tuple[str, int]:
+    """Which memory of ``peer`` a pool is (its first buffer's region id is unique)."""
+    return peer, pool.buffers[0].region.region_id
+
+
 def _cost(message: Bootstrap) -> int:
     """What a waiting bootstrap holds, in page runs (one for the inline form)."""
     return 1 + len(message.pages or ())
@@ -255,6 +263,9 @@ class Sender(Endpoint[_SenderRoom]):
         self._host = boot_id()
         self._spoken = list(self._transport.paths())  # fixed for the transport's life
         self._peer_pools: dict[str, OrderedDict[int, PeerPool]] = {}
+        # (peer, its pool's first region id) -> the pages of that pool its live rooms
+        # offered: a receiver's page is written for one unfinished room at a time
+        self._dest_pages: dict[tuple[str, int], PageLedger] = {}
 
     # -- public ------------------------------------------------------------------
     def add(
@@ -350,6 +361,11 @@ class Sender(Endpoint[_SenderRoom]):
             raise InvalidArgument(f"room {room}: send() needs a tensor, or pages= of a pool")
         pool = self._default_pool(pool, f"room {room}")
         runs = pool.check_pages(pages, what=f"room {room}: pages")
+        twice = first_repeat(runs)
+        if twice is not None:
+            raise InvalidArgument(
+                f"room {room}: page {twice} is listed twice: each page holds tokens of its own"
+            )
         if tokens is not None:
             _check_int(room, "tokens", tokens, 0)
         if aux_index is not None:
@@ -472,6 +488,11 @@ class Sender(Endpoint[_SenderRoom]):
             raise InvalidArgument(f"room {room}: the data already ended in a partial page")
         if given == 0 and is_last and (data is None or not len(data.tokens)):
             raise InvalidArgument(f"room {room}: a room needs at least one token")
+        again = first_repeat(data.pages + runs) if data is not None and not owned else None
+        if again is not None:
+            raise InvalidArgument(
+                f"room {room}: page {again} was sent in an earlier send() of this room"
+            )
         if data is None:
             try:
                 entry = self._pool_entry(pool)
@@ -480,6 +501,7 @@ class Sender(Endpoint[_SenderRoom]):
             entry.internal = entry.internal or owned
             data = rec.data = _Source(entry, aux_bytes=aux)
         data.tokens.extend(token_runs(runs, pool.page_size, given).runs())
+        data.pages.extend(runs)
         data.last = is_last
         if aux_index is not None:
             data.aux_index = aux_index
@@ -542,6 +564,14 @@ class Sender(Endpoint[_SenderRoom]):
             why = pool.check_runs(runs)
             if why is not None:
                 return why
+            twice = first_repeat(runs)
+            if twice is not None:
+                return f"page {twice} is offered twice"
+            ledger = self._dest_pages.get(_pool_key(peer, pool))
+            but = message.room if isinstance(message, Resume) else None  # taken out: reusable
+            held = ledger.conflict(runs, but=but) if ledger is not None else None
+            if held is not None:
+                return f"page {held[0]} of the pool is offered to room {held[1]}, unfinished here"
             return pool, token_runs(runs, pool.page_size)
         region, tokens = message.region, message.allocated_tokens
         assert region is not None
@@ -617,6 +647,8 @@ class Sender(Endpoint[_SenderRoom]):
             message.aux_index,
             whole=message.whole or message.region is not None,
         )
+        if message.pages is not None:
+            self._hold_dest(room, peer, pool, tokens)
         self._watch(room, rec, peer)
         rec.paths.add(path)
         data = rec.data
@@ -705,6 +737,9 @@ class Sender(Endpoint[_SenderRoom]):
             return
         dest.resumed_at = message.sent_tokens
         dest.pool, dest.tokens, dest.base = memory[0], memory[1], delivered
+        if message.pages is not None:
+            self._release_dests(message.room, rec)  # what arrived before was taken out
+            self._hold_dest(message.room, peer, dest.pool, dest.tokens)
         if all(d.capacity > delivered for d in rec.dests.values()) and self._step(
             message.room, rec, "resumed", lambda: rec.state.resumed(sent_tokens=delivered)
         ):
@@ -900,13 +935,33 @@ class Sender(Endpoint[_SenderRoom]):
                     peer, message, f"no room {room} was added at the sender within {limit:g} s"
                 )
 
+    def _hold_dest(self, room: int, peer: str, pool: PeerPool, tokens: PageList) -> None:
+        key = _pool_key(peer, pool)
+        ledger = self._dest_pages.get(key)
+        if ledger is None:
+            ledger = self._dest_pages[key] = PageLedger()
+        size = pool.page_size
+        ledger.hold(room, [(first // size, -(-n // size)) for first, n in tokens.runs()])
+        self._rooms[room].dest_pools.add(key)
+
+    def _release_dests(self, room: int, rec: _SenderRoom) -> None:
+        for key in rec.dest_pools:
+            ledger = self._dest_pages.get(key)
+            if ledger is not None:
+                ledger.release(room)
+                if not len(ledger):
+                    del self._dest_pages[key]
+        rec.dest_pools.clear()
+
     def _finished(self, room: int, rec: _SenderRoom) -> None:
+        self._release_dests(room, rec)
         data = rec.data
         if data is not None and data.owned and not rec.in_flight:
             self._pools.pop(data.entry.pool.id, None)
             data.entry.release(self._transport)
 
     def _released(self, room: int, rec: _SenderRoom) -> None:
+        self._release_dests(room, rec)
         data = rec.data
         if data is not None and data.owned and data.entry.regions:
             self._pools.pop(data.entry.pool.id, None)
