@@ -92,6 +92,29 @@ def test_1_a_flood_of_identities_keeps_sockets_bounded_and_the_io_thread_alive(
         room_from(t, rx, 2)
 
 
+def test_1100_made_up_identities_with_default_options_leave_a_real_room_success(
+    tmp_path: Path, ctx: Ctx
+) -> None:
+    """More identities than ZMQ's own per-context limit (1,023 sockets), each sending a
+    heartbeat, against an idle sender with every option at its default: the sender
+    answers each, keeps at most ``max_peers`` sockets, and a new real receiver's
+    room succeeds (the context's limit sits above ``max_peers``)."""
+    with target(tmp_path, "sender") as t, Receiver("zmq") as rx:
+        base = t.stats["messages_in"]
+        ctx.set(zmq.MAX_SOCKETS, 4096)
+        for i in range(1100):
+            sock = raw_dealer(ctx, t.address, f"tcp://127.0.{i // 250}.{i % 250 + 1}:9")
+            sock.send_multipart([b"C", encode(Heartbeat(seq=i))])
+            sock.close(linger=5000)
+            if i % 200 == 199:  # delivered before more are opened (this process's fds)
+                t.wait_stat("messages_in", base + i + 1)
+        stats = t.wait_stat("messages_in", base + 1100)
+        assert stats["send_errors"] == 0, stats  # every one was answered
+        assert t.call("alive")
+        room_from(t, rx, 1)
+        assert t.stats["send_errors"] == 0
+
+
 def _receivers(transport: str, address: str, rooms: list[int], done: Any, exit_: bool) -> None:
     """One receiver endpoint per room, each a peer of its own; then gone without close()."""
     from kvpoll import Receiver

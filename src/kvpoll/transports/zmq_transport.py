@@ -37,6 +37,7 @@ import contextlib
 import itertools
 import logging
 import os
+import resource
 import secrets
 import struct
 import time
@@ -99,6 +100,7 @@ _MANY = b"M"  # several control messages in one ZMQ message
 _MANY_COUNT = 128  # control messages in one M message, at most
 _MANY_BYTES = 256 * 1024  # a sender closes an M message once it holds this much
 _BATCH = 512
+_OWN_SOCKETS = 64  # a context's sockets beside the peers' (router, monitor, ZAP, inproc)
 _FORGET_LINGER_MS = 500  # a forgotten peer's socket still sends what was queued, this long
 _READ_TURN = 0.02  # seconds one progress() reads the router at most (a burst of writes)
 _FEW_RANGES = 16  # a batch of at most this many ranges is handled without NumPy columns
@@ -111,6 +113,7 @@ _HEARTBEAT_MS = 1000  # ZMTP heartbeats: a dead connection is closed within the 
 _HEARTBEAT_TIMEOUT_MS = 5000
 _LOOPBACK = ("127.", "localhost", "::1")
 _warned_open = False
+_warned_descriptors = False
 _HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -205,6 +208,9 @@ class ZmqTransport(Transport):
             )
         self._keys = ClusterKeys.from_file(secret_file) if secret_file else None
         self._ctx = zmq.Context(io_threads=1)
+        # ZMQ's own limit (1,023 sockets a context by default) must sit above ours
+        self._ctx.set(zmq.MAX_SOCKETS, max_peers + _OWN_SOCKETS)
+        _ensure_descriptors(max_peers)
         self._gate = ZapGate(self._ctx, self._keys) if self._keys is not None else None
         self._router = self._ctx.socket(zmq.ROUTER)
         self._max_queued = max_queued
@@ -1108,6 +1114,34 @@ def _copy_in_order(
         copy(
             memory[start : start + span.nbytes],
             source[span.src_offset : span.src_offset + span.nbytes],
+        )
+
+
+def _ensure_descriptors(max_peers: int) -> None:
+    """Raise this process's soft limit of open files (never above the hard limit)
+    so that ``max_peers`` sockets fit: each takes a descriptor for its connection
+    and one for ZMQ's mailbox, and each peer connecting to us one more. Where
+    the hard limit is too low, warn once: past it sockets fail to open (a
+    room's message then fails that room, never the I/O thread)."""
+    global _warned_descriptors
+    need = 3 * (max_peers + _OWN_SOCKETS) + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    target = need if hard == resource.RLIM_INFINITY else min(hard, need)
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft < need and not _warned_descriptors:
+        _warned_descriptors = True
+        log.warning(
+            "this process may open %d files (hard limit %s); max_peers=%d needs about %d: "
+            "raise the limit (ulimit -n) or lower max_peers",
+            soft,
+            hard,
+            max_peers,
+            need,
         )
 
 
