@@ -106,3 +106,57 @@ def flood_sender(
         }
     )
     time.sleep(600)
+
+
+SCATTER_ROOMS = 2000
+SCATTER_RANGES = 1000
+SCATTER_ROW = 64  # bytes of one page (one token): a range each
+
+
+def scatter_layout(transport: str) -> dict[str, Any]:
+    return {
+        "page_size": 1,
+        "buffers": [((SCATTER_ROW,), torch.uint8)],
+        "transport": transport,
+    }
+
+
+def scatter_source_pages() -> list[int]:
+    """The sender's pages every room reads: every other page, so none is consecutive."""
+    return list(range(0, 2 * SCATTER_RANGES, 2))
+
+
+def scatter_dest_pages(room: int) -> list[int]:
+    """Room ``room``'s pages at the receiver: one in every ``SCATTER_ROOMS``."""
+    return [room + SCATTER_ROOMS * i for i in range(SCATTER_RANGES)]
+
+
+def scatter_sender(transport: str, options: dict[str, Any], info: Any, control: Any) -> None:
+    """Add every room, then send each (its 1,000 scattered pages) once told to,
+    all at once; report the final statuses and counters."""
+    from kvpoll import PagedPool, Sender
+
+    tx = Sender(transport, transport_options=options)
+    pool = PagedPool.allocate(num_pages=2 * SCATTER_RANGES, **scatter_layout(transport))
+    pool.buffers[0].copy_(
+        (torch.arange(2 * SCATTER_RANGES * SCATTER_ROW) % 253).to(torch.uint8).view(-1, SCATTER_ROW)
+    )
+    tx.register(pool)
+    rooms = list(range(SCATTER_ROOMS))
+    for room in rooms:
+        tx.add(room)
+    info.put(tx.address)
+    control.get(timeout=300)  # every room is open at the receiver
+    pages = scatter_source_pages()
+    for room in rooms:
+        tx.send(room, pages=pages, pool=pool, is_last=True)
+    finals: dict[int, str] = {}
+    deadline = time.monotonic() + 240
+    left = set(rooms)
+    while left and time.monotonic() < deadline:
+        for room, status in tx.wait_any(left, timeout=1).items():
+            finals[room] = status.name
+            left.discard(room)
+    reasons = {r: tx.info(r).reason for r, s in finals.items() if s != "Success"}
+    info.put({"finals": finals, "unfinished": sorted(left), "reasons": reasons, "stats": tx.stats})
+    time.sleep(600)

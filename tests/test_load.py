@@ -13,13 +13,21 @@ import torch
 from kvpoll import PagedPool, Receiver, StatusChange
 from kvpoll import TransferStatus as S
 from kvpoll.protocol import Sender
+from tests.helpers import need_transport
 from tests.load_peers import (
     BUFFERS,
     PAGE_SIZE,
     ROOM_PAGES,
+    SCATTER_RANGES,
+    SCATTER_ROOMS,
+    SCATTER_ROW,
     flood_sender,
     layout,
     page_pattern,
+    scatter_dest_pages,
+    scatter_layout,
+    scatter_sender,
+    scatter_source_pages,
     scheduler_loop,
     source_pages,
 )
@@ -113,3 +121,45 @@ def test_a_busy_endpoint_does_not_judge_its_peer_dead() -> None:
         assert torch.equal(rx.result(1).tensor(), data)
         assert rx.stats["peers_lost"] == 0
         assert tx.stats["peers_lost"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("transport", ["zmq", "ucx", "nixl", "mooncake"])
+def test_2000_rooms_of_1000_scattered_ranges_in_flight_all_succeed(
+    spawn: Any, transport: str
+) -> None:
+    """Every room opened and sent at once: 2,000,000 ranges handed to the transport
+    together. Each transport keeps its engine's queues below their limits and the
+    rest waits for its turn: no room fails, and every range lands."""
+    need_transport(transport)
+    ctx, start = spawn
+    info, control = ctx.Queue(), ctx.Queue()
+    options = {"shm": False} if transport == "zmq" else {}
+    start(scatter_sender, transport, options, info, control)
+    address = info.get(timeout=120)
+    pool = PagedPool.allocate(num_pages=SCATTER_ROOMS * SCATTER_RANGES, **scatter_layout(transport))
+    with Receiver(transport, transport_options=options) as rx:
+        for room in range(SCATTER_ROOMS):
+            rx.open(room, address, pool=pool, pages=scatter_dest_pages(room))
+        control.put("go")
+        left = set(range(SCATTER_ROOMS))
+        finals: dict[int, str] = {}
+        deadline = time.monotonic() + 300
+        while left and time.monotonic() < deadline:
+            for room, status in rx.wait_any(left, timeout=1).items():
+                finals[room] = status.name
+                left.discard(room)
+        report = info.get(timeout=300)
+        reasons = {r: rx.info(r).reason for r, s in finals.items() if s != "Success"}
+    assert not left, f"{len(left)} rooms unfinished here"
+    assert not reasons, f"{len(reasons)} rooms failed here, e.g. {next(iter(reasons.items()))}"
+    assert not report["unfinished"]
+    assert not report["reasons"], next(iter(report["reasons"].items()))
+    source = (torch.arange(2 * SCATTER_RANGES * SCATTER_ROW) % 253).to(torch.uint8)
+    source = source.view(-1, SCATTER_ROW)
+    src_pages = scatter_source_pages()
+    for room in range(0, SCATTER_ROOMS, 97):
+        dst = scatter_dest_pages(room)
+        for i in range(0, SCATTER_RANGES, 37):
+            assert torch.equal(pool.buffers[0][dst[i]], source[src_pages[i]]), (room, i)

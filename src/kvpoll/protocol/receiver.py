@@ -442,7 +442,7 @@ class Receiver(Endpoint[_ReceiverRoom]):
     def _hold_pages(self, room: int, pool: PagedPool, runs: list[Run]) -> None:
         ledger = self._ledgers.get(pool.id)
         if ledger is None:
-            ledger = self._ledgers[pool.id] = PageLedger()
+            ledger = self._ledgers[pool.id] = PageLedger(pool.num_pages)
         ledger.hold(room, runs)
 
     def _release_pages(self, room: int, rec: _ReceiverRoom) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from kvpoll.errors import DuplicateRoom, IllegalTransition, InvalidArgument
-from kvpoll.memory.pages import PageLedger, PageList, Run, first_repeat, pair_runs
+from kvpoll.memory.pages import PageList, Run, first_repeat, pair_runs
 from kvpoll.memory.pool import PagedPool, dtype_name
 from kvpoll.protocol.endpoint import Endpoint, RoomBase
 from kvpoll.protocol.messages import (
@@ -105,7 +105,6 @@ class _SenderRoom(RoomBase):
         "aux_done",
         "aux_with",
         "data",
-        "dest_pools",
         "dests",
         "in_flight",
         "planned",
@@ -123,7 +122,6 @@ class _SenderRoom(RoomBase):
         self.token = token
         self.aux_with = aux_with
         self.dests: dict[int, _Dest] = {}
-        self.dest_pools: set[tuple[str, int]] = set()  # keys of the ledgers holding its pages
         self.data: _Source | None = None
         self.in_flight: set[int] = set()
         self.written = 0  # tokens every destination confirmed (stepped or not yet)
@@ -198,11 +196,6 @@ def _spans(
     return SpanBatch(pairs, *columns)
 
 
-def _pool_key(peer: str, pool: PeerPool) -> tuple[str, int]:
-    """Which memory of ``peer`` a pool is (its first buffer's region id is unique)."""
-    return peer, pool.buffers[0].region.region_id
-
-
 def _cost(message: Bootstrap) -> int:
     """What a waiting bootstrap holds, in page runs (one for the inline form)."""
     return 1 + len(message.pages or ())
@@ -263,9 +256,6 @@ class Sender(Endpoint[_SenderRoom]):
         self._host = boot_id()
         self._spoken = list(self._transport.paths())  # fixed for the transport's life
         self._peer_pools: dict[str, OrderedDict[int, PeerPool]] = {}
-        # (peer, its pool's first region id) -> the pages of that pool its live rooms
-        # offered: a receiver's page is written for one unfinished room at a time
-        self._dest_pages: dict[tuple[str, int], PageLedger] = {}
 
     # -- public ------------------------------------------------------------------
     def add(
@@ -565,13 +555,8 @@ class Sender(Endpoint[_SenderRoom]):
             if why is not None:
                 return why
             twice = first_repeat(runs)
-            if twice is not None:
+            if twice is not None:  # two ranges would write the same memory
                 return f"page {twice} is offered twice"
-            ledger = self._dest_pages.get(_pool_key(peer, pool))
-            but = message.room if isinstance(message, Resume) else None  # taken out: reusable
-            held = ledger.conflict(runs, but=but) if ledger is not None else None
-            if held is not None:
-                return f"page {held[0]} of the pool is offered to room {held[1]}, unfinished here"
             return pool, token_runs(runs, pool.page_size)
         region, tokens = message.region, message.allocated_tokens
         assert region is not None
@@ -647,8 +632,6 @@ class Sender(Endpoint[_SenderRoom]):
             message.aux_index,
             whole=message.whole or message.region is not None,
         )
-        if message.pages is not None:
-            self._hold_dest(room, peer, pool, tokens)
         self._watch(room, rec, peer)
         rec.paths.add(path)
         data = rec.data
@@ -737,9 +720,6 @@ class Sender(Endpoint[_SenderRoom]):
             return
         dest.resumed_at = message.sent_tokens
         dest.pool, dest.tokens, dest.base = memory[0], memory[1], delivered
-        if message.pages is not None:
-            self._release_dests(message.room, rec)  # what arrived before was taken out
-            self._hold_dest(message.room, peer, dest.pool, dest.tokens)
         if all(d.capacity > delivered for d in rec.dests.values()) and self._step(
             message.room, rec, "resumed", lambda: rec.state.resumed(sent_tokens=delivered)
         ):
@@ -935,33 +915,13 @@ class Sender(Endpoint[_SenderRoom]):
                     peer, message, f"no room {room} was added at the sender within {limit:g} s"
                 )
 
-    def _hold_dest(self, room: int, peer: str, pool: PeerPool, tokens: PageList) -> None:
-        key = _pool_key(peer, pool)
-        ledger = self._dest_pages.get(key)
-        if ledger is None:
-            ledger = self._dest_pages[key] = PageLedger()
-        size = pool.page_size
-        ledger.hold(room, [(first // size, -(-n // size)) for first, n in tokens.runs()])
-        self._rooms[room].dest_pools.add(key)
-
-    def _release_dests(self, room: int, rec: _SenderRoom) -> None:
-        for key in rec.dest_pools:
-            ledger = self._dest_pages.get(key)
-            if ledger is not None:
-                ledger.release(room)
-                if not len(ledger):
-                    del self._dest_pages[key]
-        rec.dest_pools.clear()
-
     def _finished(self, room: int, rec: _SenderRoom) -> None:
-        self._release_dests(room, rec)
         data = rec.data
         if data is not None and data.owned and not rec.in_flight:
             self._pools.pop(data.entry.pool.id, None)
             data.entry.release(self._transport)
 
     def _released(self, room: int, rec: _SenderRoom) -> None:
-        self._release_dests(room, rec)
         data = rec.data
         if data is not None and data.owned and data.entry.regions:
             self._pools.pop(data.entry.pool.id, None)

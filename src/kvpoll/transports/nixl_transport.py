@@ -26,6 +26,7 @@ import torch
 
 from kvpoll.transports.base import Capabilities, TransportError
 from kvpoll.transports.engine import EngineTransport
+from kvpoll.transports.inflight import Limits
 from kvpoll.transports.spans import SpanBatch
 
 os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
@@ -124,6 +125,12 @@ class NixlTransport(EngineTransport):
     capabilities: ClassVar[Capabilities] = Capabilities(
         zero_copy=True, same_host_only=False, device_memory=False, notices=True
     )
+    in_flight: ClassVar[Limits] = Limits(
+        peer_ranges=16384, peer_bytes=1 << 30, ranges=65536, bytes=4 << 30
+    )
+    """Descriptors of NIXL transfers posted at once (each batch is one transfer
+    whose descriptor list holds its ranges; see docs/transports/nixl.md for
+    what was measured)."""
 
     def __init__(
         self,

@@ -57,6 +57,7 @@ from kvpoll.transports.base import (
     TransportError,
     as_bytes,
 )
+from kvpoll.transports.inflight import Limits
 from kvpoll.transports.shm import Segment
 from kvpoll.transports.spans import SpanBatch
 from kvpoll.transports.ucx_lane import (
@@ -265,6 +266,14 @@ class UcxTransport(ZmqTransport):
     )
     """Device memory needs a GPU and a UCX built with CUDA (``register`` says
     which is missing); pooled buffers from ``allocate`` are host memory."""
+    in_flight: ClassVar[Limits] = Limits(
+        peer_ranges=MAX_PEER_RECEIVES // 4, peer_bytes=1 << 30, ranges=1 << 16, bytes=4 << 30
+    )
+    """A destination posts one receive per range and takes at most
+    ``MAX_PEER_RECEIVES`` (131,072) from one writer and ``MAX_RECEIVES``
+    (262,144) in all: a writer keeps a quarter of the first in flight to a peer,
+    so eight writers fit under the second (a write of up to 65,536 ranges,
+    the most a request carries, goes alone)."""
 
     def __init__(
         self,
@@ -832,11 +841,11 @@ class UcxTransport(ZmqTransport):
         return self._self_endpoint.tag_send(Array(_EMPTY), libucxx.UCXXTag(tag))
 
     # -- progress ----------------------------------------------------------------
-    def _in_flight(self) -> bool:
+    def _transfers_running(self) -> bool:
         return bool(self._sends or self._active)
 
     def _wait_ms(self, timeout: float) -> int:
-        if self._polling and self._in_flight():
+        if self._polling and self._transfers_running():
             return 0
         # Sleep on UCX's event fd only when the worker says nothing is pending.
         return max(0, int(timeout * 1000)) if self._worker.arm() else 0
@@ -939,7 +948,7 @@ class UcxTransport(ZmqTransport):
         with contextlib.suppress(Exception):
             self._worker.cancel_inflight_requests(0, 1)
         deadline = time.monotonic() + 1.0
-        while self._in_flight() and time.monotonic() < deadline:
+        while self._transfers_running() and time.monotonic() < deadline:
             self._worker.progress_once()
             self._collect()
         for worker_hex in list(self._endpoints):

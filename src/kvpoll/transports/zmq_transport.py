@@ -72,6 +72,7 @@ from kvpoll.transports.base import (
     check_batch,
     new_region_id,
 )
+from kvpoll.transports.inflight import InFlight, Limits
 from kvpoll.transports.shm import (
     HEADER,
     Attachments,
@@ -169,6 +170,14 @@ class ZmqTransport(Transport):
     """Notices: after the copy into shared memory, on the control channel; over
     TCP, in the write's last message, handed over by the destination once every
     piece is in its region."""
+    in_flight: ClassVar[Limits] = Limits(
+        peer_ranges=1 << 20, peer_bytes=64 << 20, ranges=1 << 22, bytes=256 << 20
+    )
+    """Writes handed to the network at once (:mod:`kvpoll.transports.inflight`).
+    A peer's share (64 MiB, at most 1,024 + 32 messages of pieces) stays far
+    below its send queue (``max_queued`` = 10,000 messages by default), and a
+    heartbeat sent behind it waits for 64 MiB at most (tens of ms here).
+    Shared-memory writes are copies made at once: nothing is in flight."""
 
     def __init__(
         self,
@@ -292,6 +301,7 @@ class ZmqTransport(Transport):
         # a notice that came with a write is not kept waiting behind the answer's send
         self._acks: list[tuple[str, int, str | None]] = []
         self._write_ids = itertools.count(1)
+        self._writes_in_flight = InFlight(self.in_flight, stall=write_timeout)
         self._copy_threads = copy_threads
         self._copier: ThreadPoolExecutor | None = None  # made on the first large copy
         self._max_frame = max_frame
@@ -393,7 +403,18 @@ class ZmqTransport(Transport):
         elif not (spans.total if isinstance(spans, SpanBatch) else any(s.nbytes for s in spans)):
             self._landed_here(peer, write_id, notice)
         elif not self._write_shm(write_id, spans, notice):
-            self._write_remote(write_id, spans, notice)
+            if isinstance(spans, SpanBatch):
+                ranges, nbytes = len(spans), spans.total
+            else:
+                ranges, nbytes = len(spans), sum(span.nbytes for span in spans)
+            self._writes_in_flight.add(
+                write_id,
+                peer,
+                ranges,
+                nbytes,
+                lambda: self._write_remote(write_id, spans, notice),
+                time.monotonic(),
+            )
         return write_id
 
     def _send_landed(self) -> None:
@@ -736,10 +757,24 @@ class ZmqTransport(Transport):
         self._progress_engine()
         self._send_landed()
         events, self._events = self._events, []
+        if self._writes_in_flight.busy:
+            self._next_writes(events)
         if self._heard:
             events.extend(PeerActive(peer) for peer in self._heard)
             self._heard.clear()
         return events
+
+    def _next_writes(self, events: list[TransportEvent]) -> None:
+        """The writes reported done free their share of what is in flight; waiting
+        writes that fit now are handed over (their own events come next turn)."""
+        now = time.monotonic()
+        for event in events:
+            if isinstance(event, WriteDone):
+                self._writes_in_flight.done(event.write_id, now)
+        if self._writes_in_flight.waiting:
+            for write_id, exc in self._writes_in_flight.admit_waiting(now):
+                self._events.append(WriteDone(write_id, f"cannot write: {exc}"))
+        self.stats.update(self._writes_in_flight.stats)
 
     def _count_handshakes(self) -> None:
         for _ in range(_BATCH):
@@ -1001,7 +1036,12 @@ class ZmqTransport(Transport):
     def _expire_writes(self) -> None:
         """Fail the writes past their deadline. ``_pending`` holds them in the order
         they started, so in the order of their deadlines (one write time-out each):
-        the look stops at the first one still in time, not at the end of thousands."""
+        the look stops at the first one still in time, not at the end of thousands.
+        A write waiting for its turn fails when its peer made no progress for a
+        write time-out (:class:`~kvpoll.transports.inflight.InFlight`)."""
+        if self._writes_in_flight.waiting:
+            for write_id, why in self._writes_in_flight.expired(time.monotonic()):
+                self._events.append(WriteDone(write_id, why))
         if not self._pending:
             return
         now = time.monotonic()
@@ -1022,6 +1062,8 @@ class ZmqTransport(Transport):
         for write_id, pending in list(self._pending.items()):
             if pending.peer == peer:
                 self._finish(write_id, f"peer {peer} closed")
+        for write_id in self._writes_in_flight.drop_peer(peer):
+            self._events.append(WriteDone(write_id, f"peer {peer} closed"))
         dealer = self._dealers.pop(peer, None)
         if dealer is not None:
             dealer.close(0)
@@ -1059,6 +1101,7 @@ class ZmqTransport(Transport):
         self._attachments.close()
         self._targets.clear()
         self._pending.clear()
+        self._writes_in_flight.clear()
         self._notices.clear()
         self._landed.clear()
         self._events.clear()
