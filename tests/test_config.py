@@ -146,11 +146,11 @@ def test_endpoints_read_the_configuration(
         for endpoint in (tx, rx):
             assert endpoint.transport.name == "zmq"
             assert endpoint.transport.paths() == ["zmq/tcp"]  # shm = false in the file
-            assert endpoint._interval == 0.25
+            assert endpoint.heartbeat_interval == 0.25
     # an explicit argument wins over the file
     with Sender(transport_options={"shm": True}, heartbeat_interval=2.0) as tx:
         assert tx.transport.paths() == ["zmq/shm", "zmq/tcp"]
-        assert tx._interval == 2.0
+        assert tx.heartbeat_interval == 2.0
 
 
 def test_demo_reads_the_configuration_file(

@@ -315,6 +315,16 @@ class Endpoint(Generic[R]):
         return self._transport.address
 
     @property
+    def heartbeat_interval(self) -> float:
+        """Seconds between heartbeats to each peer sharing an unfinished room."""
+        return self._liveness.interval
+
+    @property
+    def heartbeat_misses(self) -> int:
+        """Heartbeats a peer may leave unanswered (over as many intervals) before it is lost."""
+        return self._liveness.misses
+
+    @property
     def transport(self) -> Transport:
         """The transport (driven by the I/O thread: do not call it from elsewhere)."""
         return self._transport

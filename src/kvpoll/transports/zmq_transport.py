@@ -217,8 +217,10 @@ class ZmqTransport(Transport):
             )
         self._keys = ClusterKeys.from_file(secret_file) if secret_file else None
         self._ctx = zmq.Context(io_threads=1)
-        # ZMQ's own limit (1,023 sockets a context by default) must sit above ours
-        self._ctx.set(zmq.MAX_SOCKETS, max_peers + _OWN_SOCKETS)
+        # ZMQ's own limit (1,023 sockets a context by default) must sit above ours,
+        # with room for sockets closed but not yet reaped (a forgotten peer's lingers)
+        sockets = 2 * max_peers + _OWN_SOCKETS
+        self._ctx.set(zmq.MAX_SOCKETS, max(sockets, self._ctx.get(zmq.MAX_SOCKETS)))
         _ensure_descriptors(max_peers)
         self._gate = ZapGate(self._ctx, self._keys) if self._keys is not None else None
         self._router = self._ctx.socket(zmq.ROUTER)
@@ -1167,7 +1169,7 @@ def _ensure_descriptors(max_peers: int) -> None:
     the hard limit is too low, warn once: past it sockets fail to open (a
     room's message then fails that room, never the I/O thread)."""
     global _warned_descriptors
-    need = 3 * (max_peers + _OWN_SOCKETS) + 256
+    need = 3 * (2 * max_peers + _OWN_SOCKETS) + 256
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= need:
         return
