@@ -6,7 +6,9 @@ STAMP  := $(VENV)/.kvpoll-installed
 
 .PHONY: demo test lint check bench clean
 
-SGLANG := sglang==0.5.23 compressed-tensors==0.20.1
+# nixl: the meta package SGLang's own nixl backend imports (``nixl``); it loads the
+# installed nixl-cu12 (--no-deps: it also asks for the CUDA 13 build)
+SGLANG := sglang==0.5.23 compressed-tensors==0.20.1 nixl==1.5.1
 
 $(STAMP): pyproject.toml requirements-dev.txt requirements-sglang.txt
 	$(PYTHON) -m venv $(VENV)

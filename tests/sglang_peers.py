@@ -268,7 +268,7 @@ def decode(scenario: str, port: int, room: int) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("SGLANG_HOST_IP", "127.0.0.1")
-    from tests import sglang_stubs
+    from kvpoll.integrations.sglang import cpu as sglang_stubs
 
     sglang_stubs.install()
     from sglang.srt.plugins import load_plugins

@@ -1,7 +1,7 @@
 """The SGLang transfer backend against SGLang 0.5.23's real code, on the CPU.
 
 SGLang is installed with --no-deps (the Makefile); triton and torchvision are
-stood in for (tests/sglang_stubs.py). End-to-end runs start a real prefill and
+stood in for (kvpoll.integrations.sglang.cpu). End-to-end runs start a real prefill and
 a real decode scheduler rank (tests/sglang_peers.py) on loopback.
 """
 
@@ -48,7 +48,7 @@ def need_sglang() -> None:
 def sglang() -> Any:
     """SGLang's disaggregation package, imported for real (GPU-only imports stood in for)."""
     need_sglang()
-    from tests import sglang_stubs
+    from kvpoll.integrations.sglang import cpu as sglang_stubs
 
     sglang_stubs.install()
     from sglang.srt.disaggregation import utils
@@ -143,7 +143,7 @@ def test_classes_subclass_sglangs_and_accept_every_parameter(
 PLUGIN_CHECK = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from tests import sglang_stubs
+from kvpoll.integrations.sglang import cpu as sglang_stubs
 sglang_stubs.install()
 from sglang.srt.plugins import load_plugins
 load_plugins()

@@ -279,6 +279,44 @@ def _cmd_bench_transfer(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_bench_sglang(args: argparse.Namespace) -> int:
+    from kvpoll.bench.sglang_load import BACKENDS, available, run
+    from kvpoll.bench.sglang_peer import Plan
+
+    wanted = sorted(set(args.backend or BACKENDS), key=list(BACKENDS).index)
+    here = available(wanted)
+    if not here:
+        raise KvpollError(
+            "SGLang is not installed here: the benchmark drives its classes "
+            "(make test's set-up installs sglang==0.5.23; see docs/sglang.md)"
+        )
+    missing = [b for b in wanted if b not in here]
+    if args.backend and missing:
+        raise KvpollError(f"not installed here: {', '.join(missing)} (its engine is missing)")
+    for name in missing:
+        print(f"  ... skipping {name}: its engine is not installed", file=sys.stderr)
+    plan = Plan(
+        backend="kvpoll",
+        port=0,
+        layers=args.layers,
+        head_dim=64,
+        requests=args.requests,
+        pages=args.pages,
+        latency=args.latency_requests,
+        bulk_pages=args.bulk_pages,
+        bulk_chunks=args.bulk_chunks,
+        kill=not args.no_kill,
+        deadline=args.deadline,
+    )
+
+    def progress(msg: str) -> None:
+        print(f"  ... {msg}", file=sys.stderr, flush=True)
+
+    result = run(plan, here, args.repeat, progress)
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.report())
+    return EXIT_FOUND if result.problems() else EXIT_OK
+
+
 def _bench_paged(args: argparse.Namespace, transports: list[str]) -> int:
     from kvpoll.bench.paged import paged_paths, run_paged
 
@@ -326,6 +364,18 @@ def _add_tokens(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="tokens of each scenario's data (default: 500 2000 5000)",
     )
+
+
+BACKEND_NAMES = (
+    "kvpoll-zmq-shm",
+    "kvpoll-zmq-tcp",
+    "kvpoll-ucx",
+    "kvpoll-nixl",
+    "kvpoll-mooncake",
+    "sglang-mooncake",
+    "sglang-nixl",
+)
+"""``kvpoll bench sglang --backend`` (:data:`kvpoll.bench.sglang_load.BACKENDS`)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -606,6 +656,66 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.set_defaults(func=_cmd_bench_transfer)
+    b = bench.add_parser(
+        "sglang",
+        help="kvpoll under SGLang's own classes, beside SGLang's own backends",
+        description="Drive SGLang 0.5.23's prefill and decode classes in the scheduler's "
+        "order, in two processes, over every kvpoll transport and SGLang's own mooncake "
+        "(TCP) and nixl (DRAM, UCX on loopback) backends, alternated repeat by repeat: "
+        "one-page latency, requests/s with every request in flight, GB/s of one large "
+        "request in chunks, seconds from killing the prefill to Failed on the decode. "
+        "Every page is compared, every status walk and both sides' final statuses "
+        "checked. Exit status 1 when any request did not complete, disagreed, moved "
+        "wrong bytes or stepped backwards.",
+    )
+    b.add_argument(
+        "--backend",
+        action="append",
+        choices=sorted(BACKEND_NAMES),
+        default=None,
+        help="a backend to run (repeatable; default: every one installed here)",
+    )
+    b.add_argument("--repeat", type=_positive, default=3, help="repeats (default: 3)")
+    b.add_argument(
+        "--requests",
+        type=_positive,
+        default=500,
+        help="requests in flight at once in the load phase (default: 500)",
+    )
+    b.add_argument(
+        "--pages", type=_positive, default=64, help="scattered pages per request (default: 64)"
+    )
+    b.add_argument(
+        "--layers",
+        type=_positive,
+        default=2,
+        help="layers of the KV pool (K and V each; pages of 16 tokens, 2 heads of 64: "
+        "2 layers make 16 KiB pages, 8 make 64 KiB; default: 2)",
+    )
+    b.add_argument(
+        "--latency-requests",
+        type=_positive,
+        default=50,
+        help="one-page requests timed one after another (default: 50)",
+    )
+    b.add_argument(
+        "--bulk-pages", type=_positive, default=256, help="pages of the bulk request (default: 256)"
+    )
+    b.add_argument(
+        "--bulk-chunks",
+        type=_positive,
+        default=4,
+        help="chunks the bulk request is sent in (default: 4)",
+    )
+    b.add_argument("--no-kill", action="store_true", help="skip the phase that kills the prefill")
+    b.add_argument(
+        "--deadline",
+        type=_positive,
+        default=300,
+        help="seconds one phase may take before its unfinished requests count (default: 300)",
+    )
+    b.add_argument("--json", action="store_true", help="print the results as JSON")
+    b.set_defaults(func=_cmd_bench_sglang)
     p.set_defaults(func=None, group_parser=p)
 
     p = sub.add_parser(

@@ -59,4 +59,6 @@ def __getattr__(name: str) -> Any:
     from kvpoll.integrations.sglang.version import check_version
 
     check_version()
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # once: the scheduler asks for a class on every request
+    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from importlib import metadata
 
@@ -14,8 +15,12 @@ class SGLangVersionError(KvpollError, ImportError):
     """SGLang is missing, or a release this backend was not written for."""
 
 
+@functools.cache
 def installed_version() -> str | None:
-    """The installed SGLang's version, or None when it is not installed."""
+    """The installed SGLang's version, or None when it is not installed.
+
+    Read once a process: the package metadata lookup took ~3 ms, and the
+    scheduler asks for a class on every request (``get_kv_class``)."""
     try:
         return metadata.version("sglang")
     except metadata.PackageNotFoundError:

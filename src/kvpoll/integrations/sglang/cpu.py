@@ -1,8 +1,10 @@
 """Stand-ins for triton and torchvision, so that SGLang imports on a CPU-only machine.
 
-SGLang's disaggregation package imports modules that import ``triton`` (GPU
-kernels) and ``torchvision`` (image processors) at module level; neither is
-used by what the tests run. :func:`install` first lets torch and transformers
+For the test suite and ``kvpoll bench sglang``, which drive SGLang's own
+classes without a GPU. SGLang's disaggregation package imports modules that
+import ``triton`` (GPU kernels) and ``torchvision`` (image processors) at
+module level; neither is used by what they run. Where either is installed,
+:func:`install` does nothing. :func:`install` first lets torch and transformers
 probe for the real packages (they cache the answer: absent), then serves any
 ``triton.*`` / ``torchvision.*`` import as a module whose every attribute is an
 inert callable class. Nothing else of SGLang is replaced.
