@@ -129,8 +129,11 @@ class NixlTransport(EngineTransport):
         peer_ranges=16384, peer_bytes=1 << 30, ranges=65536, bytes=4 << 30
     )
     """Descriptors of NIXL transfers posted at once (each batch is one transfer
-    whose descriptor list holds its ranges; see docs/transports/nixl.md for
-    what was measured)."""
+    whose descriptor list holds its ranges). Measured here (nixl-cu12 1.5.1,
+    UCX backend, 64-byte ranges): 1,000 transfers of 1,000 descriptors posted
+    at once all landed, over shared memory and over TCP: no queue of NIXL's
+    overflowed. The bound keeps what a burst pins in NIXL and UCX (and the
+    poll of running transfers each turn) small, not an engine limit."""
 
     def __init__(
         self,
