@@ -3,6 +3,7 @@ own backends; a small run of the real command, and its rules."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,23 +22,21 @@ SMALL = (
 
 
 def _sglang() -> None:
-    try:
-        import sglang  # noqa: F401
-    except ImportError as exc:
+    if importlib.util.find_spec("sglang") is None:  # its import needs the CPU stand-ins
         if os.environ.get("CI_REQUIRE_ENGINES"):
-            pytest.fail(f"SGLang is required here: {exc}")
-        pytest.skip(f"SGLang is not installed: {exc}")
+            pytest.fail("SGLang is required here (make test's set-up installs it)")
+        pytest.skip("SGLang is not installed (make test's set-up installs it)")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_kvpoll_and_sglangs_own_backends_side_by_side(kvpoll_cmd: list[str]) -> None:
-    """kvpoll over shared memory and TCP beside SGLang's mooncake and nixl backends:
+    """kvpoll (over zmq) beside SGLang's mooncake and nixl backends:
     every request completes on both sides with the same status, every page and aux
     row is right, every walk moves forward, the killed prefill's request fails on
     the decode, and each figure comes with ratios against SGLang's backends."""
     _sglang()
-    backends = ["kvpoll-zmq-shm", "kvpoll-zmq-tcp", "sglang-mooncake", "sglang-nixl"]
+    backends = ["kvpoll-zmq-tcp", "sglang-mooncake", "sglang-nixl"]
     args = [arg for b in backends for arg in ("--backend", b)]
     out = subprocess.run(
         [*kvpoll_cmd, "bench", "sglang", *args, *SMALL],
@@ -59,7 +58,7 @@ def test_kvpoll_and_sglangs_own_backends_side_by_side(kvpoll_cmd: list[str]) -> 
         assert run["bulk_gbps"] > 0
         assert run["kill_seconds"] is not None
         assert 0 < run["kill_seconds"] < 30
-    ratios = result["ratios"]["kvpoll-zmq-shm"]
+    ratios = result["ratios"]["kvpoll-zmq-tcp"]
     assert set(ratios) == {"sglang-mooncake", "sglang-nixl"}
     assert ratios["sglang-nixl"]["requests_per_s"]["median"] > 0
     assert result["page_bytes"] == 16 * 1024
