@@ -60,3 +60,12 @@ def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Any, Any]]:
     yield tx, rx
     tx.close()
     rx.close()
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> str:
+    """A cluster secret file (mode 0600) for endpoints that must authenticate."""
+    path = tmp_path / "secret"
+    path.write_bytes(os.urandom(32).hex().encode())
+    path.chmod(0o600)
+    return str(path)

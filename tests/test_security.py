@@ -33,14 +33,6 @@ def ctx() -> Any:
     context.destroy(linger=0)
 
 
-@pytest.fixture
-def secret(tmp_path: Path) -> str:
-    path = tmp_path / "secret"
-    path.write_bytes(os.urandom(32).hex().encode())
-    path.chmod(0o600)
-    return str(path)
-
-
 def room_from(t: Target, rx: Receiver, room: int, token: int | None = None) -> None:
     """A legitimate room from the target sender: it must succeed, data intact."""
     t.call("add", room, token=token)

@@ -106,6 +106,11 @@ class PagedPool:
                 f"buffers of {self.tokens} tokens are not a whole number of pages of {page_size}"
             )
         devices = {b.device for b in (*self.buffers, *self.aux)}
+        if any(d.type not in ("cpu", "cuda") for d in devices):
+            raise InvalidArgument(
+                f"a pool's buffers hold data in CPU or CUDA memory, not on {devices} "
+                "(a meta tensor has no data to move)"
+            )
         if len({d.type for d in devices}) != 1 and {d.type for d in devices} != {"cpu", "cuda"}:
             raise InvalidArgument(f"a pool's buffers live on one kind of device, not {devices}")
         self.page_size = page_size

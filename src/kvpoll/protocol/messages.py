@@ -17,6 +17,7 @@ Sender -> receiver: ``bootstrap_ack``, ``reject``, ``chunk``, ``abort``,
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -45,11 +46,13 @@ __all__ = [
     "check_token",
     "decode",
     "encode",
+    "peer_reason",
 ]
 
 PROTOCOL_VERSION = 1
 MAX_AUX_BYTES = 1 << 20
 MAX_TOKEN_CHARS = 256
+MAX_REASON_CHARS = 1000
 
 RoomId = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 Count = Annotated[int, Field(ge=0, lt=2**62)]
@@ -154,7 +157,7 @@ class Reject(_RoomMessage):
     """The sender refused a bootstrap or a resume; the receiver's room fails."""
 
     type: Literal["reject"] = "reject"
-    reason: str = Field(max_length=1000)
+    reason: str = Field(max_length=MAX_REASON_CHARS)
     unknown_pool: bool = False
     """The bootstrap named a pool the sender does not know (it restarted, say):
     the receiver offers its pools again before its next bootstrap."""
@@ -204,7 +207,7 @@ class Abort(_RoomMessage):
     """Fail the room on both sides; answered with ``abort_ack``."""
 
     type: Literal["abort"] = "abort"
-    reason: str = Field(max_length=1000)
+    reason: str = Field(max_length=MAX_REASON_CHARS)
 
 
 class AbortAck(_RoomMessage):
@@ -255,6 +258,20 @@ def check_token(room: int, token: object) -> str | None:
     if len(text) > MAX_TOKEN_CHARS:
         raise InvalidArgument(f"room {room}: token is longer than {MAX_TOKEN_CHARS} characters")
     return text
+
+
+_LOCAL_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@%+~-]+/)*[\w.@%+~-]*")
+
+
+def peer_reason(reason: str) -> str:
+    """A failure reason fit to send to a peer: every local path (``/proc/<pid>/fd/<n>``,
+    a file a descriptor turned out to be) replaced by ``<local path>``, at most
+    :data:`MAX_REASON_CHARS` characters. The full reason stays in this side's
+    log and ``info()``."""
+    clean = _LOCAL_PATH.sub("<local path>", reason)
+    if len(clean) > MAX_REASON_CHARS:
+        clean = clean[: MAX_REASON_CHARS - 3] + "..."
+    return clean
 
 
 class MessageError(ValueError):

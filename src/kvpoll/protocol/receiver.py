@@ -28,6 +28,7 @@ from kvpoll.protocol.messages import (
     Resume,
     check_token,
     encode,
+    peer_reason,
 )
 from kvpoll.protocol.payloads import bootstrap_payload
 from kvpoll.protocol.pools import token_runs
@@ -896,7 +897,8 @@ class Receiver(Endpoint[_ReceiverRoom]):
     def _abort_messages(
         self, room: int, rec: _ReceiverRoom, reason: str
     ) -> list[tuple[str, Abort]]:
-        return [(rec.sender, Abort(room=room, session=rec.session, rank=rec.rank, reason=reason))]
+        abort = Abort(room=room, session=rec.session, rank=rec.rank, reason=peer_reason(reason))
+        return [(rec.sender, abort)]
 
     def _session_ok(self, rec: _ReceiverRoom, peer: str, message: Abort) -> bool:
         return peer == rec.sender and message.session == rec.session and message.rank == rec.rank

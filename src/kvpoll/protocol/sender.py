@@ -16,6 +16,7 @@ import torch
 from kvpoll.errors import DuplicateRoom, IllegalTransition, InvalidArgument
 from kvpoll.memory.pages import PageList, Run, first_repeat, pair_runs
 from kvpoll.memory.pool import PagedPool, dtype_name
+from kvpoll.protocol.early import PENDING_ROOMS, EarlyBootstraps
 from kvpoll.protocol.endpoint import Endpoint, RoomBase
 from kvpoll.protocol.messages import (
     MAX_AUX_BYTES,
@@ -29,6 +30,7 @@ from kvpoll.protocol.messages import (
     Reject,
     Resume,
     check_token,
+    peer_reason,
 )
 from kvpoll.protocol.negotiation import choose_path, mismatch
 from kvpoll.protocol.payloads import chunk_payload
@@ -39,14 +41,8 @@ from kvpoll.transports.base import Span, TransportError, WriteDone
 from kvpoll.transports.shm import boot_id
 from kvpoll.transports.spans import SpanBatch
 
-__all__ = ["Sender", "dtype_name"]
+__all__ = ["PENDING_ROOMS", "Sender", "dtype_name"]
 
-PENDING_ROOMS = 10_000
-"""Rooms with bootstraps waiting for :meth:`Sender.add`, at most (over all peers)."""
-PENDING_RUNS = 1 << 19
-"""Page runs held in waiting bootstraps, at most (their memory, not just their count)."""
-PENDING_PER_ROOM = 256
-"""Bootstraps waiting for one room (one per rank), at most."""
 _FEW_RANGES = 16
 """A write of at most this many page ranges is a list of spans, not columns."""
 POOL_PEERS = 1_024
@@ -134,12 +130,6 @@ class _SenderRoom(RoomBase):
         return self.data.total if self.data is not None else None
 
 
-@dataclass
-class _Pending:
-    at: float
-    bootstraps: list[tuple[str, Bootstrap]] = field(default_factory=list)
-
-
 def _spans(
     entry: Registered,
     pool: PeerPool,
@@ -196,11 +186,6 @@ def _spans(
     return SpanBatch(pairs, *columns)
 
 
-def _cost(message: Bootstrap) -> int:
-    """What a waiting bootstrap holds, in page runs (one for the inline form)."""
-    return 1 + len(message.pages or ())
-
-
 def _check_int(room: int, name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise InvalidArgument(f"room {room}: {name} must be an int >= {low}, not {value!r}")
@@ -213,6 +198,11 @@ def _check_tensor(room: int, tensor: object) -> torch.Tensor:
         raise InvalidArgument(
             f"room {room}: send() takes a torch.Tensor or pages of a pool, "
             f"not {type(tensor).__name__}{hint}"
+        )
+    if tensor.device.type not in ("cpu", "cuda"):
+        raise InvalidArgument(
+            f"room {room}: send() moves CPU or CUDA memory, not a {tensor.device.type} tensor"
+            + (" (a meta tensor has no data)" if tensor.device.type == "meta" else "")
         )
     if tensor.dim() < 2:
         raise InvalidArgument(
@@ -250,9 +240,7 @@ class Sender(Endpoint[_SenderRoom]):
     side = "sender"
 
     def _setup(self) -> None:
-        self._pending: OrderedDict[int, _Pending] = OrderedDict()
-        self._pending_by_peer: dict[str, list[int]] = {}  # peer -> [rooms, runs] waiting
-        self._pending_runs = 0
+        self._early = EarlyBootstraps()  # bootstraps for rooms not added yet
         self._host = boot_id()
         self._spoken = list(self._transport.paths())  # fixed for the transport's life
         self._peer_pools: dict[str, OrderedDict[int, PeerPool]] = {}
@@ -375,71 +363,8 @@ class Sender(Endpoint[_SenderRoom]):
             raise DuplicateRoom(room)
         rec = _SenderRoom(room, required, self._history, aux_with, token)
         self._register(room, rec)
-        pending = self._unpend(room)
-        for peer, message in pending.bootstraps if pending else ():
+        for peer, message in self._early.take(room):
             self._bootstrap(peer, message)
-
-    def _unpend(self, room: int, peer: str | None = None) -> _Pending | None:
-        """Take the room's waiting bootstraps (only ``peer``'s, when named) off the table."""
-        pending = self._pending.get(room)
-        if pending is None:
-            return None
-        taken = [(p, m) for p, m in pending.bootstraps if peer is None or p == peer]
-        pending.bootstraps = [
-            (p, m) for p, m in pending.bootstraps if peer is not None and p != peer
-        ]
-        if not pending.bootstraps:
-            del self._pending[room]
-        for p, message in taken:
-            self._pending_runs -= _cost(message)
-            budget = self._pending_by_peer[p]
-            budget[1] -= _cost(message)
-        for p in {p for p, _ in taken}:
-            budget = self._pending_by_peer[p]
-            budget[0] -= 1
-            if budget[0] <= 0:
-                del self._pending_by_peer[p]
-        return _Pending(pending.at, taken)
-
-    def _pend(self, peer: str, message: Bootstrap) -> str | None:
-        """Keep a bootstrap for a room not added yet; why not, when a limit refuses it.
-
-        When the table is full, the peer holding the most waits for room: it
-        is refused if it is the one asking, else its oldest waiting bootstrap
-        is dropped (and refused). A flood from one peer never crowds out another.
-        """
-        room, cost = message.room, _cost(message)
-        pending = self._pending.get(room)
-        if pending is not None and len(pending.bootstraps) >= PENDING_PER_ROOM:
-            return f"{PENDING_PER_ROOM} bootstraps already wait for room {room}"
-        while (pending is None and len(self._pending) >= PENDING_ROOMS) or (
-            self._pending_runs + cost > PENDING_RUNS
-        ):
-            by_rooms = self._pending_runs + cost <= PENDING_RUNS
-            heaviest = max(
-                self._pending_by_peer, key=lambda p: self._pending_by_peer[p][0 if by_rooms else 1]
-            )
-            if heaviest == peer:
-                return (
-                    f"too many bootstraps wait for rooms not added yet ({PENDING_ROOMS} rooms or "
-                    f"{PENDING_RUNS} page runs), and most of them come from {peer}"
-                )
-            oldest = next(
-                r for r, w in self._pending.items() if any(p == heaviest for p, _ in w.bootstraps)
-            )
-            dropped = self._unpend(oldest, heaviest)
-            for p, m in dropped.bootstraps if dropped else ():
-                self._stats["pending_dropped"] += 1
-                self._reject(p, m, "dropped: too many bootstraps wait for rooms not added yet")
-            pending = self._pending.get(room)
-        if pending is None:
-            pending = self._pending[room] = _Pending(time.monotonic())
-        budget = self._pending_by_peer.setdefault(peer, [0, 0])
-        budget[0] += all(p != peer for p, _ in pending.bootstraps)
-        budget[1] += cost
-        self._pending_runs += cost
-        pending.bootstraps.append((peer, message))
-        return None
 
     def _set_data(
         self,
@@ -596,7 +521,10 @@ class Sender(Endpoint[_SenderRoom]):
             if room in self._tombstones:
                 self._drop(peer, message, "late")
                 return
-            refused = self._pend(peer, message)
+            refused, dropped = self._early.add(peer, message, time.monotonic())
+            for p, m in dropped:  # made room for this one
+                self._stats["pending_dropped"] += 1
+                self._reject(p, m, "dropped: too many bootstraps wait for rooms not added yet")
             if refused is not None:
                 self._stats["pending_dropped"] += 1
                 self._reject(peer, message, refused)
@@ -683,7 +611,7 @@ class Sender(Endpoint[_SenderRoom]):
                 room=message.room,
                 session=message.session,
                 rank=message.rank,
-                reason=why,
+                reason=peer_reason(why),
                 unknown_pool=unknown_pool,
             ),
         )
@@ -905,14 +833,12 @@ class Sender(Endpoint[_SenderRoom]):
     # -- hooks ---------------------------------------------------------------------------
     def _on_tick(self, now: float) -> None:
         limit = self._deadlines.timeouts.get(TransferStatus.Bootstrapping)
-        while self._pending and limit is not None:
-            room, pending = next(iter(self._pending.items()))
-            if now - pending.at < limit:
-                break
-            expired = self._unpend(room)
-            for peer, message in expired.bootstraps if expired else ():
+        if limit is not None and len(self._early):
+            for peer, message in self._early.expire(now, limit):  # each by its own age
                 self._reject(
-                    peer, message, f"no room {room} was added at the sender within {limit:g} s"
+                    peer,
+                    message,
+                    f"no room {message.room} was added at the sender within {limit:g} s",
                 )
 
     def _finished(self, room: int, rec: _SenderRoom) -> None:
@@ -932,7 +858,7 @@ class Sender(Endpoint[_SenderRoom]):
 
     def _abort_messages(self, room: int, rec: _SenderRoom, reason: str) -> list[tuple[str, Abort]]:
         return [
-            (d.peer, Abort(room=room, session=d.session, rank=rank, reason=reason))
+            (d.peer, Abort(room=room, session=d.session, rank=rank, reason=peer_reason(reason)))
             for rank, d in sorted(rec.dests.items())
         ]
 

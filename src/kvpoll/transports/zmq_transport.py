@@ -110,8 +110,13 @@ _TARGETS = 4096  # destination descriptors whose shared memory is kept resolved
 _MAX_INCOMING = 4096  # writes whose pieces are arriving with an error noted, at most
 _PART_BYTES = 2 << 20  # a range is split over the copy threads in parts of at least this
 _COPY_TIMEOUT = 60.0  # seconds a copy thread may take for its part (it never should)
-_HEARTBEAT_MS = 1000  # ZMTP heartbeats: a dead connection is closed within the time-out
-_HEARTBEAT_TIMEOUT_MS = 5000
+# No ZMTP heartbeats: libzmq 4.3.5 aborts the process (``Assertion failed: !_io_error``,
+# stream_engine_base.cpp) when a connection whose input is throttled (its queue at
+# the high-water mark) is reset and its heartbeat timer then fires; any peer could
+# do that on purpose (zeromq/libzmq #3937, #4364, #4767). Dead peers are found by
+# kvpoll's own heartbeats (kvpoll.protocol.liveness); dead connections by the
+# kernel's TCP keepalive.
+_KEEPALIVE = ((zmq.TCP_KEEPALIVE, 1), (zmq.TCP_KEEPALIVE_IDLE, 10), (zmq.TCP_KEEPALIVE_INTVL, 5))
 _LOOPBACK = ("127.", "localhost", "::1")
 _warned_open = False
 _warned_descriptors = False
@@ -233,8 +238,7 @@ class ZmqTransport(Transport):
             # a second connection claiming a connected peer's identity is held unread
             # until the first goes: nobody takes over a live peer's connection
             (zmq.ROUTER_HANDOVER, 0),
-            (zmq.HEARTBEAT_IVL, _HEARTBEAT_MS),
-            (zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS),
+            *_KEEPALIVE,
         ):
             self._router.setsockopt(opt, value)
         if self._keys is not None:
@@ -703,8 +707,7 @@ class ZmqTransport(Transport):
             (zmq.LINGER, 200),
             (zmq.SNDHWM, self._max_queued),
             (zmq.RCVHWM, 1),  # a dealer only sends
-            (zmq.HEARTBEAT_IVL, _HEARTBEAT_MS),
-            (zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS),
+            *_KEEPALIVE,
         ):
             dealer.setsockopt(opt, value)
         if self._keys is not None:

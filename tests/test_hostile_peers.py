@@ -1,0 +1,279 @@
+"""Failing and hostile peers, second round: each finding reproduced against an
+endpoint in a process of its own (tests/target_peer.py), which must live on,
+keep its memory, and serve real rooms."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import zmq
+
+from kvpoll import Receiver, Sender
+from kvpoll import TransferStatus as S
+from kvpoll.protocol.messages import Heartbeat, encode
+from kvpoll.transports.auth import ClusterKeys
+from tests.conftest import FAST
+from tests.target_peer import target
+
+ATTACK_SECONDS = 60.0
+
+
+def _reset_flood(address: str, secret_file: str | None, seconds: float, out: Any) -> None:
+    """Connections that each queue 15,000 heartbeats, wait 0.15 s and close with
+    linger 0 (a reset while the target's input is throttled): what made libzmq
+    4.3.5 abort the target (``Assertion failed: !_io_error``) within seconds."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 4096)
+    keys = ClusterKeys.from_file(secret_file) if secret_file else None
+    message = [b"C", encode(Heartbeat(seq=1))]
+    began, rounds = time.monotonic(), 0
+    while time.monotonic() - began < seconds:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.IDENTITY, f"tcp://127.0.0.1:{30_000 + rounds % 20_000}".encode())
+        if keys is not None:
+            keys.connect(sock)
+        sock.connect(address)
+        for _ in range(15_000):
+            try:
+                sock.send_multipart(message, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        time.sleep(0.15)
+        sock.close(0)
+        rounds += 1
+    ctx.destroy(0)
+    out.put(rounds)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_1_throttled_connections_reset_for_60_s_cannot_abort_an_endpoint(
+    tmp_path: Path, spawn: Any, secret: str
+) -> None:
+    """A sender and a receiver, each without and with a cluster secret (the
+    attacker holds it), attacked at once for 60 s: all four live and serve a
+    room afterwards."""
+    ctx, start = spawn
+    done = ctx.Queue()
+    targets = []
+    for side in ("sender", "receiver"):
+        for secret_file in (None, secret):
+            options: dict[str, Any] = dict(FAST)
+            if secret_file is not None:
+                options["transport_options"] = {"secret_file": secret_file}
+            targets.append((side, secret_file, target(tmp_path, side, **options)))
+    entered = [(side, secret_file, manager.__enter__()) for side, secret_file, manager in targets]
+    try:
+        for _, secret_file, t in entered:
+            start(_reset_flood, t.address, secret_file, ATTACK_SECONDS, done)
+        rounds = [done.get(timeout=ATTACK_SECONDS + 120) for _ in entered]
+        assert min(rounds) > 20, rounds  # each target was hit again and again
+        for side, secret_file, t in entered:
+            assert t.proc.is_alive(), f"the {side} (secret: {bool(secret_file)}) died"
+            assert t.call("alive")
+            options = {"secret_file": secret_file} if secret_file else {}
+            if side == "sender":
+                with Receiver("zmq", transport_options=options, **FAST) as rx:
+                    t.call("add", 1)
+                    rx.open(1, t.address, row_shape=(4,), dtype=torch.float32, allocated_tokens=3)
+                    t.call("send_ones", 1, 3)
+                    assert rx.wait(1, 30) is S.Success, rx.info(1).reason
+            else:
+                with Sender("zmq", transport_options=options, **FAST) as tx:
+                    tx.add(1)
+                    t.call("open", 1, tx.address, row_shape=(4,), dtype=torch.float32)
+                    tx.send(1, torch.ones(3, 4))
+                    assert t.call("wait", 1, 30) is S.Success
+    finally:
+        for _, _, manager in reversed(targets):
+            manager.__exit__(None, None, None)
+
+
+def test_3_reasons_sent_to_a_peer_carry_no_local_path(tmp_path: Path) -> None:
+    """A peer offers a pool whose shared memory is a private file (its own
+    descriptor of it): the sender refuses to write there and fails the room. The
+    abort it sends names no path of its host (it did: '/proc/<pid>/fd/<n> is not
+    kvpoll shared memory (it is '<the file>')'); its own record keeps the detail."""
+    import os
+
+    from kvpoll.memory.shm import boot_id
+    from kvpoll.protocol.messages import Abort, Bootstrap, PoolBuffer, PoolOffer
+    from kvpoll.transports.base import RegionDescriptor
+    from tests.helpers import ScriptedPeer
+
+    private = tmp_path / "bystander.log"
+    private.write_bytes(b"\0" * 4096)
+    fd = os.open(private, os.O_RDWR)
+    peer = ScriptedPeer()
+    try:
+        with Sender("zmq", **FAST) as tx:
+            extra = {
+                "shm_pid": os.getpid(),
+                "shm_fd": fd,
+                "shm_inode": os.fstat(fd).st_ino,
+                "shm_size": 4096,
+                "shm_offset": 0,
+                "shm_stamped": False,
+                "boot_id": boot_id(),
+            }
+            region = RegionDescriptor(
+                transport="zmq", endpoint=peer.address, region_id=5, nbytes=4096, extra=extra
+            )
+            buffer = PoolBuffer(region=region, row_bytes=16, dtype="float32", row_shape=[4])
+            peer.send(tx.address, PoolOffer(pool=3, page_size=1, num_pages=256, buffers=[buffer]))
+            tx.add(9)
+            peer.send(
+                tx.address,
+                Bootstrap(room=9, session=4, pool=3, pages=[(0, 2)], transports=["zmq/shm"]),
+            )
+            tx.send(9, torch.ones(2, 4))
+            abort = peer.receive(Abort, timeout=20)
+            assert tx.wait(9, 10) is S.Failed
+            local = tx.info(9).reason or ""
+            assert str(private) in local  # the detail stays here
+            assert "/proc/" not in abort.reason
+            assert str(tmp_path) not in abort.reason
+            assert "<local path>" in abort.reason
+    finally:
+        peer.close()
+        os.close(fd)
+
+
+def test_11_send_refuses_a_meta_tensor_and_the_room_is_unchanged() -> None:
+    from kvpoll import InvalidArgument
+
+    with Sender("zmq", **FAST) as tx:
+        tx.add(1)
+        with pytest.raises(InvalidArgument, match="meta"):
+            tx.send(1, torch.empty(4, 4, device="meta"))
+        assert tx.poll(1) is S.Bootstrapping
+        assert tx.info(1).total_tokens is None
+
+
+def _forged(room: int, session: int, peer: Any, token: str = "not-the-token") -> Any:
+    from kvpoll.protocol.messages import Bootstrap
+
+    region = peer.transport.allocate(3 * 16)
+    return Bootstrap(
+        room=room,
+        session=session,
+        region=region.descriptor,
+        allocated_tokens=3,
+        row_bytes=16,
+        dtype="float32",
+        row_shape=[4],
+        transports=["zmq/tcp"],
+        token=token,
+    )
+
+
+def test_4_a_waiting_bootstrap_does_not_inherit_the_age_of_a_forged_one(tmp_path: Path) -> None:
+    """A forged bootstrap for room 5 at t; the legit receiver opens room 5 at t+1.5 s;
+    the sender adds it (with its token) at t+2.5 s, past the forged one's 2 s but
+    within the legit one's: the room succeeds (it failed: the legit bootstrap was
+    refused with the forged one's age)."""
+    from tests.helpers import ScriptedPeer
+
+    forger = ScriptedPeer()
+    try:
+        with (
+            target(tmp_path, "sender", timeouts={"Bootstrapping": 2.0}, **FAST) as t,
+            Receiver("zmq", **FAST) as rx,
+        ):
+            began = time.monotonic()
+            forger.send(t.address, _forged(5, 1, forger))
+            t.wait_stat("messages_in", 1)
+            time.sleep(1.5 - (time.monotonic() - began))
+            rx.open(5, t.address, row_shape=(4,), dtype=torch.float32, allocated_tokens=3, token=77)
+            time.sleep(2.5 - (time.monotonic() - began))
+            t.call("add", 5, token=77)
+            t.call("send_ones", 5, 3)
+            assert rx.wait(5, 20) is S.Success, rx.info(5).reason
+    finally:
+        forger.close()
+
+
+@pytest.mark.parametrize("identities", [1, 4])
+def test_6_wrong_token_bootstraps_do_not_lock_a_room_out(tmp_path: Path, identities: int) -> None:
+    """256 bootstraps with a wrong token for room 7, from one identity or four,
+    wait before add(): the legit receiver's bootstrap still gets in (it was
+    refused: '256 bootstraps already wait for room 7')."""
+    from tests.helpers import ScriptedPeer
+
+    forgers = [ScriptedPeer() for _ in range(identities)]
+    try:
+        with target(tmp_path, "sender", **FAST) as t, Receiver("zmq", **FAST) as rx:
+            for i in range(256):
+                forger = forgers[i % identities]
+                forger.send(t.address, _forged(7, 1 + i, forger))
+            t.wait_stat("messages_in", 256)
+            rx.open(7, t.address, row_shape=(4,), dtype=torch.float32, allocated_tokens=3, token=9)
+            t.wait_stat("messages_in", 258)  # its pool offer and bootstrap
+            t.call("add", 7, token=9)
+            t.call("send_ones", 7, 3)
+            assert rx.wait(7, 20) is S.Success, rx.info(7).reason
+    finally:
+        for forger in forgers:
+            forger.close()
+
+
+def _identities_flood(address: str, count: int, out: Any) -> None:
+    """``count`` made-up identities, each with one bootstrap waiting for a room of
+    its own (rooms 100,000 and up)."""
+    from kvpoll.protocol.messages import Bootstrap, encode
+    from kvpoll.transports.base import RegionDescriptor
+
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 4096)
+    region = RegionDescriptor(transport="zmq", endpoint="x", region_id=1, nbytes=48)
+    for i in range(count):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 5000)
+        identity = f"tcp://127.{i // 62500 + 1}.{i // 250 % 250}.{i % 250 + 1}:9"
+        sock.setsockopt(zmq.IDENTITY, identity.encode())
+        sock.connect(address)
+        forged = Bootstrap(
+            room=100_000 + i,
+            session=1,
+            region=region.model_copy(update={"endpoint": identity}),
+            allocated_tokens=3,
+            row_bytes=16,
+            dtype="float32",
+            row_shape=[4],
+            transports=["zmq/tcp"],
+        )
+        sock.send_multipart([b"C", encode(forged)])
+        sock.close()
+        if i % 500 == 499:
+            time.sleep(0.05)  # let the closed sockets go
+    ctx.term()
+    out.put(count)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_5_a_flood_of_identities_does_not_evict_an_earlier_open_before_add(
+    tmp_path: Path, spawn: Any
+) -> None:
+    """The legit receiver opens room 1 before the sender's add(); then 10,001
+    identities each leave one bootstrap waiting (the table holds 10,000 rooms).
+    Every peer holds one: the newcomers give way, the legit bootstrap stays, and
+    the room succeeds once added (it was the one evicted: the earliest)."""
+    ctx, start = spawn
+    done = ctx.Queue()
+    with target(tmp_path, "sender", **FAST) as t, Receiver("zmq") as rx:
+        rx.open(1, t.address, row_shape=(4,), dtype=torch.float32, allocated_tokens=3)
+        t.wait_stat("messages_in", 1)
+        start(_identities_flood, t.address, 10_001, done)
+        assert done.get(timeout=240) == 10_001
+        t.wait_stat("messages_in", 10_002, timeout=120)
+        t.call("add", 1)
+        t.call("send_ones", 1, 3)
+        assert rx.wait(1, 30) is S.Success, rx.info(1).reason
+        assert t.stats["pending_dropped"] >= 1  # the last newcomer was refused
