@@ -277,3 +277,68 @@ def test_5_a_flood_of_identities_does_not_evict_an_earlier_open_before_add(
         t.call("send_ones", 1, 3)
         assert rx.wait(1, 30) is S.Success, rx.info(1).reason
         assert t.stats["pending_dropped"] >= 1  # the last newcomer was refused
+
+
+def _pool_flood(address: str, identity: int, offers: int, out: Any) -> None:
+    """``offers`` pool offers of 1,024 buffers with 4 KiB descriptions each (4 MiB
+    an offer), from one made-up identity; then a description of 64 KiB."""
+    from kvpoll.protocol.messages import PoolBuffer, PoolOffer, encode
+    from kvpoll.transports.base import RegionDescriptor
+
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    me = f"tcp://127.0.0.{identity + 1}:9"
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 30_000)
+    sock.setsockopt(zmq.IDENTITY, me.encode())
+    sock.connect(address)
+    fat = {"x": "a" * 4000}
+    buffers = [
+        PoolBuffer(
+            region=RegionDescriptor(
+                transport="zmq", endpoint=me, region_id=i + 1, nbytes=1 << 20, extra=fat
+            ),
+            row_bytes=16,
+            dtype="float32",
+            row_shape=[4],
+        )
+        for i in range(1024)
+    ]
+    for pool in range(offers):
+        offer = PoolOffer(pool=pool, page_size=1, num_pages=1024, buffers=buffers)
+        sock.send_multipart([b"C", encode(offer)])
+    huge = encode(PoolOffer(pool=999, page_size=1, num_pages=1, buffers=buffers[:1]))
+    sock.send_multipart([b"C", huge.replace(b"a" * 4000, b"a" * 65536, 1)])
+    sock.close()
+    ctx.term()
+    out.put(offers)
+
+
+def room_from_target(t: Any, rx: Receiver, room: int) -> None:
+    """A legitimate room from a target sender: it must succeed, its data intact."""
+    t.call("add", room)
+    rx.open(room, t.address, row_shape=(4,), dtype=torch.float32, allocated_tokens=3)
+    t.call("send_ones", room, 3)
+    assert rx.wait(room, 30) is S.Success, rx.info(room).reason
+    assert torch.equal(rx.result(room).tensor(), torch.arange(12.0).reshape(3, 4))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_7_pool_offers_are_bounded_in_bytes_per_peer_and_in_all(tmp_path: Path, spawn: Any) -> None:
+    """Four identities each offer 30 pools of 4 MiB of descriptions (480 MiB in
+    all; every one was kept before): the sender keeps at most 8 MiB of a peer's
+    descriptions and 64 MiB in all, refuses a description over 16 KiB, and its
+    memory stays near where it was."""
+    ctx, start = spawn
+    done = ctx.Queue()
+    with target(tmp_path, "sender", **FAST) as t, Receiver("zmq", **FAST) as rx:
+        before = t.call("process")["rss"]
+        base = t.stats["messages_in"]
+        for identity in range(4):
+            start(_pool_flood, t.address, identity, 30, done)
+        assert [done.get(timeout=240) for _ in range(4)] == [30] * 4
+        stats = t.wait_stat("messages_in", base + 4 * 31, timeout=240)
+        assert stats["malformed"] >= 4  # the 64 KiB descriptions
+        grown = t.call("process")["rss"] - before
+        assert grown < 200 << 20, f"the sender grew by {grown >> 20} MiB"
+        room_from_target(t, rx, 1)

@@ -147,6 +147,11 @@ class PeerPool:
     aux: list[PoolBuffer]
     aux_rows: int
 
+    @property
+    def size(self) -> int:
+        """About what this pool's description holds in memory, in bytes."""
+        return sum(b.region.size + 64 for b in (*self.buffers, *self.aux))
+
     @classmethod
     def from_offer(cls, peer: str, offer: PoolOffer) -> PeerPool:
         """Raises InvalidArgument when a buffer is not the peer's or is too small."""

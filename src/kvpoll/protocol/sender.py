@@ -47,6 +47,10 @@ _FEW_RANGES = 16
 """A write of at most this many page ranges is a list of spans, not columns."""
 POOL_PEERS = 1_024
 """Peers whose offered pools are kept, at most (the least recently used goes)."""
+POOL_BYTES_PER_PEER = 8 << 20
+"""What one peer's offered pools may hold here (their descriptions), at most."""
+POOL_BYTES = 64 << 20
+"""What every peer's offered pools may hold here together, at most."""
 log = logging.getLogger("kvpoll.protocol")
 
 
@@ -244,6 +248,7 @@ class Sender(Endpoint[_SenderRoom]):
         self._host = boot_id()
         self._spoken = list(self._transport.paths())  # fixed for the transport's life
         self._peer_pools: dict[str, OrderedDict[int, PeerPool]] = {}
+        self._pool_bytes = 0  # what every peer's pool descriptions hold here
 
     # -- public ------------------------------------------------------------------
     def add(
@@ -445,20 +450,32 @@ class Sender(Endpoint[_SenderRoom]):
         except InvalidArgument as exc:
             self._drop(peer, offer, str(exc))
             return
+        if pool.size > POOL_BYTES_PER_PEER:
+            self._drop(peer, offer, f"a pool description of {pool.size} bytes")
+            return
         pools = self._peer_pools.pop(peer, None) or OrderedDict()
         self._peer_pools[peer] = pools  # most recent last
-        while len(self._peer_pools) > POOL_PEERS:
-            self._peer_pools.pop(next(iter(self._peer_pools)))
-            self._stats["rejected"] += 1
+        old = pools.pop(offer.pool, None)
+        self._pool_bytes -= old.size if old is not None else 0
         pools[offer.pool] = pool
-        pools.move_to_end(offer.pool)
-        while len(pools) > MAX_PEER_POOLS:
-            pools.popitem(last=False)
+        self._pool_bytes += pool.size
+        held = sum(p.size for p in pools.values())
+        while len(pools) > MAX_PEER_POOLS or held > POOL_BYTES_PER_PEER:  # its oldest go
+            _, gone = pools.popitem(last=False)
+            held -= gone.size
+            self._pool_bytes -= gone.size
             self._stats["rejected"] += 1
+        while len(self._peer_pools) > POOL_PEERS or self._pool_bytes > POOL_BYTES:
+            self._forget_pools(next(iter(self._peer_pools)))  # the least recently used peer
+            self._stats["rejected"] += 1
+
+    def _forget_pools(self, peer: str) -> None:
+        for pool in (self._peer_pools.pop(peer, None) or {}).values():
+            self._pool_bytes -= pool.size
 
     def _forget_peer(self, address: str) -> None:
         super()._forget_peer(address)
-        self._peer_pools.pop(address, None)
+        self._forget_pools(address)
 
     def _memory(
         self, peer: str, message: Bootstrap | Resume, current: PeerPool | None

@@ -14,6 +14,7 @@ owner cannot see: completions and messages are returned by
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvpoll.errors import KvpollError
 from kvpoll.ids import random_bits
@@ -47,6 +48,10 @@ __all__ = [
     "copy_bytes",
     "new_region_id",
 ]
+
+
+MAX_EXTRA_BYTES = 16 * 1024
+"""The largest ``RegionDescriptor.extra`` (as JSON) accepted from anyone."""
 
 
 class TransportError(KvpollError):
@@ -91,11 +96,32 @@ class RegionDescriptor(BaseModel):
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    transport: str
-    endpoint: str = Field(description="address of the endpoint that owns the region")
+    transport: str = Field(max_length=64)
+    endpoint: str = Field(
+        description="address of the endpoint that owns the region", max_length=1024
+    )
     region_id: int = Field(ge=0, lt=2**63)
     nbytes: int = Field(ge=0)
     extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("extra")
+    @classmethod
+    def _small_extra(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        """What a transport adds (a segment's name, a NIXL agent's metadata: about
+        1 KiB) stays under :data:`MAX_EXTRA_BYTES` once written as JSON: a peer
+        cannot make a table of descriptors hold megabytes each."""
+        if extra and len(json.dumps(extra, default=str)) > MAX_EXTRA_BYTES:
+            raise ValueError(f"extra is larger than {MAX_EXTRA_BYTES} bytes as JSON")
+        return extra
+
+    @property
+    def size(self) -> int:
+        """About what this description holds in memory, in bytes."""
+        return (
+            256
+            + len(self.endpoint)
+            + (len(json.dumps(self.extra, default=str)) if self.extra else 0)
+        )
 
 
 class Region:
