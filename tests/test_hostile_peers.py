@@ -136,7 +136,7 @@ def test_3_reasons_sent_to_a_peer_carry_no_local_path(tmp_path: Path) -> None:
             abort = peer.receive(Abort, timeout=20)
             assert tx.wait(9, 10) is S.Failed
             local = tx.info(9).reason or ""
-            assert str(private) in local  # the detail stays here
+            assert "/proc/" in local  # the detail stays here
             assert "/proc/" not in abort.reason
             assert str(tmp_path) not in abort.reason
             assert "<local path>" in abort.reason
