@@ -342,3 +342,39 @@ def test_7_pool_offers_are_bounded_in_bytes_per_peer_and_in_all(tmp_path: Path, 
         grown = t.call("process")["rss"] - before
         assert grown < 200 << 20, f"the sender grew by {grown >> 20} MiB"
         room_from_target(t, rx, 1)
+
+
+def test_9_bytes_from_a_dead_peers_address_do_not_keep_its_rooms_alive(tmp_path: Path) -> None:
+    """The sender is killed; a connection without its incarnation keeps sending
+    well-formed heartbeats and answers under its address: the receiver still
+    fails the room within its window (the rooms stayed in their status 25 s
+    later: anything from that address refreshed the peer's liveness)."""
+    import os
+    import signal
+
+    from kvpoll.protocol.messages import HeartbeatAck
+    from tests.helpers import raw_dealer
+
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    with Receiver("zmq", **FAST) as rx, target(tmp_path, "sender", **FAST) as t:
+        t.call("add", 3)
+        rx.open(3, t.address, row_shape=(4,), dtype=torch.float32, allocated_tokens=3)
+        deadline = time.monotonic() + 20
+        while rx.poll(3) is not S.WaitingForInput:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(t.proc.pid, signal.SIGKILL)
+        t.proc.join(10)
+        forger = raw_dealer(ctx, rx.address, t.address)
+        killed = time.monotonic()
+        seq = 0
+        while rx.poll(3) is not S.Failed and time.monotonic() - killed < 15:
+            seq += 1
+            forger.send_multipart([b"C", encode(Heartbeat(seq=seq))])
+            forger.send_multipart([b"C", encode(HeartbeatAck(seq=seq))])
+            time.sleep(0.05)
+        assert rx.poll(3) is S.Failed
+        assert time.monotonic() - killed < 5  # FAST: 8 heartbeats of 0.2 s
+        assert "silent" in (rx.info(3).reason or "")
+        forger.close(0)
+    ctx.term()

@@ -650,7 +650,7 @@ class Endpoint(Generic[R]):
         try:
             with self._lock:
                 if isinstance(event, MessageReceived):
-                    self._on_payload(event.peer, event.payload)
+                    self._on_payload(event.peer, event.payload, event.trusted)
                 elif isinstance(event, WriteDone):
                     target = self._writes.pop(event.write_id, None)
                     if target is not None:
@@ -666,7 +666,7 @@ class Endpoint(Generic[R]):
                 "the %s could not handle a %s from %s", self.side, type(event).__name__, peer
             )
 
-    def _on_payload(self, peer: str, payload: bytes) -> None:
+    def _on_payload(self, peer: str, payload: bytes, trusted: bool = True) -> None:
         self._stats["messages_in"] += 1
         try:
             message = decode(payload)
@@ -676,7 +676,8 @@ class Endpoint(Generic[R]):
                 "malformed message", "dropped a malformed message from %s: %s", peer, exc
             )
             return
-        self._liveness.heard(peer, time.monotonic())  # a decoded message proves it alive
+        if trusted:  # a decoded message from a connection that proved who sent it
+            self._liveness.heard(peer, time.monotonic())
         if isinstance(message, Heartbeat):
             self._send(peer, HeartbeatAck(seq=message.seq))
         elif not isinstance(message, HeartbeatAck):

@@ -175,10 +175,17 @@ class WriteDone:
 
 @dataclass(frozen=True)
 class MessageReceived:
-    """A control message arrived from ``peer`` (its address)."""
+    """A control message arrived from ``peer`` (its address).
+
+    ``trusted``: the connection it came on proved it is that peer (its
+    incarnation, under the cluster secret where there is one). Only a trusted
+    message proves a peer alive; an untrusted one is still handled (its room
+    checks decide), so a transport that cannot tell passes True.
+    """
 
     peer: str
     payload: bytes
+    trusted: bool = True
 
 
 @dataclass(frozen=True)

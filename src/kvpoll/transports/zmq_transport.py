@@ -871,7 +871,7 @@ class ZmqTransport(Transport):
             if self._router.getsockopt(zmq.RCVMORE):
                 self._malformed(peer, "extra frames after a control message")
             else:
-                self._events.append(MessageReceived(peer, payload))
+                self._events.append(MessageReceived(peer, payload, self._trusted))
         elif kind == _MANY and more:
             self._handle_many(peer)
         elif kind == _WRITE and more:
@@ -917,7 +917,8 @@ class ZmqTransport(Transport):
         if len(payloads) < 2:
             self._malformed(peer, "an M message of fewer than 2 control messages")
             return
-        self._events.extend(MessageReceived(peer, payload) for payload in payloads)
+        trusted = self._trusted
+        self._events.extend(MessageReceived(peer, payload, trusted) for payload in payloads)
 
     def _handle_piece(self, peer: str) -> None:
         """A W message: check every piece against the live regions, then take each
@@ -973,7 +974,7 @@ class ZmqTransport(Transport):
             error = self._incoming_errors.pop(key, None)
             self._acknowledge(peer, write_id, error)
             if error is None and notice is not None:  # every piece is in its region
-                self._events.append(MessageReceived(peer, notice))
+                self._events.append(MessageReceived(peer, notice, self._trusted))
 
     def _acknowledge(self, peer: str, write_id: int, error: str | None) -> None:
         """Tell the writer that its write ``write_id`` landed (or why not), at the
