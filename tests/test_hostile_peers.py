@@ -378,3 +378,37 @@ def test_9_bytes_from_a_dead_peers_address_do_not_keep_its_rooms_alive(tmp_path:
         assert "silent" in (rx.info(3).reason or "")
         forger.close(0)
     ctx.term()
+
+
+def test_10_two_identities_cannot_take_every_ucx_receive() -> None:
+    """Two made-up identities each ask for 4 writes of 65,536 ranges (every one
+    gets receives posted, scratch ones for an unknown region): each gets at most
+    one (65,536 receives), so a real writer's rooms still succeed (two
+    identities took all 262,144 before, and real rooms failed for 30 s)."""
+    import struct
+
+    from tests.helpers import need_transport, raw_dealer
+
+    need_transport("ucx")
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    with Receiver("ucx", **FAST) as rx, Sender("ucx", **FAST) as tx:
+        forgers = [raw_dealer(ctx, rx.address, f"tcp://127.0.0.{i + 2}:9") for i in range(2)]
+        count = 1 << 16
+        for i, forger in enumerate(forgers):
+            for write in range(4):
+                tags = ((i + 1) << 40) | (write << 20)
+                table = b"".join(struct.pack("<QQQQ", 12345, 0, 64, tags | r) for r in range(count))
+                forger.send_multipart([b"U", struct.pack("<QQ", write + 1, count) + table])
+        deadline = time.monotonic() + 30
+        while rx.stats.get("rejected_writes", 0) < 2 * 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert rx.stats["rejected_writes"] >= 2 * 4  # unknown region, or over the cap
+        assert rx.stats["receives_posted"] <= 2 * count
+        for room in range(3):
+            tx.add(room)
+            rx.open(room, tx.address, row_shape=(4,), dtype=torch.float32, allocated_tokens=3)
+            tx.send(room, torch.full((3, 4), float(room)))
+            assert rx.wait(room, 30) is S.Success, rx.info(room).reason
+        for forger in forgers:
+            forger.close(0)
+    ctx.term()

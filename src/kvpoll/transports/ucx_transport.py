@@ -127,8 +127,10 @@ _SCRATCH = 64
 _UCS_OK = 0  # a completed request's status when it succeeded
 MAX_RECEIVES = 1 << 18
 """Receives posted at once, over all peers; a request past it is refused."""
-MAX_PEER_RECEIVES = 1 << 17
-"""Receives posted at once for one peer's requests; a request past it is refused."""
+MAX_PEER_RECEIVES = 1 << 16
+"""Receives posted at once for one peer's requests; a request past it is refused.
+One largest request (65,536 ranges) fits; a quarter of :data:`MAX_RECEIVES`, so
+no two peers (nor three) can take every receive from the others."""
 MAX_NOTICE_BYTES = 2 << 20
 """The largest notice a write request may carry (a chunk message with 1 MiB of aux
 bytes fits); a request with a larger one is refused."""
@@ -267,11 +269,11 @@ class UcxTransport(ZmqTransport):
     """Device memory needs a GPU and a UCX built with CUDA (``register`` says
     which is missing); pooled buffers from ``allocate`` are host memory."""
     in_flight: ClassVar[Limits] = Limits(
-        peer_ranges=MAX_PEER_RECEIVES // 4, peer_bytes=1 << 30, ranges=1 << 16, bytes=4 << 30
+        peer_ranges=MAX_PEER_RECEIVES // 2, peer_bytes=1 << 30, ranges=1 << 16, bytes=4 << 30
     )
     """A destination posts one receive per range and takes at most
-    ``MAX_PEER_RECEIVES`` (131,072) from one writer and ``MAX_RECEIVES``
-    (262,144) in all: a writer keeps a quarter of the first in flight to a peer,
+    ``MAX_PEER_RECEIVES`` (65,536) from one writer and ``MAX_RECEIVES``
+    (262,144) in all: a writer keeps half of the first in flight to a peer,
     so eight writers fit under the second (a write of up to 65,536 ranges,
     the most a request carries, goes alone)."""
 
