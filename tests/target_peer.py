@@ -20,7 +20,9 @@ def _process_info() -> dict[str, int]:
         for line in status:
             if line.startswith("VmRSS:"):
                 rss = int(line.split()[1]) * 1024
-    return {"rss": rss, "fds": len(os.listdir("/proc/self/fd"))}
+    from kvpoll.soak.workers import mapped_memfds
+
+    return {"rss": rss, "fds": len(os.listdir("/proc/self/fd")), "mapped": mapped_memfds()}
 
 
 def serve(conn: Any, side: str, transport: str, options: dict[str, Any], log_file: str) -> None:

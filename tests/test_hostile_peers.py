@@ -412,3 +412,57 @@ def test_10_two_identities_cannot_take_every_ucx_receive() -> None:
         for forger in forgers:
             forger.close(0)
     ctx.term()
+
+
+def _pool_receiver(address: str, room: int, closing: bool, out: Any) -> None:
+    """A receiver whose pool (64 MiB of shared memory) the sender writes into;
+    then gone: closed cleanly, or dead without a word."""
+    import os
+
+    from kvpoll import PagedPool
+
+    pool = PagedPool.allocate(
+        num_pages=(64 << 20) // 16, page_size=1, buffers=[((4,), torch.float32)], transport="zmq"
+    )
+    rx = Receiver("zmq", heartbeat_interval=0.2, heartbeat_misses=8)
+    rx.open(room, address, pool=pool, pages=[0, 1, 2])
+    out.put((room, rx.wait(room, 30).name))
+    if closing:
+        rx.close()
+        out.put((room, "closed"))
+    out.close()
+    out.join_thread()  # what was put has left this process
+    if closing:
+        time.sleep(600)
+    os._exit(0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_8_a_sender_unmaps_the_memory_of_receivers_that_died_or_closed(
+    tmp_path: Path, spawn: Any
+) -> None:
+    """Six receivers with a pool of 64 MiB of shared memory each get a room from the
+    sender; three die, three close. The sender unmaps each one's segment once it
+    learns it is gone (it kept them mapped until its 256-segment limit: 384 MiB)."""
+    ctx, start = spawn
+    out = ctx.Queue()
+    with target(tmp_path, "sender", **FAST) as t:
+        base = t.call("process")["mapped"]
+        procs = []
+        for room in range(6):
+            t.call("add", room)
+            procs.append(start(_pool_receiver, t.address, room, room % 2 == 0, out))
+            t.call("send_ones", room, 3)
+            t.call("wait", room, 30)
+        # the three that stay are mapped (the closed ones may be unmapped already)
+        assert t.call("process")["mapped"] - base >= 3 * (64 << 20)
+        heard = [out.get(timeout=60) for _ in range(9)]
+        assert sorted(h for h in heard if h[1] != "closed") == [(r, "Success") for r in range(6)]
+        assert sorted(h for h in heard if h[1] == "closed") == [(r, "closed") for r in (0, 2, 4)]
+        for proc in procs:
+            proc.kill()
+        deadline = time.monotonic() + 30
+        while t.call("process")["mapped"] - base > 16 << 20:
+            assert time.monotonic() < deadline, t.call("process")
+            time.sleep(0.2)

@@ -73,3 +73,18 @@ def test_due_and_the_wait_until_the_next_round() -> None:
     assert live.due(10.5)
     live.beat(10.5, _always)
     assert not live.due(10.9)
+
+
+def test_a_peer_without_rooms_for_long_is_released_once() -> None:
+    from kvpoll.protocol.liveness import IDLE_ROUNDS
+
+    live = Liveness(interval=1.0, misses=3)
+    live.watch("p", 7, now=0.0)
+    live.beat(1.0, lambda room: False)  # its last room ended: not watched, idle from now
+    assert live.idle(1.0 + IDLE_ROUNDS - 1) == []
+    assert live.idle(1.0 + IDLE_ROUNDS) == ["p"]
+    assert live.idle(1.0 + 2 * IDLE_ROUNDS) == []  # once
+    live.watch("q", 8, now=0.0)
+    live.beat(1.0, lambda room: False)
+    live.watch("q", 9, now=2.0)  # back before the grace ran out: not idle
+    assert live.idle(1.0 + IDLE_ROUNDS) == []

@@ -279,6 +279,9 @@ class Attachments:
     def __len__(self) -> int:
         return len(self._segments)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._segments
+
     def get(self, info: SegmentInfo) -> Segment:
         """The mapped segment ``info`` describes (attached now if it was not).
 

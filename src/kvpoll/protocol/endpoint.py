@@ -699,6 +699,8 @@ class Endpoint(Generic[R]):
                     self._send(peer, Heartbeat(seq=next(self._seq)))
                 for verdict in lost:
                     self._lost(verdict)
+                for peer in self._liveness.idle(now):  # no room for a long while
+                    self._transport.forget(peer)  # its socket, its memory mapped here
             self._on_tick(now)
         return max(0.0, min(0.05, self._liveness.until_due(now)))
 

@@ -21,6 +21,12 @@ and acts on the verdicts.
 What follows a verdict (every unfinished room the peer shares fails, and the
 peer is told so it fails them too: see docs/state-machine.md, "How a room
 ends on both sides") is the endpoint's.
+
+A peer that shares no unfinished room is no longer watched; once it has shared
+none for :data:`IDLE_ROUNDS` intervals it is *idle*, and the endpoint lets its
+transport release what it holds for it (a socket, a peer's shared memory
+mapped here): a peer that died after its last room ended is never judged, so
+without this its memory would stay mapped for good.
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["Liveness", "Lost"]
+__all__ = ["IDLE_ROUNDS", "Liveness", "Lost"]
+
+IDLE_ROUNDS = 50
+"""Intervals a peer shares no unfinished room before it is released as idle."""
 
 
 @dataclass
@@ -62,6 +71,7 @@ class Liveness:
         self.interval = interval
         self.misses = misses
         self._peers: dict[str, _Watched] = {}
+        self._idle: dict[str, float] = {}  # peers no longer watched -> since when
         self._next_beat: float | None = None
 
     @property
@@ -74,6 +84,7 @@ class Liveness:
         watched = self._peers.get(peer)
         if watched is None:
             watched = self._peers[peer] = _Watched(now)
+            self._idle.pop(peer, None)
         watched.rooms.add(room)
 
     def unwatch(self, peers: Iterable[str], room: int) -> None:
@@ -85,8 +96,18 @@ class Liveness:
 
     def forget(self, peer: str) -> frozenset[int]:
         """Stop watching ``peer``; the rooms it shared (empty if it was not watched)."""
+        self._idle.pop(peer, None)
         watched = self._peers.pop(peer, None)
         return frozenset(watched.rooms) if watched is not None else frozenset()
+
+    def idle(self, now: float) -> list[str]:
+        """Peers that shared no unfinished room for :data:`IDLE_ROUNDS` intervals,
+        each reported once (then forgotten here)."""
+        grace = IDLE_ROUNDS * self.interval
+        gone = [peer for peer, since in self._idle.items() if now - since >= grace]
+        for peer in gone:
+            del self._idle[peer]
+        return gone
 
     def heard(self, peer: str, now: float) -> None:
         """Something came from ``peer``: it is alive (a peer not watched is ignored)."""
@@ -125,6 +146,7 @@ class Liveness:
             watched.rooms = {room for room in watched.rooms if live(room)}
             if not watched.rooms:
                 del self._peers[peer]
+                self._idle[peer] = now
                 continue
             silent = now - watched.last_heard
             if silent > self.window and watched.unanswered >= self.misses:

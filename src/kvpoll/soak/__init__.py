@@ -38,8 +38,9 @@ from kvpoll.soak.workers import receiver_worker, sender_worker
 __all__ = ["SoakReport", "run_soak"]
 
 _FINISH_S = 60.0  # a room not final this long after it started is lost (it hung)
-LEAK_FDS, LEAK_MEMFDS, LEAK_RSS = 16, 16, 96 << 20
-"""Growth past the warm-up that counts as a leak (a pool may keep idle segments)."""
+LEAK_FDS, LEAK_MEMFDS, LEAK_MAPPED, LEAK_RSS = 16, 16, 256 << 20, 96 << 20
+"""Growth past the warm-up that counts as a leak (a pool may keep idle segments;
+a sender may keep the segments of its live receivers mapped)."""
 
 
 @dataclass
@@ -260,7 +261,12 @@ def run_soak(
         before = warm_probe.get(name, after)
         report.growth[name] = {k: after[k] - before[k] for k in after}
         grown = report.growth[name]
-        for key, limit in (("fds", LEAK_FDS), ("memfds", LEAK_MEMFDS), ("rss", LEAK_RSS)):
+        for key, limit in (
+            ("fds", LEAK_FDS),
+            ("memfds", LEAK_MEMFDS),
+            ("mapped", LEAK_MAPPED),
+            ("rss", LEAK_RSS),
+        ):
             if grown[key] > limit:
                 report.leaks.append(f"{name}: {key} grew by {grown[key]}")
     report.shm_left = sorted(_shm_files() - shm_before)
@@ -324,6 +330,7 @@ def format_report(report: SoakReport) -> str:
     for name, grown in report.growth.items():
         lines.append(
             f"growth after warm-up, {name}: fds {grown['fds']:+d}, memfds {grown['memfds']:+d}, "
+            f"shared memory mapped {grown.get('mapped', 0) / (1 << 20):+.1f} MiB, "
             f"rss {grown['rss'] / (1 << 20):+.1f} MiB"
         )
     lines.append(f"/dev/shm: {', '.join(report.shm_left) or 'nothing left'}")

@@ -32,7 +32,9 @@ def payload(room: int, tokens: int) -> torch.Tensor:
 
 
 def probe() -> dict[str, int]:
-    """What this process holds now: open fds, memfds, resident memory (bytes)."""
+    """What this process holds now: open fds, memfds, shared memory mapped (bytes of
+    memfd mappings: a peer's segment mapped here after its descriptor closed
+    still counts), resident memory (bytes)."""
     gc.collect()
     fds = os.listdir("/proc/self/fd")
     memfds = 0
@@ -44,7 +46,19 @@ def probe() -> dict[str, int]:
         for line in status:
             if line.startswith("VmRSS:"):
                 rss = int(line.split()[1]) * 1024
-    return {"fds": len(fds), "memfds": memfds, "rss": rss}
+    return {"fds": len(fds), "memfds": memfds, "mapped": mapped_memfds(), "rss": rss}
+
+
+def mapped_memfds() -> int:
+    """Bytes of memfd (shared memory) mappings in this process."""
+    total = 0
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "/memfd:" in line:
+                span = line.split(" ", 1)[0]
+                lo, hi = span.split("-")
+                total += int(hi, 16) - int(lo, 16)
+    return total
 
 
 def _serve(conn: Any, endpoint: Any, handle: Any, check: Any) -> None:

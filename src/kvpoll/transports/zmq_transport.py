@@ -278,6 +278,8 @@ class ZmqTransport(Transport):
         # Only with shm on are they advertised for peers on this host to map.
         self._pool = SegmentPool(max_idle_bytes=max_idle_pool_bytes)
         self._attachments = Attachments(max_attached)
+        # peer -> the keys of its segments mapped here: unmapped when it is forgotten
+        self._peer_segments: dict[str, set[tuple[int, int, int]]] = {}
         # id(descriptor) -> (the descriptor, its segment, the region's offset there,
         # stamped); a hit must be the very descriptor object (held here, so its id is
         # not reused) on a segment still open. No view of the memory is held: a
@@ -567,6 +569,13 @@ class ZmqTransport(Transport):
             segment = self._attachments.get(info)
         except SegmentError as exc:
             return f"cannot reach the destination: {exc}"
+        self._peer_segments.setdefault(dst.endpoint, set()).add(info.key())
+        if len(self._peer_segments) > 4 * self._max_peers:  # peers never forgotten
+            self._peer_segments = {
+                peer: kept
+                for peer, keys in self._peer_segments.items()
+                if (kept := {k for k in keys if k in self._attachments})
+            }
         self.stats["attached_segments"] = len(self._attachments)
         if offset + dst.nbytes > segment.size:
             return f"the destination lies outside its segment of {segment.size} bytes"
@@ -729,6 +738,13 @@ class ZmqTransport(Transport):
         dealer = self._dealers.pop(peer, None)
         if dealer is not None:
             dealer.close(_FORGET_LINGER_MS)
+        self._unmap(peer)
+
+    def _unmap(self, peer: str) -> None:
+        """Unmap ``peer``'s segments (it died, closed, or is no longer shared)."""
+        for key in self._peer_segments.pop(peer, ()):
+            self._attachments.forget(key)
+        self.stats["attached_segments"] = len(self._attachments)
 
     # -- progress ------------------------------------------------------------------
     def progress(self, timeout: float) -> list[TransportEvent]:
@@ -1073,6 +1089,7 @@ class ZmqTransport(Transport):
         dealer = self._dealers.pop(peer, None)
         if dealer is not None:
             dealer.close(0)
+        self._unmap(peer)
         self._events.append(PeerClosed(peer, why))
 
     def wakeup(self) -> None:
