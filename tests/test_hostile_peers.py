@@ -466,3 +466,75 @@ def test_8_a_sender_unmaps_the_memory_of_receivers_that_died_or_closed(
         while t.call("process")["mapped"] - base > 16 << 20:
             assert time.monotonic() < deadline, t.call("process")
             time.sleep(0.2)
+
+
+def _bystander(out: Any, control: Any) -> None:
+    """A process with a kvpoll pool in shared memory, registered with its own
+    receiver; reports the pool's descriptor, then whether its memory changed."""
+    from kvpoll import PagedPool
+
+    pool = PagedPool.allocate(
+        num_pages=64, page_size=1, buffers=[((4,), torch.float32)], transport="zmq"
+    )
+    with Receiver("zmq") as rx:
+        rx.register(pool)
+        entry = rx._pools[pool.id]
+        out.put(entry.regions[0].descriptor.model_dump())
+        control.get(timeout=120)
+        out.put(float(pool.buffers[0].abs().sum()))
+
+
+def _offer_memory(peer: Any, sender: str, descriptor: dict[str, Any], room: int) -> None:
+    """The peer offers a pool whose one buffer is ``descriptor``'s memory (its
+    ``endpoint`` made the peer's own) and bootstraps ``room`` on two pages."""
+    from kvpoll.protocol.messages import Bootstrap, PoolBuffer, PoolOffer
+    from kvpoll.transports.base import RegionDescriptor
+
+    region = RegionDescriptor(**{**descriptor, "endpoint": peer.address})
+    buffer = PoolBuffer(region=region, row_bytes=16, dtype="float32", row_shape=[4])
+    peer.send(sender, PoolOffer(pool=room, page_size=1, num_pages=64, buffers=[buffer]))
+    peer.send(
+        sender,
+        Bootstrap(room=room, session=room, pool=room, pages=[(40, 2)], transports=["zmq/shm"]),
+    )
+
+
+def test_2_a_peer_cannot_make_the_sender_write_into_memory_not_its_own(spawn: Any) -> None:
+    """A peer offers, as its own, (a) a bystander process's kvpoll pool and (b) the
+    sender's own pool: the sender refuses both writes, fails only those rooms, and
+    neither memory changes (both were written before: Success, pages overwritten)."""
+    from kvpoll import PagedPool
+    from tests.helpers import ScriptedPeer
+
+    ctx, start = spawn
+    out, control = ctx.Queue(), ctx.Queue()
+    start(_bystander, out, control)
+    bystander = out.get(timeout=60)
+    peer = ScriptedPeer()
+    try:
+        with Sender("zmq", **FAST) as tx:
+            own = PagedPool.allocate(
+                num_pages=64, page_size=1, buffers=[((4,), torch.float32)], transport="zmq"
+            )
+            own.buffers[0].copy_(torch.arange(256.0).view(64, 4))
+            tx.register(own)
+            mine = tx._pools[own.id].regions[0].descriptor.model_dump()
+            for room, descriptor in ((1, bystander), (2, mine)):
+                tx.add(room)
+                _offer_memory(peer, tx.address, descriptor, room)
+                tx.send(room, pages=[0, 1], pool=own, is_last=True)
+                assert tx.wait(room, 20) is S.Failed
+                assert "not memory of" in (tx.info(room).reason or "")
+            assert torch.equal(own.buffers[0], torch.arange(256.0).view(64, 4))
+            control.put("done")
+            assert out.get(timeout=60) == 0.0  # the bystander's pool is untouched
+            # a real receiver's room still goes through
+            with Receiver("zmq", **FAST) as rx:
+                dst = PagedPool.allocate(num_pages=8, page_size=1, buffers=[((4,), torch.float32)])
+                tx.add(3)
+                rx.open(3, tx.address, pool=dst, pages=[4, 5])
+                tx.send(3, pages=[0, 1], pool=own, is_last=True)
+                assert rx.wait(3, 20) is S.Success
+                assert torch.equal(dst.gather(0, [4, 5]), own.gather(0, [0, 1]))
+    finally:
+        peer.close()

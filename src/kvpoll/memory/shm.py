@@ -9,6 +9,14 @@ a sealed memfd made by kvpoll, owned by this user, readable by no one else, with
 the inode it was told and at least the size it needs (taken from ``fstat``).
 Anything else is refused with :class:`SegmentError` before a byte is written.
 
+A peer may only name memory of its own: after the data, each segment holds a
+small table of *claims*, the addresses of the endpoints that registered it
+(:meth:`Segment.claim`, written by the owner process). A writer checks that
+the peer offering a segment is among them (:meth:`Segment.claimed_by`), so a
+descriptor naming another process's segment, or the writer's own, is refused
+even when it points at real kvpoll memory: no process but the owner can
+write the table.
+
 Views handed to applications stay valid as long as they exist: a segment is
 never unmapped while a tensor over it is alive (the mapping goes away with the
 last view), whatever happens to rooms, pools or endpoints.
@@ -45,6 +53,9 @@ __all__ = [
 ]
 
 MEMFD_NAME = "kvpoll"
+CLAIMS_BYTES = 4096
+"""The table of claims after a segment's data: 32 slots of an address (<= 126 bytes)."""
+_SLOT = 128
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _MAX_ID = 2**62
 _PUBLISHED: dict[int, Segment] = {}  # start address -> segment (pools' memory, this process)
@@ -115,27 +126,63 @@ class Segment:
         info: what a peer on this host needs to attach it.
     """
 
-    __slots__ = ("_closed", "_fd", "data", "info", "owner", "size")
+    __slots__ = ("_claims", "_closed", "_fd", "data", "info", "owner", "size")
 
     def __init__(self, fd: int, size: int, info: SegmentInfo, *, owner: bool) -> None:
         # torch maps the file itself and keeps no descriptor: the mapping belongs to
         # the tensor storage and goes away with its last view (never earlier).
+        whole = size + CLAIMS_BYTES
         try:
-            self.data = (
-                torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=size, dtype=torch.uint8)
-                if size
-                else torch.empty(0, dtype=torch.uint8)
+            mapped = torch.from_file(
+                f"/proc/self/fd/{fd}", shared=True, size=whole, dtype=torch.uint8
             )
         except RuntimeError as exc:
             raise ResourceExhausted(
-                f"cannot map {size} bytes of shared memory (file descriptors, mappings or "
+                f"cannot map {whole} bytes of shared memory (file descriptors, mappings or "
                 f"memory exhausted): {exc}"
             ) from exc
+        self.data = mapped[:size]
+        self._claims = mapped[size:]
         self._fd = fd
         self._closed = False
         self.size = size
         self.info = info
         self.owner = owner
+
+    def claim(self, address: str) -> None:
+        """Record that the endpoint at ``address`` may offer this segment to peers
+        (the owner's process only; idempotent).
+
+        Raises:
+            SegmentError: not this process's segment, an address over 126
+                bytes, or every slot taken.
+        """
+        raw = address.encode()
+        if not self.owner or len(raw) >= _SLOT - 1:
+            raise SegmentError(f"cannot claim this shared memory for {address!r}")
+        if self.claimed_by(address):
+            return
+        table = self._claims.numpy()
+        for at in range(0, CLAIMS_BYTES, _SLOT):
+            if table[at] == 0:
+                table[at + 1 : at + 1 + len(raw)] = memoryview(raw)
+                table[at] = len(raw)  # last: a reader never sees half a slot as filled
+                return
+        raise SegmentError(
+            f"this shared memory is claimed by {CLAIMS_BYTES // _SLOT} endpoints already"
+        )
+
+    def claimed_by(self, address: str) -> bool:
+        """Whether the owner recorded ``address`` as an endpoint that may offer it."""
+        raw = address.encode()
+        table = self._claims.numpy()
+        for at in range(0, CLAIMS_BYTES, _SLOT):
+            n = int(table[at])
+            if n == 0:
+                return False
+            if n == len(raw) and bytes(table[at + 1 : at + 1 + n]) == raw:
+                return True
+        return False
 
     @property
     def closed(self) -> bool:
@@ -158,7 +205,7 @@ class Segment:
             raise _os_error("cannot create shared memory", exc) from exc
         try:
             os.fchmod(fd, 0o600)
-            os.ftruncate(fd, size)
+            os.ftruncate(fd, size + CLAIMS_BYTES)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
             st = os.fstat(fd)
             segment = cls(fd, size, SegmentInfo(os.getpid(), fd, st.st_ino, size), owner=True)
@@ -208,11 +255,11 @@ class Segment:
                 fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
             ):
                 why = "not sealed against resizing"
-            elif st.st_size < info.size:
-                why = f"{st.st_size} bytes, not the {info.size} announced"
+            elif st.st_size - CLAIMS_BYTES < info.size:
+                why = f"{st.st_size - CLAIMS_BYTES} bytes, not the {info.size} announced"
             if why is not None:
                 raise SegmentError(f"refused shared memory {where}: {why}")
-            segment = cls(fd, st.st_size, info, owner=False)
+            segment = cls(fd, st.st_size - CLAIMS_BYTES, info, owner=False)
         except OSError as exc:
             raise _os_error(f"cannot inspect shared memory {where}", exc) from exc
         finally:
@@ -250,6 +297,7 @@ class Segment:
                 os.close(self._fd)
             self._fd = -1
         self.data = torch.empty(0, dtype=torch.uint8)
+        self._claims = torch.zeros(CLAIMS_BYTES, dtype=torch.uint8)
 
 
 def find_shared(address: int, nbytes: int) -> tuple[Segment, int] | None:

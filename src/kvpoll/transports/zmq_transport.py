@@ -360,9 +360,17 @@ class ZmqTransport(Transport):
         data = as_bytes(tensor)
         extra: dict[str, Any] = {}
         shared = find_shared(int(data.data_ptr()), data.numel()) if data.numel() else None
-        if shared is not None:  # pool memory in shared memory: peers here write it directly
+        if shared is not None and self._shm:  # pool memory: peers here write it directly
+            self._claim(shared[0])
             extra = self._shm_extra(shared[0], shared[1], False)
         return self._add_region(data, extra)
+
+    def _claim(self, segment: Segment) -> None:
+        """Record this endpoint as one that may offer ``segment`` (see memory.shm)."""
+        try:
+            segment.claim(self._address)
+        except SegmentError as exc:
+            raise TransportError(f"cannot offer this shared memory: {exc}") from exc
 
     def allocate(self, nbytes: int) -> Region:
         self._check_open()
@@ -372,6 +380,8 @@ class ZmqTransport(Transport):
             segment = self._pool.acquire(nbytes)
         except SegmentError as exc:
             raise TransportError(f"cannot allocate {nbytes} bytes: {exc}") from exc
+        if self._shm:
+            self._claim(segment)
         region = self._add_region(
             segment.data[HEADER : HEADER + nbytes], self._shm_extra(segment, HEADER, True)
         )
@@ -569,6 +579,8 @@ class ZmqTransport(Transport):
             segment = self._attachments.get(info)
         except SegmentError as exc:
             return f"cannot reach the destination: {exc}"
+        if not segment.claimed_by(dst.endpoint):  # a peer names only memory of its own
+            return f"the shared memory named is not memory of {dst.endpoint}"
         self._peer_segments.setdefault(dst.endpoint, set()).add(info.key())
         if len(self._peer_segments) > 4 * self._max_peers:  # peers never forgotten
             self._peer_segments = {
