@@ -125,13 +125,14 @@ def test_a_busy_endpoint_does_not_judge_its_peer_dead() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("transport", ["zmq", "ucx", "nixl", "mooncake"])
+@pytest.mark.parametrize("transport", ["ucx", "nixl", "mooncake"])
 def test_2000_rooms_of_1000_scattered_ranges_in_flight_all_succeed(
     spawn: Any, transport: str
 ) -> None:
-    """Every room opened and sent at once: 2,000,000 ranges handed to the transport
-    together. Each transport keeps its engine's queues below their limits and the
-    rest waits for its turn: no room fails, and every range lands."""
+    """Every room opened and sent at once: 2,000,000 ranges handed to an engine
+    transport together. Each keeps its engine's queues below their limits and the
+    rest waits for its turn: no room fails, and every range lands. (zmq over TCP
+    bounds its bytes the same way: the flood test above loads it harder.)"""
     need_transport(transport)
     ctx, start = spawn
     info, control = ctx.Queue(), ctx.Queue()

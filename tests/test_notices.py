@@ -138,6 +138,7 @@ def test_a_notice_that_cannot_be_sent_fails_its_write_alone() -> None:
         src = a.register(data(1, 1).reshape(-1))
         dst = b.allocate(ROW)
         astray = dst.descriptor.model_copy(update={"endpoint": "ipc://nowhere"})
+        b._segments[dst.descriptor.region_id].claim("ipc://nowhere")  # its memory, astray
         failed = a.write_batch([Span(src, 0, astray, 0, ROW)], b"notice")
         fine = a.write_batch([Span(src, 0, dst.descriptor, 0, ROW)], b"notice")
         done: dict[int, WriteDone] = {}
