@@ -79,66 +79,16 @@ def aux_digest(metadata: Any, row: int) -> list[str]:
 
 
 def setup(mode: str, port: int) -> tuple[Any, Any, Any, Any]:
-    from sglang.srt import runtime_context
-    from sglang.srt.disaggregation.base.conn import StateType
-    from sglang.srt.disaggregation.utils import (
-        DisaggregationMode,
-        KVClassType,
-        MetadataBuffers,
-        TransferBackend,
-        get_kv_class,
-    )
-    from sglang.srt.server_args import ServerArgs
+    from sglang.srt.disaggregation.utils import MetadataBuffers
 
-    server_args = ServerArgs(
-        model_path="dummy",
-        device="cpu",
-        host="127.0.0.1",
-        disaggregation_mode=mode,
-        disaggregation_transfer_backend="kvpoll",
-        disaggregation_bootstrap_port=port,
-    )
-    runtime_context.publish(
-        server_args,
-        role="scheduler",
-        ranks=runtime_context.SpawnRanks(world_rank=0, dp_rank=None, gpu_id=0),
-    )
-    # A scheduler builds its process groups; one rank without torch.distributed has none.
-    runtime_context.get_parallel().override_permanently(pp_group=None)
-    backend = TransferBackend(server_args.disaggregation_transfer_backend)
+    from kvpoll.bench.sglang_peer import sglang_rank
+
     buffers = kv_pool(seed=1 if mode == "prefill" else 2)
     states = state_pool(seed=3 if mode == "prefill" else 4)
     metadata = MetadataBuffers(AUX_ROWS, 16, torch.float32, 16)
-    kv_args = get_kv_class(backend, KVClassType.KVARGS)()
-    kv_args.engine_rank = 0
-    kv_args.pp_rank = 0
-    kv_args.system_dp_rank = 0
-    kv_args.rust_http_port = None
-    kv_args.kv_cache_dtype_str = "bfloat16"
-    kv_args.kv_layout = None
-    kv_args.kv_data_ptrs = [b.data_ptr() for b in buffers]
-    kv_args.kv_data_lens = [b.nbytes for b in buffers]
-    kv_args.kv_item_lens = [b[0].nbytes for b in buffers]
-    kv_args.kv_layer_ids = [i // 2 for i in range(len(buffers))]
-    kv_args.kv_head_num = HEADS
-    kv_args.total_kv_head_num = HEADS
-    kv_args.page_size = PAGE_SIZE
-    kv_args.num_draft_entries = 0
-    kv_args.prefill_start_layer = 0
-    kv_args.prefill_end_layer = LAYERS
-    kv_args.aux_data_ptrs, kv_args.aux_data_lens, kv_args.aux_item_lens = metadata.get_buf_infos()
-    kv_args.state_types = [StateType.MAMBA]
-    kv_args.state_data_ptrs = [[t.data_ptr() for t in states]]
-    kv_args.state_data_lens = [[t.nbytes for t in states]]
-    kv_args.state_item_lens = [[t[0].nbytes for t in states]]
-    kv_args.state_layer_ids = [[0, 0]]
-    kv_args.ib_device = None
-    kv_args.gpu_id = 0
-    server = None
-    disagg_mode = DisaggregationMode(mode)
-    if disagg_mode == DisaggregationMode.PREFILL:
-        server = get_kv_class(backend, KVClassType.BOOTSTRAP_SERVER)(host="127.0.0.1", port=port)
-    manager = get_kv_class(backend, KVClassType.MANAGER)(kv_args, disagg_mode, server_args, False)
+    backend, manager, server = sglang_rank(
+        mode, "kvpoll", port, buffers, metadata, layers=LAYERS, heads=HEADS, states=[states]
+    )
     emit(event="ready", manager=type(manager).__name__)
     return (backend, manager, (buffers, metadata, states), server)
 

@@ -127,11 +127,42 @@ def kv_pool(plan: Plan, pages: int, fill: bool) -> list[torch.Tensor]:
 
 def setup(plan: Plan, mode: str) -> tuple[Any, Any, list[torch.Tensor], Any, Any]:
     """(backend, manager, KV buffers, metadata buffers, bootstrap server or None)."""
+    from sglang.srt.disaggregation.utils import MetadataBuffers
+
+    prefill = mode == "prefill"
+    buffers = kv_pool(plan, plan.src_pages if prefill else plan.dst_pages, fill=prefill)
+    metadata = MetadataBuffers(plan.aux_rows, 16, torch.float32, 16)
+    backend, manager, server = sglang_rank(
+        mode, plan.backend, plan.port, buffers, metadata, layers=plan.layers, heads=HEADS
+    )
+    return backend, manager, buffers, metadata, server
+
+
+def sglang_rank(
+    mode: str,
+    backend_name: str,
+    port: int,
+    buffers: list[torch.Tensor],
+    metadata: Any,
+    *,
+    layers: int,
+    heads: int,
+    states: list[list[torch.Tensor]] | None = None,
+) -> tuple[Any, Any, Any]:
+    """One SGLang scheduler rank over CPU tensors, built as SGLang's process entry
+    and scheduler build it: ``ServerArgs`` published, the shared Mooncake engine
+    started where the backend needs it, ``KVArgs`` of ``buffers`` (K and V of each
+    layer, one page per item) and ``metadata``'s aux rows (and ``states``: mamba-like
+    state components, a slot per item), every class from ``get_kv_class``.
+
+    Returns:
+        (the backend enum, the manager, the bootstrap server or None).
+    """
     from sglang.srt import runtime_context
+    from sglang.srt.disaggregation.base.conn import StateType
     from sglang.srt.disaggregation.utils import (
         DisaggregationMode,
         KVClassType,
-        MetadataBuffers,
         TransferBackend,
         get_kv_class,
     )
@@ -142,25 +173,24 @@ def setup(plan: Plan, mode: str) -> tuple[Any, Any, list[torch.Tensor], Any, Any
         device="cpu",
         host="127.0.0.1",
         disaggregation_mode=mode,
-        disaggregation_transfer_backend=plan.backend,
-        disaggregation_bootstrap_port=plan.port,
+        disaggregation_transfer_backend=backend_name,
+        disaggregation_bootstrap_port=port,
     )
     runtime_context.publish(
         server_args,
         role="scheduler",
         ranks=runtime_context.SpawnRanks(world_rank=0, dp_rank=None, gpu_id=0),
     )
+    # a scheduler builds its process groups; one rank without torch.distributed has none
     runtime_context.get_parallel().override_permanently(pp_group=None)
-    backend = TransferBackend(plan.backend)
-    if plan.backend == "mooncake":  # what the scheduler does before making the manager
+    backend = TransferBackend(server_args.disaggregation_transfer_backend)
+    if backend_name == "mooncake":  # what the scheduler does before making the manager
         from sglang.srt.distributed.device_communicators.mooncake_transfer_engine import (
             maybe_init_shared_mooncake_transfer_engine,
         )
 
         maybe_init_shared_mooncake_transfer_engine(gpu_id=0)
-    prefill = mode == "prefill"
-    buffers = kv_pool(plan, plan.src_pages if prefill else plan.dst_pages, fill=prefill)
-    metadata = MetadataBuffers(plan.aux_rows, 16, torch.float32, 16)
+    states = states or []
     kv_args = get_kv_class(backend, KVClassType.KVARGS)()
     for key, value in {
         "engine_rank": 0,
@@ -174,17 +204,17 @@ def setup(plan: Plan, mode: str) -> tuple[Any, Any, list[torch.Tensor], Any, Any
         "kv_item_lens": [b[0].nbytes for b in buffers],
         "kv_layer_ids": [i // 2 for i in range(len(buffers))],
         "kv_data_mem_kinds": ["DRAM"] * len(buffers),  # NIXL: host memory
-        "kv_head_num": HEADS,
-        "total_kv_head_num": HEADS,
-        "page_size": PAGE_SIZE,
+        "kv_head_num": heads,
+        "total_kv_head_num": heads,
+        "page_size": int(buffers[0].shape[1]),
         "num_draft_entries": 0,
         "prefill_start_layer": 0,
-        "prefill_end_layer": plan.layers,
-        "state_types": [],
-        "state_data_ptrs": [],
-        "state_data_lens": [],
-        "state_item_lens": [],
-        "state_layer_ids": [],
+        "prefill_end_layer": layers,
+        "state_types": [StateType.MAMBA] * len(states),
+        "state_data_ptrs": [[t.data_ptr() for t in c] for c in states],
+        "state_data_lens": [[t.nbytes for t in c] for c in states],
+        "state_item_lens": [[t[0].nbytes for t in c] for c in states],
+        "state_layer_ids": [[0] * len(c) for c in states],
         "ib_device": None,
         "gpu_id": 0,
     }.items():
@@ -192,12 +222,10 @@ def setup(plan: Plan, mode: str) -> tuple[Any, Any, list[torch.Tensor], Any, Any
     kv_args.aux_data_ptrs, kv_args.aux_data_lens, kv_args.aux_item_lens = metadata.get_buf_infos()
     disagg = DisaggregationMode(mode)
     server = None
-    if prefill:
-        server = get_kv_class(backend, KVClassType.BOOTSTRAP_SERVER)(
-            host="127.0.0.1", port=plan.port
-        )
+    if disagg == DisaggregationMode.PREFILL:
+        server = get_kv_class(backend, KVClassType.BOOTSTRAP_SERVER)(host="127.0.0.1", port=port)
     manager = get_kv_class(backend, KVClassType.MANAGER)(kv_args, disagg, server_args, False)
-    return backend, manager, buffers, metadata, server
+    return backend, manager, server
 
 
 class _Request:
